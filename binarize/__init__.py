@@ -1,0 +1,41 @@
+"""binarize: 1-bit neural networks for PyTorch.
+
+Top-level conveniences are imported lazily so that ``import binarize`` stays cheap and the
+package reads top-down (ops -> nn -> convert/profile -> models -> matting/engine -> cli).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_LAZY = {
+    "convert": "binarize.convert:convert",
+    "unconvert": "binarize.convert:unconvert",
+    "ConversionReport": "binarize.convert:ConversionReport",
+    "profile": "binarize.profile:profile",
+    "ProfileReport": "binarize.profile:ProfileReport",
+    "create_model": "binarize.models:create_model",
+    "list_models": "binarize.models:list_models",
+    "save": "binarize.models.checkpoint:save",
+    "load": "binarize.models.checkpoint:load",
+    "deploy": "binarize.engine:deploy",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'binarize' has no attribute {name!r}")
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

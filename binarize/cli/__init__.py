@@ -1,0 +1,1 @@
+"""Command-line interface: ``binarize <subcommand>``, thin wrappers over the library."""
