@@ -1,0 +1,9 @@
+"""The model zoo: registry, RVM, binarized RVM baselines, BiMatting, BiMobileNet, checkpoint I/O.
+
+Importing this package registers every built-in model with ``register_model``.
+"""
+from __future__ import annotations
+
+from binarize.models.registry import create_model, is_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model", "is_model"]
