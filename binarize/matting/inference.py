@@ -1,0 +1,440 @@
+"""Streaming video matting: ``convert_video`` turns a video, image folder or image into alpha,
+foreground and composites with any matting model of the zoo.
+
+The API follows RVM's ``inference.py`` (PeterL1n/RobustVideoMatting): ``fgr, pha, *rec =
+model(src, *rec, downsample_ratio=r)`` on chunks of ``seq_chunk`` frames, ``downsample_ratio=None``
+meaning ``min(512 / max(h, w), 1)`` taken once from the first frame, and the composite
+``fgr * pha + bgr * (1 - pha)`` (green is RVM's ``(120, 255, 155)``). Only the recurrent state is
+kept between chunks, so memory does not grow with the video's length; decoding, the model and
+encoding run on three threads joined by bounded queues.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from binarize.matting.video import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    FrameSource,
+    FrameWriter,
+    PathLike,
+    open_source,
+    open_writer,
+    resize_cover,
+    video_codec_for,
+)
+
+__all__ = ["convert_video", "ConversionResult", "parse_background", "Background", "auto_downsample_ratio"]
+
+OUTPUT_TYPES = ("video", "png_sequence")
+# named background colours; green is RVM's composition colour
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "green": (120, 255, 155),
+    "blue": (0, 71, 187),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "red": (255, 0, 0),
+}
+_QUEUE_SIZE = 4
+_POLL_S = 0.1
+
+
+def auto_downsample_ratio(height: int, width: int) -> float:
+    """RVM's automatic ratio: shrink so that the longer side is at most 512 pixels."""
+    return min(512 / max(height, width), 1.0)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert_video`` did: frame count, measured speed, frame geometry and the written paths."""
+
+    frames: int
+    seconds: float
+    fps: float
+    width: int
+    height: int
+    frame_rate: Fraction
+    downsample_ratio: float
+    outputs: Dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- backgrounds
+@dataclass(frozen=True)
+class Background:
+    """A parsed background: ``kind`` is ``"transparent"``, ``"color"``, ``"image"`` or ``"video"``."""
+
+    kind: str
+    color: Tuple[int, int, int] = (0, 0, 0)
+    path: Optional[Path] = None
+
+
+def parse_background(spec: Optional[str], output_type: str = "video") -> Background:
+    """Parse ``green`` (or another name in ``COLORS``), ``#RRGGBB``, ``transparent``, or an image/video path.
+
+    ``None`` means transparent for PNG sequences (RGBA, as in RVM) and green otherwise.
+    """
+    if spec is None:
+        return Background("transparent") if output_type == "png_sequence" else Background("color", COLORS["green"])
+    text = str(spec).strip()
+    if text.lower() in ("transparent", "none", "alpha"):
+        return Background("transparent")
+    if text.lower() in COLORS:
+        return Background("color", COLORS[text.lower()])
+    if text.startswith("#"):
+        if len(text) == 7 and all(c in "0123456789abcdefABCDEF" for c in text[1:]):
+            return Background("color", (int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)))
+        raise ValueError(f"bad background colour {text!r}: expected #RRGGBB with six hex digits")
+    path = Path(text)
+    if path.is_file():
+        return Background("image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video", path=path)
+    if path.suffix or "/" in text or "\\" in text:
+        raise FileNotFoundError(f"background file not found: {text!r}")
+    raise ValueError(
+        f"bad background {text!r}: expected one of {', '.join(COLORS)}, #RRGGBB, transparent, "
+        "or an image or video file"
+    )
+
+
+def _looping_frames(path: Path, width: int, height: int) -> Iterator[np.ndarray]:
+    """Frames of a background video resized to cover ``width x height``, restarting at its end."""
+    while True:
+        with open_source(path) as source:
+            count = 0
+            for frame in source:
+                count += 1
+                yield resize_cover(frame, width, height)
+        if count == 0:
+            raise ValueError(f"background video {str(path)!r} has no frames")
+
+
+# --------------------------------------------------------------------------------------------- outputs
+@dataclass
+class _Output:
+    name: str  # "composition" | "alpha" | "foreground"
+    path: Path
+    kind: str  # "video" | "image" | "png_sequence"
+    channels: int
+    writer: Optional[FrameWriter] = None
+
+
+def _plan_outputs(
+    paths: Dict[str, Optional[PathLike]], output_type: str, background: Background, single_image: bool,
+    input_path: Path,
+) -> List[_Output]:
+    """Validate every requested output before any work starts and decide its writer and channels."""
+    outputs = []
+    for name, raw in paths.items():
+        if raw is None:
+            continue
+        path = Path(raw)
+        if path.resolve() == input_path.resolve():
+            raise ValueError(f"output {str(path)!r} is the input; choose another name")
+        channels = {"alpha": 1, "foreground": 3}.get(name, 4 if background.kind == "transparent" else 3)
+        ext = path.suffix.lower()
+        if output_type == "png_sequence":
+            if ext in VIDEO_EXTENSIONS:
+                raise ValueError(f"output_type='png_sequence' writes a folder, but {str(path)!r} looks like a video")
+            kind = "png_sequence"
+        elif ext in IMAGE_EXTENSIONS:
+            if not single_image:
+                raise ValueError(
+                    f"{str(path)!r} is an image file but the input is a video; use a video extension "
+                    "or output_type='png_sequence'"
+                )
+            kind = "image"
+            if channels == 4 and ext != ".png":
+                raise ValueError(f"{str(path)!r}: only .png images can hold transparency")
+        else:
+            video_codec_for(path, channels)  # raises on unsupported extensions or alpha in .mp4
+            kind = "video"
+        outputs.append(_Output(name, path, kind, channels))
+    if not outputs:
+        raise ValueError("no output requested: give output_composition, output_alpha or output_foreground")
+    if len({o.path.resolve() for o in outputs}) != len(outputs):
+        raise ValueError("two outputs have the same path")
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------- threads
+class _Pipeline:
+    """Bounded queues between threads plus a shared stop flag and the first exception raised."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.threads: List[threading.Thread] = []
+
+    def spawn(self, target: Callable[[], None], name: str) -> None:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                if self.error is None:
+                    self.error = exc
+                self.stop.set()
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def put(self, q: queue.Queue, item: Any) -> bool:
+        """Put unless stopped; returns False when the pipeline was stopped."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, q: queue.Queue) -> Any:
+        """Get the next item; raises the worker's exception (or stops) if the pipeline failed."""
+        while True:
+            self.raise_error()
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self.stop.is_set():
+                    self.raise_error()
+                    return _END
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+_END = object()
+
+
+def _read_chunks(source: FrameSource, seq_chunk: int) -> Iterator[np.ndarray]:
+    batch: List[np.ndarray] = []
+    for frame in source:
+        batch.append(frame)
+        if len(batch) == seq_chunk:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``[T, C, H, W]`` float in [0, 1] -> ``[T, H, W, C]`` uint8 (rounded)."""
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _model_device_dtype(model: torch.nn.Module) -> Tuple[torch.device, torch.dtype]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_model_output(fgr: Any, pha: Any, src: torch.Tensor) -> None:
+    b, t, _, h, w = src.shape
+    if not (isinstance(pha, torch.Tensor) and tuple(pha.shape) == (b, t, 1, h, w)):
+        raise ValueError(f"model returned alpha of shape {getattr(pha, 'shape', type(pha))}, expected {(b, t, 1, h, w)}")
+    if not (isinstance(fgr, torch.Tensor) and tuple(fgr.shape) == (b, t, 3, h, w)):
+        raise ValueError(f"model returned foreground of shape {getattr(fgr, 'shape', type(fgr))}, expected {(b, t, 3, h, w)}")
+
+
+# --------------------------------------------------------------------------------------------- main API
+def convert_video(
+    model: torch.nn.Module,
+    input_source: PathLike,
+    *,
+    output_composition: Optional[PathLike] = None,
+    output_alpha: Optional[PathLike] = None,
+    output_foreground: Optional[PathLike] = None,
+    output_type: str = "video",
+    background: Optional[str] = None,
+    downsample_ratio: Optional[float] = None,
+    seq_chunk: int = 1,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    frame_rate: Optional[Union[float, Fraction]] = None,
+    output_video_mbps: Optional[float] = None,
+) -> ConversionResult:
+    """Matte ``input_source`` (video file, image folder or single image) and write the requested outputs.
+
+    Args:
+        model: a matting model following ``fgr, pha, *rec = model(src, *rec, downsample_ratio=r)``.
+        input_source: a video file, a folder of png/jpg images (natural order) or one image.
+        output_composition / output_alpha / output_foreground: output paths (files for ``"video"``,
+            folders for ``"png_sequence"``; an image path such as ``out.png`` for a single-image input).
+        output_type: ``"video"`` (h264 by default; RGBA composites as ProRes 4444 ``.mov`` or VP9
+            ``.webm``) or ``"png_sequence"`` (``0000.png ...``).
+        background: ``"green"`` or another colour name, ``"#RRGGBB"``, ``"transparent"`` (RGBA:
+            foreground where alpha > 0, plus alpha), an image or a video path (looped, resized to
+            cover the frame). ``None``: transparent for PNG sequences, green for videos.
+        downsample_ratio: the model's internal scale; ``None`` picks ``min(512 / max(h, w), 1)``.
+        seq_chunk: frames given to the model per call (more = better parallelism, more memory).
+        device / dtype: where and in what precision to run; default: the model's own. A given
+            ``device`` moves the model there.
+        progress: show a tqdm bar (frames, frames/s).
+        frame_rate: frame rate of image inputs (default 30); videos keep their own exact rate.
+        output_video_mbps: target bit rate of video outputs; default constant quality.
+
+    Returns:
+        A :class:`ConversionResult`. On any error or interrupt no output exists under the requested names.
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+    if int(seq_chunk) != seq_chunk or seq_chunk < 1:
+        raise ValueError(f"seq_chunk must be a positive integer, got {seq_chunk!r}")
+    if downsample_ratio is not None and not 0 < downsample_ratio <= 1:
+        raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio!r}")
+    bg = parse_background(background, output_type)
+    paths = {"composition": output_composition, "alpha": output_alpha, "foreground": output_foreground}
+    if not any(p is not None for p in paths.values()):
+        raise ValueError("no output requested: give output_composition, output_alpha or output_foreground")
+    if output_composition is None and background is not None:
+        bg = Background("transparent")  # unused: avoid opening a background file for nothing
+
+    source = open_source(input_source, Fraction(frame_rate) if frame_rate else None)
+    try:
+        single_image = Path(input_source).is_file() and Path(input_source).suffix.lower() in IMAGE_EXTENSIONS
+        outputs = _plan_outputs(paths, output_type, bg, single_image, Path(input_source))
+        return _run(
+            model, source, outputs, bg, downsample_ratio, int(seq_chunk), device, dtype, progress,
+            int(output_video_mbps * 1e6) if output_video_mbps else None,
+        )
+    finally:
+        source.close()
+
+
+def _run(
+    model: torch.nn.Module, source: FrameSource, outputs: List[_Output], bg: Background,
+    downsample_ratio: Optional[float], seq_chunk: int, device: Any, dtype: Optional[torch.dtype],
+    progress: bool, bit_rate: Optional[int],
+) -> ConversionResult:
+    width, height = source.width, source.height
+    if device is not None:
+        model.to(device)
+    model_device, model_dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    dtype = dtype or model_dtype
+    if downsample_ratio is None:
+        downsample_ratio = auto_downsample_ratio(height, width)
+    static_bgr = _static_background(bg, width, height, device, dtype)
+    bg_frames = _looping_frames(bg.path, width, height) if bg.kind == "video" else None
+
+    pipeline = _Pipeline()
+    read_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+    write_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+    committed = False
+    was_training = model.training
+    bar = tqdm(total=source.num_frames, unit="frame", desc="matting", disable=not progress, dynamic_ncols=True)
+    try:
+        for out in outputs:
+            out.writer = open_writer(
+                out.path, out.kind, width, height, out.channels, source.frame_rate,
+                audio_path=source.audio_path, audio_offset=source.start_time, bit_rate=bit_rate,
+            )
+
+        def reader() -> None:
+            for chunk in _read_chunks(source, seq_chunk):
+                bgr = np.stack([next(bg_frames) for _ in chunk]) if bg_frames is not None else None
+                if not pipeline.put(read_q, (chunk, bgr)):
+                    return
+            pipeline.put(read_q, _END)
+
+        def writer() -> None:
+            while (item := pipeline.get(write_q)) is not _END:
+                for out in outputs:
+                    out.writer.write(item[out.name])
+            if pipeline.stop.is_set():
+                return  # cancelled: the main thread aborts the writers
+            for out in outputs:
+                out.writer.close()
+
+        pipeline.spawn(reader, "binarize-matte-reader")
+        pipeline.spawn(writer, "binarize-matte-writer")
+        model.eval()
+        rec: List[Any] = [None] * 4
+        frames, start = 0, time.perf_counter()
+        with torch.inference_mode():
+            while (item := pipeline.get(read_q)) is not _END:
+                chunk, bgr_chunk = item
+                src = torch.from_numpy(chunk).to(device).permute(0, 3, 1, 2).to(dtype).div(255).unsqueeze(0)
+                fgr, pha, *rec = model(src, *rec, downsample_ratio=downsample_ratio)
+                _check_model_output(fgr, pha, src)
+                bgr = static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, device, dtype)
+                results = _render(outputs, fgr[0], pha[0], bgr)
+                if not pipeline.put(write_q, results):
+                    break
+                frames += src.shape[1]
+                bar.update(src.shape[1])
+        pipeline.put(write_q, _END)
+        pipeline.join()
+        pipeline.raise_error()
+        seconds = time.perf_counter() - start
+        if frames == 0:
+            raise ValueError(f"input {str(source.path)!r} has no frames")
+        for out in outputs:
+            out.writer.commit()
+        committed = True
+        return ConversionResult(
+            frames=frames, seconds=seconds, fps=frames / max(seconds, 1e-9), width=width, height=height,
+            frame_rate=source.frame_rate, downsample_ratio=float(downsample_ratio),
+            outputs={out.name: out.path for out in outputs},
+        )
+    finally:
+        pipeline.stop.set()
+        pipeline.join()
+        bar.close()
+        model.train(was_training)
+        if not committed:
+            for out in outputs:
+                if out.writer is not None:
+                    out.writer.abort()
+
+
+def _static_background(
+    bg: Background, width: int, height: int, device: torch.device, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """The background as a ``[1, 3, H or 1, W or 1]`` tensor for colours and images; ``None`` otherwise."""
+    if bg.kind == "color":
+        return torch.tensor(bg.color, device=device, dtype=dtype).div(255).view(1, 3, 1, 1)
+    if bg.kind == "image":
+        with open_source(bg.path) as image:
+            frame = next(iter(image))
+        return _frames_to_tensor(resize_cover(frame, width, height)[None], device, dtype)
+    return None
+
+
+def _frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).to(dtype).div(255)
+
+
+def _render(
+    outputs: List[_Output], fgr: torch.Tensor, pha: torch.Tensor, bgr: Optional[torch.Tensor]
+) -> Dict[str, np.ndarray]:
+    """uint8 frames ``[T, H, W, C]`` for each output from ``fgr [T,3,H,W]``, ``pha [T,1,H,W]``."""
+    results = {}
+    for out in outputs:
+        if out.name == "alpha":
+            results[out.name] = _to_uint8(pha)
+        elif out.name == "foreground":
+            results[out.name] = _to_uint8(fgr)
+        elif out.channels == 4:
+            # transparent composite as in RVM: foreground where alpha > 0, alpha as the 4th channel
+            results[out.name] = _to_uint8(torch.cat([fgr * pha.gt(0), pha], dim=1))
+        else:
+            results[out.name] = _to_uint8(fgr * pha + bgr * (1 - pha))
+    return results
