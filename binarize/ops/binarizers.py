@@ -1,0 +1,518 @@
+"""Binarizers: small modules that map a float tensor to a (scaled) 1-bit tensor.
+
+Each binarizer documents four things: its forward (values), its backward (the surrogate
+gradient), its scale, and its sign(0) convention. Straight-through estimators are written as
+``sign(x) + d * (x - x.detach())`` with ``d`` the detached surrogate derivative: the residual is
+exactly zero in the forward pass (so the forward value is exactly the binarized value) and its
+gradient is ``d``. This form is TorchScript-scriptable and exportable (no autograd.Function);
+inputs must be finite (an infinite input gives NaN through ``inf - inf``).
+
+Conventions shared by every method except ``bimatting``: sign(0) = +1 (``x >= 0 -> +1``, as in
+BNN, Courbariaux et al. 2016, Eq. 1), which is also what the packed engine computes. ``bimatting``
+uses ``torch.sign`` (sign(0) = 0) for parity with the official checkpoints.
+
+The learnable shifts used by methods (``LearnableBias``, ``RPReLU``) live here too because ops
+may not import nn; ``binarize.nn`` re-exports them.
+"""
+
+import math
+from typing import Callable, Dict, List, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Binarizer",
+    "register_binarizer",
+    "get_binarizer",
+    "list_binarizers",
+    "sign_plus",
+    "straight_through",
+    "clipped_ste_grad",
+    "approx_sign_grad",
+    "ede_grad",
+    "ede_schedule",
+    "recu_tau_schedule",
+    "Identity",
+    "SignSTE",
+    "XNORWeight",
+    "XNORActivation",
+    "DoReFaWeight",
+    "ApproxSign",
+    "BiRealWeight",
+    "RSign",
+    "IRNetWeight",
+    "IRNetActivation",
+    "ReCUWeight",
+    "ReCUActivation",
+    "BiMattingWeight",
+    "BiMattingActivation",
+    "LearnableBias",
+    "RPReLU",
+]
+
+_KINDS = ("activation", "weight")
+
+
+# --------------------------------------------------------------------------------------------
+# base class and registry
+# --------------------------------------------------------------------------------------------
+class Binarizer(nn.Module):
+    """Base class of every binarizer.
+
+    ``bits`` is the precision of the output (1 for a binarizer, 32 for identity) and ``kind`` says
+    whether it binarizes activations or weights; layers and ``binarize.profile`` read these
+    attributes, never class names. ``step(progress)`` advances a training schedule.
+    """
+
+    bits: int = 1
+    kind: str = "activation"
+
+    def __init__(self, kind: Optional[str] = None) -> None:
+        super().__init__()
+        if kind is not None:
+            if kind not in _KINDS:
+                raise ValueError(f"binarizer kind must be one of {_KINDS}, got {kind!r}")
+            self.kind = kind
+
+    def step(self, progress: float) -> None:
+        """Advance the training schedule to ``progress`` in [0, 1] (default: nothing to do)."""
+        check_progress(progress)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, kind={self.kind!r}"
+
+
+def check_progress(progress: float) -> float:
+    """Validate a training progress value (fraction of training done) and return it as float."""
+    progress = float(progress)
+    if not 0.0 <= progress <= 1.0 or math.isnan(progress):
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    return progress
+
+
+_REGISTRY: Dict[str, Type[Binarizer]] = {}
+
+
+def register_binarizer(name: str) -> Callable[[Type[Binarizer]], Type[Binarizer]]:
+    """Class decorator registering a ``Binarizer`` subclass under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"binarizer name must be a non-empty string, got {name!r}")
+
+    def decorator(cls: Type[Binarizer]) -> Type[Binarizer]:
+        if not (isinstance(cls, type) and issubclass(cls, Binarizer)):
+            raise ValueError(f"register_binarizer({name!r}) expects a Binarizer subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"binarizer {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
+
+
+def get_binarizer(name: str, **kwargs) -> Binarizer:
+    """Return a new instance of the binarizer registered as ``name``."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown binarizer {name!r}; available: {', '.join(list_binarizers())}")
+    return cls(**kwargs)
+
+
+def get_binarizer_class(name: str) -> Type[Binarizer]:
+    """Return the class registered as ``name`` (ValueError if unknown)."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown binarizer {name!r}; available: {', '.join(list_binarizers())}")
+    return cls
+
+
+def list_binarizers() -> List[str]:
+    """Sorted names of all registered binarizers."""
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# functional helpers
+# --------------------------------------------------------------------------------------------
+def sign_plus(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1: ``+1 where x >= 0 else -1``, in x's dtype."""
+    one = torch.ones_like(x)
+    return torch.where(x >= 0, one, -one)
+
+
+def straight_through(value: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Return ``value`` in the forward pass with d(out)/dx = ``grad`` (elementwise) in the backward."""
+    return value.detach() + grad.detach() * (x - x.detach())
+
+
+def clipped_ste_grad(x: torch.Tensor) -> torch.Tensor:
+    """Clipped straight-through derivative (BNN): 1 where |x| <= 1, else 0."""
+    return (x.abs() <= 1).to(x.dtype)
+
+
+def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
+    """ApproxSign derivative (Bi-Real Net, Liu et al. 2018, Eq. 4): max(0, 2 - 2|x|)."""
+    return torch.clamp(2 - 2 * x.abs(), min=0)
+
+
+def ede_grad(x: torch.Tensor, k: float, t: float) -> torch.Tensor:
+    """IR-Net Error Decay Estimator derivative (Qin et al. 2020, Eq. 11): k * t * (1 - tanh^2(t x))."""
+    th = torch.tanh(x * t)
+    return k * t * (1 - th * th)
+
+
+def ede_schedule(progress: float, t_min: float = 0.1, t_max: float = 10.0) -> tuple:
+    """IR-Net's (k, t) at a training progress: t = T_min * 10^(p * log10(T_max / T_min)), k = max(1/t, 1)."""
+    p = check_progress(progress)
+    t = t_min * 10 ** (p * math.log10(t_max / t_min))
+    return max(1.0 / t, 1.0), t
+
+
+def recu_tau_schedule(progress: float, tau_min: float = 0.85, tau_max: float = 0.99) -> float:
+    """ReCU's exponential tau schedule (Xu et al. 2021): tau_min + (tau_max - tau_min)(e^p - 1)/(e - 1)."""
+    p = check_progress(progress)
+    return tau_min + (tau_max - tau_min) * (math.exp(p) - 1.0) / (math.e - 1.0)
+
+
+def _per_output_mean_abs(w: torch.Tensor) -> torch.Tensor:
+    """mean |w| over all dims but the first (output channel), keeping dims for broadcasting."""
+    if w.dim() < 2:
+        return w.abs().mean().reshape([1] * max(w.dim(), 1))
+    return w.abs().mean(dim=list(range(1, w.dim())), keepdim=True)
+
+
+def _channel_shape(x: torch.Tensor, channel_dim: int) -> List[int]:
+    """Broadcast shape [1, .., C, .., 1] putting -1 at ``channel_dim`` of ``x``."""
+    shape = [1] * x.dim()
+    dim = channel_dim if channel_dim >= 0 else x.dim() + channel_dim
+    shape[dim] = -1
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# binarizers
+# --------------------------------------------------------------------------------------------
+@register_binarizer("identity")
+class Identity(Binarizer):
+    """Full precision pass-through (bits = 32): forward x, backward identity, no scale."""
+
+    bits = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@register_binarizer("sign")
+class SignSTE(Binarizer):
+    """BNN sign with the clipped straight-through estimator (Courbariaux et al. 2016).
+
+    Forward: +1 if x >= 0 else -1 (sign(0) = +1). Scale: none.
+    Backward: grad * 1{|x| <= 1}. Used for activations (default) or weights (``kind="weight"``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(sign_plus(x), x, clipped_ste_grad(x))
+
+
+@register_binarizer("xnor_weight")
+class XNORWeight(Binarizer):
+    """XNOR-Net weight binarizer (Rastegari et al. 2016, Eq. 4-6).
+
+    Forward: alpha_o * sign(W) with alpha_o = mean|W_o| per output channel; sign(0) = +1.
+    Backward: the scale is NOT detached (XNOR-Net Eq. 7 differentiates through alpha):
+    dL/dW = g * alpha * 1{|W| <= 1} + sign(W) * mean_o(g * sign(W)).
+    """
+
+    kind = "weight"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = _per_output_mean_abs(w)
+        return alpha * straight_through(sign_plus(w), w, clipped_ste_grad(w))
+
+
+@register_binarizer("xnor_activation")
+class XNORActivation(Binarizer):
+    """XNOR-Net activation binarizer with a per-sample scale (Rastegari et al. 2016, Sec. 3.2).
+
+    Forward: K_b * sign(A) with K_b = mean|A_b| over every non-batch dim (C, H, W for images,
+    N, C for tokens); sign(0) = +1. The paper's per-position K map is simplified to one scalar
+    per sample. Backward: clipped STE through sign, and the gradient flows through K (not detached).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"xnor_activation expects a batched tensor [B, ...], got shape {x.shape}")
+        scale = x.abs().mean(dim=list(range(1, x.dim())), keepdim=True)
+        return scale * straight_through(sign_plus(x), x, clipped_ste_grad(x))
+
+
+@register_binarizer("dorefa_weight")
+class DoReFaWeight(Binarizer):
+    """1-bit DoReFa-Net weights (Zhou et al. 2016, Eq. 7).
+
+    Forward: E(|W|) * sign(W) with one scalar E(|W|) = mean|W| over the whole tensor; sign(0) = +1.
+    Backward: plain straight-through (dL/dW = dL/dW_b), as in the paper; the scale is detached.
+    """
+
+    kind = "weight"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale = w.abs().mean().detach()
+        return straight_through(scale * sign_plus(w), w, torch.ones_like(w))
+
+
+@register_binarizer("approx_sign")
+class ApproxSign(Binarizer):
+    """Bi-Real Net ApproxSign (Liu et al. 2018, Eq. 3-4).
+
+    Forward: +1 if x >= 0 else -1 (sign(0) = +1); no scale.
+    Backward: the derivative of the piecewise polynomial, grad * max(0, 2 - 2|x|).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(sign_plus(x), x, approx_sign_grad(x))
+
+
+@register_binarizer("bireal_weight")
+class BiRealWeight(Binarizer):
+    """Bi-Real Net magnitude-aware weights (Liu et al. 2018, Eq. 6; also ReActNet's weights).
+
+    Forward: alpha_o * sign(W), alpha_o = mean|W_o| per output channel, DETACHED; sign(0) = +1.
+    Backward: clipped straight-through, grad * 1{|W| <= 1} (as in the Bi-Real/ReActNet code).
+    """
+
+    kind = "weight"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = _per_output_mean_abs(w).detach()
+        return straight_through(alpha * sign_plus(w), w, clipped_ste_grad(w))
+
+
+@register_binarizer("rsign")
+class RSign(Binarizer):
+    """ReActNet RSign (Liu et al. 2020, Eq. 1): sign with a learnable per-channel threshold.
+
+    Forward: +1 if x >= threshold_c else -1. The paper assigns -1 at x == threshold; we use +1
+    there (like every non-bimatting method and the packed engine); ties have measure zero.
+    Scale: none. Backward: ApproxSign, grad * max(0, 2 - 2|x - threshold|), to x and to threshold
+    (with the opposite sign). ``threshold`` has shape [channels]; ``channel_dim`` is 1 for images
+    [B, C, H, W] and -1 for tokens [B, N, C].
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1, kind: Optional[str] = None) -> None:
+        super().__init__(kind)
+        if int(channels) <= 0:
+            raise ValueError(f"RSign needs a positive channel count, got {channels}")
+        self.channels = int(channels)
+        self.channel_dim = int(channel_dim)
+        self.threshold = nn.Parameter(torch.zeros(self.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shifted = x - self.threshold.to(x.dtype).reshape(_channel_shape(x, self.channel_dim))
+        return straight_through(sign_plus(shifted), shifted, approx_sign_grad(shifted))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, channel_dim={self.channel_dim}, " + super().extra_repr()
+
+
+class _EDEMixin:
+    """IR-Net's Error Decay Estimator state: t from T_min to T_max, k = max(1/t, 1)."""
+
+    def _init_ede(self, t_min: float, t_max: float) -> None:
+        if not 0 < t_min < t_max:
+            raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.k, self.t = ede_schedule(0.0, self.t_min, self.t_max)
+
+    def step(self, progress: float) -> None:
+        """Set (k, t) for the training progress (IR-Net Eq. 12)."""
+        self.k, self.t = ede_schedule(progress, self.t_min, self.t_max)
+
+
+@register_binarizer("irnet_weight")
+class IRNetWeight(_EDEMixin, Binarizer):
+    """IR-Net Libra-PB weights with the EDE backward (Qin et al. 2020, Eq. 8-12).
+
+    Forward: W_std = (W - mean_o W) / std_o(W) (per output channel, unbiased std as in the IR-Net
+    code), then 2^round(log2(mean|W_std|_o)) * sign(W_std); the power-of-two scale is detached;
+    sign(0) = +1. Backward: EDE k*t*(1 - tanh^2(t W_std)) through the standardisation (autograd).
+    ``step(progress)`` moves t from ``t_min`` to ``t_max``.
+    """
+
+    kind = "weight"
+
+    def __init__(self, t_min: float = 0.1, t_max: float = 10.0) -> None:
+        super().__init__()
+        self._init_ede(t_min, t_max)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        flat = w.reshape(w.shape[0], -1)
+        correction = 1 if flat.shape[1] > 1 else 0
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        std = centred.std(dim=1, keepdim=True, correction=correction)
+        standard = centred / std.clamp_min(1e-12)
+        scale = torch.pow(2.0, torch.round(torch.log2(standard.abs().mean(dim=1, keepdim=True)))).detach()
+        binary = straight_through(sign_plus(standard), standard, ede_grad(standard, self.k, self.t))
+        return (scale * binary).reshape(w.shape)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k:.4g}, t={self.t:.4g}, " + super().extra_repr()
+
+
+@register_binarizer("irnet_activation")
+class IRNetActivation(_EDEMixin, Binarizer):
+    """IR-Net activations: sign forward (sign(0) = +1), no scale, EDE backward k*t*(1 - tanh^2(t x))."""
+
+    def __init__(self, t_min: float = 0.1, t_max: float = 10.0) -> None:
+        super().__init__()
+        self._init_ede(t_min, t_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(sign_plus(x), x, ede_grad(x, self.k, self.t))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k:.4g}, t={self.t:.4g}, " + super().extra_repr()
+
+
+@register_binarizer("recu_weight")
+class ReCUWeight(Binarizer):
+    """ReCU weights (Xu et al. 2021, "ReCU: Reviving the Dead Weights in BNNs", Eq. 6-14).
+
+    Forward (as the official z-hXu/ReCU code): W0 = W - mean_o W; W1 = W0 / (sqrt(var_o W0 + 1e-5) /
+    (2 sqrt 2)); clamp W1 to [-Q, Q] with Q = -mean|W1| * ln(2 - 2 tau) (the tau quantile of a
+    Laplace fit, i.e. [Q(1-tau), Q(tau)]); output alpha_o * sign(clamped), sign(0) = +1, where
+    alpha [channels] is the learned per-output-channel scale (the paper scales the conv output;
+    folding it into the weight is the same for a linear layer). Backward: identity STE through
+    sign, zero outside the clamp, through the standardisation; alpha gets its own gradient; Q is
+    detached. ``tau`` (buffer) follows ``recu_tau_schedule`` via ``step``; starts at tau_min.
+    """
+
+    kind = "weight"
+
+    def __init__(self, channels: int, tau_min: float = 0.85, tau_max: float = 0.99) -> None:
+        super().__init__()
+        if int(channels) <= 0:
+            raise ValueError(f"ReCU needs a positive output channel count, got {channels}")
+        if not 0.5 < tau_min <= tau_max < 1.0:
+            raise ValueError(f"need 0.5 < tau_min <= tau_max < 1, got {tau_min}, {tau_max}")
+        self.channels = int(channels)
+        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
+        self.alpha = nn.Parameter(torch.ones(self.channels))
+        self.register_buffer("tau", torch.tensor(self.tau_min))
+
+    def step(self, progress: float) -> None:
+        """Set tau for the training progress (ReCU's exponential schedule)."""
+        self.tau.fill_(recu_tau_schedule(progress, self.tau_min, self.tau_max))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if w.shape[0] != self.channels:
+            raise ValueError(f"ReCU binarizer built for {self.channels} output channels, got weight of shape {w.shape}")
+        dims = list(range(1, w.dim()))
+        centred = w - w.mean(dim=dims, keepdim=True)
+        standard = centred / (torch.sqrt(centred.var(dim=dims, keepdim=True) + 1e-5) / (2 * math.sqrt(2)))
+        q = (-standard.abs().mean() * torch.log(2 - 2 * self.tau.to(w.dtype))).detach()
+        clamped = torch.maximum(torch.minimum(standard, q), -q)
+        binary = straight_through(sign_plus(clamped), clamped, torch.ones_like(clamped))
+        return self.alpha.to(w.dtype).reshape([-1] + [1] * (w.dim() - 1)) * binary
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, tau={float(self.tau):.4g}, " + super().extra_repr()
+
+
+@register_binarizer("recu_activation")
+class ReCUActivation(Binarizer):
+    """ReCU activations (official z-hXu/ReCU code): sign forward (sign(0) = +1), no scale.
+
+    Backward: ApproxSign max(0, 2 - 2|a0|) evaluated on a0 = x / sqrt(var_b(x) + 1e-5) (per-sample
+    variance over non-batch dims) in training mode, on x itself in eval mode (as the official code).
+    sign(a0) == sign(x), so only the gradient depends on the normalisation.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dim() >= 2:
+            x = x / torch.sqrt(x.var(dim=list(range(1, x.dim())), keepdim=True) + 1e-5)
+        return straight_through(sign_plus(x), x, approx_sign_grad(x))
+
+
+@register_binarizer("bimatting_weight")
+class BiMattingWeight(Binarizer):
+    """BiMatting weights (Qin et al. 2023, NeurIPS; official htqin/BiMatting ``BiConv2d``).
+
+    Forward: W' = W - mean_o(W) per output channel, then alpha_o * sign(W') with
+    alpha_o = mean|W'_o| DETACHED, ``torch.sign`` semantics (sign(0) = 0).
+    Backward: straight through clamp(W', -1, 1): dL/dW' = g * 1{|W'| <= 1}, then through the
+    centring, dL/dW = m - mean_o(m) with m = g * 1{|W'| <= 1}.
+    """
+
+    kind = "weight"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        dims = list(range(1, w.dim()))
+        centred = w - w.mean(dim=dims, keepdim=True) if dims else w - w.mean()
+        alpha = _per_output_mean_abs(centred).detach()
+        return straight_through(alpha * torch.sign(centred), centred, clipped_ste_grad(centred))
+
+
+@register_binarizer("bimatting_activation")
+class BiMattingActivation(Binarizer):
+    """BiMatting activations (official ``BinaryActivation``): ``torch.sign`` (sign(0) = 0), no scale.
+
+    Backward: clipped STE, grad * 1{|x| <= 1} (the official double straight-through through
+    clamp(x, -1, 1) reduces to this).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(torch.sign(x), x, clipped_ste_grad(x))
+
+
+# --------------------------------------------------------------------------------------------
+# learnable shifts (re-exported by binarize.nn)
+# --------------------------------------------------------------------------------------------
+class LearnableBias(nn.Module):
+    """A learnable per-channel shift ``x + bias`` (ReActNet's RSign/RPReLU shifts, BiMatting's ``move``).
+
+    ``bias`` has shape [1, C, 1, 1] (the key/shape of official checkpoints); it is broadcast along
+    ``channel_dim`` (1 for [B, C, H, W] or [B, C]; -1 for tokens [B, N, C]).
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1) -> None:
+        super().__init__()
+        if int(channels) <= 0:
+            raise ValueError(f"LearnableBias needs a positive channel count, got {channels}")
+        self.channels = int(channels)
+        self.channel_dim = int(channel_dim)
+        self.bias = nn.Parameter(torch.zeros(1, self.channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and self.channel_dim == 1:
+            return x + self.bias
+        return x + self.bias.reshape(_channel_shape(x, self.channel_dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, channel_dim={self.channel_dim}"
+
+
+class RPReLU(nn.Module):
+    """ReActNet RPReLU (Liu et al. 2020, Eq. 3): shift, per-channel PReLU, shift.
+
+    f(x) = PReLU(x - gamma) + zeta; submodules ``shift_in`` (adds -gamma, a LearnableBias),
+    ``prelu`` (``nn.PReLU(C)``, init slope 0.25) and ``shift_out`` (adds zeta).
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1, init: float = 0.25) -> None:
+        super().__init__()
+        self.channel_dim = int(channel_dim)
+        self.shift_in = LearnableBias(channels, channel_dim)
+        self.prelu = nn.PReLU(int(channels), init=init)
+        self.shift_out = LearnableBias(channels, channel_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shift_in(x)
+        dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
+        if dim == 1 or x.dim() == 1:
+            x = F.prelu(x, self.prelu.weight)
+        else:
+            x = F.prelu(x.movedim(dim, 1), self.prelu.weight).movedim(1, dim)
+        return self.shift_out(x)
