@@ -1,0 +1,129 @@
+"""``binarize matte``: matte a video, image folder or image with a zoo model (``convert_video``).
+
+Example::
+
+    binarize matte input.mp4 -m bimatting --checkpoint bimatting.pth -o comp.mp4 --alpha alpha.mp4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from binarize.cli.main import CLIError
+
+ENGINES = ("simulated", "packed")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``matte`` subcommand and its options."""
+    parser = subparsers.add_parser(
+        "matte",
+        help="matte a video: write composition, alpha and foreground",
+        description="Run a matting model over a video file, a folder of images or one image and write "
+        "the composition, alpha and foreground (h264 video, ProRes 4444 .mov / VP9 .webm with alpha, "
+        "or PNG sequences). Keeps the exact frame rate and copies the audio.",
+    )
+    parser.add_argument("input", help="video file, folder of png/jpg frames, or one image")
+    parser.add_argument("-m", "--model", default="bimatting", help="zoo model name (default: bimatting)")
+    parser.add_argument("--checkpoint", help="official .pth state dict or binarize .safetensors checkpoint")
+    parser.add_argument("-o", "--output", dest="composition", help="composition output (video, folder or image)")
+    parser.add_argument("--alpha", help="alpha matte output")
+    parser.add_argument("--foreground", help="foreground output")
+    parser.add_argument(
+        "--output-type", choices=("video", "png_sequence"), default="video",
+        help="video files (default) or folders of PNGs",
+    )
+    parser.add_argument(
+        "--background", default=None,
+        help="composition background: green (default for video), a colour name, #RRGGBB, transparent "
+        "(default for png_sequence; needs .mov/.webm for video), or an image or video file",
+    )
+    parser.add_argument("--downsample-ratio", type=float, default=None,
+                        help="model's internal scale in (0, 1]; default min(512 / max(h, w), 1)")
+    parser.add_argument("--seq-chunk", type=int, default=1, help="frames per model call (default 1)")
+    parser.add_argument("--engine", choices=ENGINES, default="simulated",
+                        help="simulated float layers (default) or packed XNOR-popcount kernels")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--fps", type=float, default=None, help="frame rate of image inputs (default 30)")
+    parser.add_argument("--mbps", type=float, default=None, help="video bit rate (default: constant quality)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the model, run ``convert_video`` and print where the outputs went."""
+    if not (args.composition or args.alpha or args.foreground):
+        raise CLIError("no output given: use -o/--output, --alpha or --foreground")
+    if not Path(args.input).exists():
+        raise FileNotFoundError(f"input not found: {args.input!r}")
+    model = build_model(args.model, args.checkpoint)
+    if args.engine == "packed":
+        model = deploy_packed(model)
+
+    from binarize.matting.inference import convert_video
+
+    result = convert_video(
+        model,
+        args.input,
+        output_composition=args.composition,
+        output_alpha=args.alpha,
+        output_foreground=args.foreground,
+        output_type=args.output_type,
+        background=args.background,
+        downsample_ratio=args.downsample_ratio,
+        seq_chunk=args.seq_chunk,
+        device=args.device,
+        progress=not args.no_progress,
+        frame_rate=args.fps,
+        output_video_mbps=args.mbps,
+    )
+    written = ", ".join(str(path) for path in result.outputs.values())
+    print(
+        f"matted {result.frames} frames ({result.width}x{result.height}, {result.frame_rate} fps) "
+        f"at {result.fps:.1f} frames/s with {args.model} [{args.engine}]: {written}"
+    )
+    return 0
+
+
+def bundled_checkpoint(name: str) -> Optional[Path]:
+    """The demo checkpoint shipped in ``binarize/models/weights`` for ``name``, if there is one."""
+    import binarize.models
+
+    path = Path(binarize.models.__file__).parent / "weights" / f"{name}_synthetic.safetensors"
+    return path if path.is_file() else None
+
+
+def build_model(name: str, checkpoint: Optional[str]) -> Any:
+    """``create_model(name, checkpoint)``; a checkpoint that does not fit becomes a one-line ``ValueError``."""
+    from binarize.models import create_model
+
+    if checkpoint is None:
+        checkpoint_path = bundled_checkpoint(name)
+        if checkpoint_path is None:
+            print(f"binarize matte: warning: no --checkpoint given and {name!r} has no bundled weights; "
+                  "the weights are random", file=sys.stderr)
+            return create_model(name)
+        print(f"binarize matte: using the bundled demo weights {checkpoint_path.name} "
+              "(trained on synthetic clips only)", file=sys.stderr)
+        checkpoint = str(checkpoint_path)
+    elif not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint!r}")
+    try:
+        return create_model(name, checkpoint=checkpoint)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - state-dict mismatches surface as RuntimeError/KeyError
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {checkpoint!r} does not fit model {name!r}: {first_line}") from None
+
+
+def deploy_packed(model: Any) -> Any:
+    """Switch the binary layers to the packed engine (``binarize.engine.deploy``), imported lazily."""
+    try:
+        from binarize.engine import deploy
+    except ImportError as exc:
+        raise CLIError(f"--engine packed is unavailable: {exc}") from None
+    deployed = deploy(model)
+    return model if deployed is None else deployed

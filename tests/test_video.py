@@ -1,0 +1,284 @@
+"""Readers and writers of binarize.matting.video on tiny synthetic clips made with PyAV.
+
+The helpers at the top (make_video, read_video, ...) are shared with test_inference.py and
+test_cli_matte.py (``from test_video import ...``).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import av
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from binarize.matting.video import (
+    ImageSequenceReader,
+    ImageSequenceWriter,
+    ImageWriter,
+    VideoReader,
+    VideoWriter,
+    natural_key,
+    open_source,
+    open_writer,
+    partial_path,
+    resize_cover,
+    video_codec_for,
+)
+
+NTSC = Fraction(30000, 1001)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def clip_frames(n: int = 8, w: int = 64, h: int = 48) -> np.ndarray:
+    """Smooth, distinct RGB frames ``[n, h, w, 3]`` that survive lossy coding well."""
+    y, x = np.mgrid[0:h, 0:w]
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        frames[i, ..., 0] = (40 + 170 * x / max(w - 1, 1)).astype(np.uint8)
+        frames[i, ..., 1] = (30 + 180 * y / max(h - 1, 1)).astype(np.uint8)
+        frames[i, ..., 2] = 20 + 25 * i
+    return frames
+
+
+def make_video(
+    path: Path, n: int = 8, w: int = 64, h: int = 48, rate: Fraction = NTSC, audio: Optional[str] = "aac",
+    frames: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Write an h264 clip (yuv444p, so odd sizes work) with an optional mono 16 kHz sine audio stream."""
+    frames = clip_frames(n, w, h) if frames is None else frames
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=rate, options={"crf": "10", "preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = w, h, "yuv444p"
+        stream = container.add_stream(audio, rate=16000) if audio else None
+        if stream is not None:
+            stream.layout = "mono"
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        if stream is not None:
+            total = int(16000 * n / rate)
+            signal = (0.3 * np.sin(2 * np.pi * 440 * np.arange(total) / 16000)).astype(np.float32)[None]
+            fmt = "s16" if audio.startswith("pcm_s16") else "fltp"
+            if fmt == "s16":
+                signal = (signal * 32767).astype(np.int16)
+            for start in range(0, total, 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(signal[:, start:start + 1024]), format=fmt,
+                                                   layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, start
+                container.mux(stream.encode(chunk))
+            container.mux(stream.encode(None))
+    return frames
+
+
+def read_video(path: Path, fmt: str = "rgb24") -> Tuple[np.ndarray, Fraction, List[Tuple[str, str]]]:
+    """Decode every frame (VP9 through libvpx so that its alpha plane is kept), the exact rate and streams."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        streams = [(s.type, s.codec_context.name) for s in container.streams]
+        if stream.codec_context.name == "vp9":
+            decoder = av.CodecContext.create("libvpx-vp9", "r")
+            frames = [f.to_ndarray(format=fmt) for p in container.demux(stream) if p.size for f in decoder.decode(p)]
+        else:
+            frames = [f.to_ndarray(format=fmt) for f in container.decode(stream)]
+        return np.stack(frames), stream.average_rate, streams
+
+
+def audio_samples(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(frame.samples for frame in container.decode(audio=0))
+
+
+def only_visible(folder: Path) -> List[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------- readers
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 10_000), min_size=1, max_size=20, unique=True))
+def test_natural_key_orders_numbers_numerically(numbers):
+    names = [f"frame{n}.png" for n in numbers]
+    ordered = sorted(names, key=natural_key)
+    assert ordered == [f"frame{n}.png" for n in sorted(numbers)]
+
+
+def test_resize_cover_fills_and_keeps_aspect():
+    image = np.zeros((10, 40, 3), np.uint8)
+    image[:, 15:25] = 255  # centred white band
+    out = resize_cover(image, 20, 20)  # scale x2 -> 20x80, centre crop 20 wide
+    assert out.shape == (20, 20, 3)
+    assert out[:, 1:-1].min() == 255  # the crop is the middle of the band: no distortion, no border
+    assert resize_cover(image, 40, 10) is image
+
+
+def test_video_reader_exact_rate_size_and_frames(tmp_path):
+    expected = make_video(tmp_path / "clip.mp4")
+    with open_source(tmp_path / "clip.mp4") as source:
+        assert isinstance(source, VideoReader)
+        assert (source.width, source.height) == (64, 48)
+        assert source.frame_rate == NTSC and isinstance(source.frame_rate, Fraction)
+        assert source.audio_path == tmp_path / "clip.mp4"
+        frames = np.stack(list(source))
+    assert frames.shape == (8, 48, 64, 3)
+    assert np.abs(frames.astype(int) - expected).max() <= 8  # near-lossless h264 (limited-range YUV)
+    assert np.abs(frames.astype(int) - expected).mean() < 1.5
+
+
+def test_image_folder_is_read_in_natural_order(tmp_path):
+    for index in (10, 2, 1):
+        Image.fromarray(np.full((6, 5, 3), index * 10, np.uint8)).save(tmp_path / f"f{index}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = open_source(tmp_path, frame_rate=Fraction(24))
+    assert isinstance(source, ImageSequenceReader)
+    assert [f.name for f in source.files] == ["f1.png", "f2.png", "f10.png"]
+    assert source.frame_rate == 24 and source.num_frames == 3
+    assert [int(frame[0, 0, 0]) for frame in source] == [10, 20, 100]
+
+
+def test_single_image_source(tmp_path):
+    Image.fromarray(np.full((7, 9, 4), 200, np.uint8), "RGBA").save(tmp_path / "one.png")
+    source = open_source(tmp_path / "one.png")
+    frames = list(source)
+    assert len(frames) == 1 and frames[0].shape == (7, 9, 3)
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        open_source(tmp_path / "missing.mp4")
+    (tmp_path / "fake.mp4").write_text("this is not a video")
+    with pytest.raises(ValueError, match="cannot read video"):
+        open_source(tmp_path / "fake.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        open_source(tmp_path / "empty")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / "0.png")
+    Image.fromarray(np.zeros((5, 4, 3), np.uint8)).save(folder / "1.png")
+    with pytest.raises(ValueError, match="1.png"):
+        list(open_source(folder))
+
+
+# ----------------------------------------------------------------------------------------- writers
+@pytest.mark.parametrize("rate", [Fraction(24000, 1001), NTSC, Fraction(25), Fraction(60)])
+def test_video_writer_keeps_exact_rational_rate(tmp_path, rate):
+    frames = clip_frames(5)
+    writer = VideoWriter(tmp_path / "out.mp4", 64, 48, rate)
+    writer.write(frames)
+    assert not (tmp_path / "out.mp4").exists() and partial_path(tmp_path / "out.mp4").exists()
+    writer.commit()
+    decoded, decoded_rate, streams = read_video(tmp_path / "out.mp4")
+    assert decoded_rate == rate
+    assert streams == [("video", "h264")]
+    assert len(decoded) == 5
+    assert np.abs(decoded.astype(int) - frames).mean() < 3
+    assert only_visible(tmp_path) == ["out.mp4"]
+
+
+def test_video_writer_pads_odd_sizes_for_h264(tmp_path):
+    frames = clip_frames(3, 63, 47)
+    writer = VideoWriter(tmp_path / "odd.mp4", 63, 47, Fraction(25))
+    writer.write(frames)
+    writer.commit()
+    decoded, _, _ = read_video(tmp_path / "odd.mp4")
+    assert decoded.shape == (3, 48, 64, 3)
+    # the padding repeats the last row/column
+    assert np.abs(decoded[:, -1, :63].astype(int) - decoded[:, -2, :63]).max() <= 6
+    assert np.abs(decoded[:, :47, :63].astype(int) - frames).mean() < 3
+
+
+def test_gray_frames_round_trip_through_h264(tmp_path):
+    alpha = np.tile(np.linspace(0, 255, 64).astype(np.uint8)[None, None, :, None], (4, 48, 1, 1))
+    writer = VideoWriter(tmp_path / "alpha.mp4", 64, 48, NTSC, channels=1)
+    writer.write(alpha)
+    writer.commit()
+    decoded, _, _ = read_video(tmp_path / "alpha.mp4")
+    assert np.abs(decoded[..., 0].astype(int) - alpha[..., 0]).max() <= 4
+
+
+@pytest.mark.parametrize(("name", "codec"), [("t.mov", "prores"), ("t.webm", "vp9"), ("t.mkv", "vp9")])
+def test_alpha_capable_codecs_keep_transparency(tmp_path, name, codec):
+    rgba = np.zeros((3, 48, 64, 4), np.uint8)
+    rgba[..., :3] = clip_frames(3)
+    rgba[..., 3] = np.linspace(0, 255, 64).astype(np.uint8)[None, None, :]
+    writer = VideoWriter(tmp_path / name, 64, 48, NTSC, channels=4)
+    writer.write(rgba)
+    writer.commit()
+    decoded, rate, streams = read_video(tmp_path / name, fmt="rgba")
+    assert streams[0] == ("video", codec)
+    assert rate == NTSC
+    assert decoded.shape == rgba.shape
+    assert np.abs(decoded[..., 3].astype(int) - rgba[..., 3]).max() <= 6
+
+
+def test_video_codec_choice_and_errors(tmp_path):
+    assert video_codec_for(Path("a.mp4"), 3) == ("libx264", "yuv420p")
+    assert video_codec_for(Path("a.mov"), 4) == ("prores_ks", "yuva444p10le")
+    assert video_codec_for(Path("a.webm"), 4) == ("libvpx-vp9", "yuva420p")
+    with pytest.raises(ValueError, match="cannot hold transparency"):
+        video_codec_for(Path("a.mp4"), 4)
+    with pytest.raises(ValueError, match="unsupported output extension '.xyz'"):
+        video_codec_for(Path("a.xyz"), 3)
+
+
+def test_audio_is_remuxed_into_mp4(tmp_path):
+    make_video(tmp_path / "src.mp4", audio="aac")
+    writer = VideoWriter(tmp_path / "out.mp4", 64, 48, NTSC, audio_path=tmp_path / "src.mp4")
+    writer.write(clip_frames(8))
+    writer.commit()
+    _, _, streams = read_video(tmp_path / "out.mp4")
+    assert ("audio", "aac") in streams
+    assert writer._audio.remux
+    assert audio_samples(tmp_path / "out.mp4") == audio_samples(tmp_path / "src.mp4")
+
+
+def test_audio_is_transcoded_when_the_container_refuses_the_codec(tmp_path):
+    make_video(tmp_path / "src.mp4", audio="aac")
+    writer = VideoWriter(tmp_path / "out.webm", 64, 48, NTSC, audio_path=tmp_path / "src.mp4")
+    writer.write(clip_frames(8))
+    writer.commit()
+    _, rate, streams = read_video(tmp_path / "out.webm")
+    assert ("audio", "opus") in streams and not writer._audio.remux
+    # the same duration (opus runs at 48 kHz; the source at 16 kHz), up to codec padding
+    assert abs(audio_samples(tmp_path / "out.webm") / 48000 - audio_samples(tmp_path / "src.mp4") / 16000) < 0.05
+
+
+def test_png_sequence_writer_is_atomic_and_exact(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 4), dtype=np.uint8)
+    writer = ImageSequenceWriter(tmp_path / "seq", 7, 5, 4)
+    writer.write(frames)
+    assert not (tmp_path / "seq").exists()
+    writer.commit()
+    assert only_visible(tmp_path / "seq") == ["0000.png", "0001.png", "0002.png"]
+    for i in range(3):
+        image = Image.open(tmp_path / "seq" / f"{i:04d}.png")
+        assert image.mode == "RGBA"
+        assert np.array_equal(np.asarray(image), frames[i])
+    other = ImageSequenceWriter(tmp_path / "other", 7, 5, 1)
+    other.write(frames[..., :1])
+    other.abort()
+    assert only_visible(tmp_path) == ["seq"]
+
+
+def test_writer_errors(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        ImageSequenceWriter(tmp_path / "full", 4, 4, 3)
+    writer = ImageWriter(tmp_path / "one.png", 4, 4, 3)
+    with pytest.raises(ValueError, match="single image"):
+        writer.write(np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"expected uint8 frames of shape \[T, 4, 4, 3\]"):
+        writer.write(np.zeros((1, 4, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="unknown writer kind"):
+        open_writer(tmp_path / "x", "gif", 4, 4, 3)
+    video = VideoWriter(tmp_path / "v.mp4", 8, 8, Fraction(25))
+    video.write(np.zeros((2, 8, 8, 3), np.uint8))
+    video.abort()
+    assert only_visible(tmp_path) == ["full"]
