@@ -4,7 +4,7 @@ Importing this package registers every built-in model with ``register_model``.
 """
 from __future__ import annotations
 
+from binarize.models.bimatting import BiMatting, load_official_bimatting  # noqa: F401  (registers bimatting, bimobilenet)
 from binarize.models.registry import create_model, is_model, list_models, register_model
-from binarize.models.bimatting import BiMatting, load_official_bimatting  # noqa: F401,I001  (registers bimatting, bimobilenet)
 
 __all__ = ["create_model", "list_models", "register_model", "is_model"]
