@@ -1,0 +1,112 @@
+"""Loader of the compiled kernel library (``binarize/engine/_bitconv*.so``) through ctypes.
+
+The library is built by ``pip install`` (setup.py, optional).  When it is missing, ``library()``
+returns ``None`` once with a one-line warning and the engine uses its pure-PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import pathlib
+import sys
+import warnings
+from typing import Optional
+
+KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4}
+KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
+_ABI_VERSION = 3
+
+_state: dict = {"loaded": False, "lib": None, "warned": False}
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_int = ctypes.c_int
+
+
+def _find_library_file() -> Optional[pathlib.Path]:
+    """Path of the built extension next to this file, or None."""
+    here = pathlib.Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_bitconv{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of every exported function."""
+    lib.bz_kernel_available.argtypes, lib.bz_kernel_available.restype = [_int], _int
+    lib.bz_set_kernel.argtypes, lib.bz_set_kernel.restype = [_int], _int
+    lib.bz_active_kernel.argtypes, lib.bz_active_kernel.restype = [], _int
+    lib.bz_openmp_enabled.argtypes, lib.bz_openmp_enabled.restype = [], _int
+    lib.bz_abi_version.argtypes, lib.bz_abi_version.restype = [], _int
+    lib.bz_pack.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _int]
+    lib.bz_pack.restype = None
+    lib.bz_conv.argtypes = [
+        _ptr, _i64, _i64, _i64, _i64, _i64,  # in, N, H, W, G, CG
+        _ptr, _ptr, _i64, _i64,  # w, wpc, O, OGP
+        _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,  # KH, KW, SH, SW, PH, PW, DH, DW
+        _int, _i64, _i64,  # pad_mode, OH, OW
+        _ptr, _ptr, _int, _ptr, _ptr,  # scale, shift, nops, ops, op_args
+        _ptr, _ptr, _i64, _int,  # out, positions, npos, nthreads
+    ]
+    lib.bz_conv.restype = _int
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, or None (with a one-line warning, once) when it is not built."""
+    if _state["loaded"]:
+        return _state["lib"]
+    _state["loaded"] = True
+    path = _find_library_file()
+    reason = "the C extension is not built"
+    if path is not None and sys.byteorder == "little":
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            if lib.bz_abi_version() == _ABI_VERSION:
+                _state["lib"] = lib
+                return lib
+            reason = f"{path.name} is from another version (rebuild it)"
+        except (OSError, AttributeError) as exc:
+            reason = f"{path.name} could not be loaded ({exc})"
+    elif path is not None:
+        reason = "the packed layout assumes a little-endian CPU"
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            f"binarize.engine: {reason}; using the slower pure-PyTorch fallback "
+            "(build it with `pip install -e .` or `python setup.py build_ext --inplace`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return None
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used."""
+    return library() is not None
+
+
+def set_kernel(name: str) -> str:
+    """Force a kernel ("auto", "generic", "popcnt", "avx2", "avx512"); returns the one that will run."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; available: {', '.join(KERNELS)}")
+    lib = library()
+    if lib is None:
+        return "torch"
+    return KERNEL_NAMES[lib.bz_set_kernel(KERNELS[name])]
+
+
+def kernel_info() -> dict:
+    """What runs here: the selected kernel, the kernels this CPU supports, and OpenMP."""
+    lib = library()
+    if lib is None:
+        return {"backend": "torch", "kernel": "torch", "supported": [], "openmp": False}
+    supported = [name for name, value in KERNELS.items() if value and lib.bz_kernel_available(value)]
+    return {
+        "backend": "c",
+        "kernel": KERNEL_NAMES[lib.bz_active_kernel()],
+        "supported": supported,
+        "openmp": bool(lib.bz_openmp_enabled()),
+    }

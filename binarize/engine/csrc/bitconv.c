@@ -1,0 +1,475 @@
+/*
+ * binarize packed engine: bit packing and XNOR-popcount convolution on raw buffers.
+ *
+ * Layouts (all little-endian 64-bit words, bit i of word j = channel 64*j + i):
+ *   packed activations  [N][H*W][G][NWG]         one run of NWG words per pixel and group
+ *   packed weights      [G][OGP/OB][LW][OB]      OB = 8 output channels interleaved per word,
+ *                                                LW = ceil(KH*KW*CG / 64) words holding the
+ *                                                taps' channel bits back to back (tap-major)
+ * A set bit means +1 and a clear bit -1, so for a valid tap
+ *     sum_c a_c * w_c = CG - 2 * popcount(a XOR w)
+ * and the whole dot product is NVALID*CG - 2*(popcount over the concatenated bits - CORR),
+ * where padded taps are written as zero bits and CORR adds back popcount(w) of those taps
+ * (exact zero padding, as in the float model).  Tail bits past CG are zero in both operands.
+ *
+ * Kernels: a portable C loop (builtin popcount), the same loop compiled for POPCNT, an AVX2
+ * version (nibble-LUT popcount, Mula et al., "Faster population counts using AVX2
+ * instructions", 2016) and an AVX-512 VPOPCNTDQ version, chosen at run time from the CPU's
+ * features.  OpenMP splits the pixel tiles over threads.
+ *
+ * The library is loaded with ctypes; the functions below are its whole interface.
+ */
+#ifdef BZ_PYTHON_MODULE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first, as Python requires */
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define BZ_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(_MSC_VER)
+#define BZ_EXPORT __declspec(dllexport)
+#define BZ_INLINE static __forceinline
+#else
+#define BZ_EXPORT __attribute__((visibility("default")))
+#define BZ_INLINE static inline __attribute__((always_inline))
+#endif
+
+typedef uint64_t u64;
+
+#define OB 8   /* output channels interleaved in the packed weights */
+#define PB 4   /* pixels per micro-kernel call */
+#define TP 32  /* pixels per tile (one im2col buffer) */
+
+/* epilogue ops applied after y = dot * scale[o] + shift[o] */
+enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4 };
+#define BZ_MAX_OPS 8
+
+enum { BZ_KERNEL_AUTO = 0, BZ_KERNEL_GENERIC = 1, BZ_KERNEL_POPCNT = 2, BZ_KERNEL_AVX2 = 3,
+       BZ_KERNEL_AVX512 = 4 };
+
+static int g_forced_kernel = BZ_KERNEL_AUTO;
+
+/* ------------------------------------------------------------------------------------------ */
+/* CPU features                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+static int cpu_has(int kernel) {
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    switch (kernel) {
+    case BZ_KERNEL_GENERIC: return 1;
+    case BZ_KERNEL_POPCNT: return __builtin_cpu_supports("popcnt");
+    case BZ_KERNEL_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case BZ_KERNEL_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+    default: return 0;
+    }
+#else
+    return kernel == BZ_KERNEL_GENERIC;
+#endif
+}
+
+static int best_kernel(void) {
+    if (g_forced_kernel != BZ_KERNEL_AUTO && cpu_has(g_forced_kernel)) return g_forced_kernel;
+    if (cpu_has(BZ_KERNEL_AVX512)) return BZ_KERNEL_AVX512;
+    if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2;
+    if (cpu_has(BZ_KERNEL_POPCNT)) return BZ_KERNEL_POPCNT;
+    return BZ_KERNEL_GENERIC;
+}
+
+/* 1 if the kernel can run on this CPU */
+BZ_EXPORT int bz_kernel_available(int kernel) { return cpu_has(kernel); }
+
+/* force a kernel (0 = automatic); returns the kernel that will run */
+BZ_EXPORT int bz_set_kernel(int kernel) {
+    g_forced_kernel = kernel;
+    return best_kernel();
+}
+
+BZ_EXPORT int bz_active_kernel(void) { return best_kernel(); }
+
+BZ_EXPORT int bz_openmp_enabled(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+BZ_EXPORT int bz_abi_version(void) { return 3; }
+
+static int clamp_threads(int n) { return n < 1 ? 1 : n; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packing: fused  bias-add + sign + pack                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * x: float tensor addressed as x[n*sn + c*sc + p*sp] (p = flattened pixel), C channels split in
+ * G groups of CG; bias (nullable) per channel.  bit = (x + bias >= 0).  out: [N][P][G][NWG].
+ */
+BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t sn, int64_t sc,
+                       int64_t sp, const float *bias, int64_t G, u64 *out, int nthreads) {
+    const int64_t CG = C / G;
+    const int64_t NWG = (CG + 63) / 64;
+    const int64_t row_words = G * NWG;
+    const int64_t PBLK = 64;
+    const int64_t nblk = (P + PBLK - 1) / PBLK;
+    int64_t job;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
+    for (job = 0; job < N * nblk; ++job) {
+        const int64_t n = job / nblk;
+        const int64_t p0 = (job % nblk) * PBLK;
+        const int64_t np = (P - p0) < PBLK ? (P - p0) : PBLK;
+        u64 acc[64];
+        for (int64_t g = 0; g < G; ++g) {
+            for (int64_t j = 0; j < NWG; ++j) {
+                const int64_t c0 = g * CG + j * 64;
+                const int64_t nc = (CG - j * 64) < 64 ? (CG - j * 64) : 64;
+                for (int64_t i = 0; i < np; ++i) acc[i] = 0;
+                for (int64_t c = 0; c < nc; ++c) {
+                    const float *row = x + n * sn + (c0 + c) * sc + p0 * sp;
+                    const float b = bias ? bias[c0 + c] : 0.0f;
+                    const u64 bit = (u64)1 << c;
+                    if (sp == 1) {
+                        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i] + b >= 0.0f) ? bit : 0;
+                    } else {
+                        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i * sp] + b >= 0.0f) ? bit : 0;
+                    }
+                }
+                u64 *dst = out + (n * P + p0) * row_words + g * NWG + j;
+                for (int64_t i = 0; i < np; ++i) dst[i * row_words] = acc[i];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Convolution                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    /* input */
+    const u64 *in;
+    int64_t N, H, W, G, CG, NWG;
+    /* weights */
+    const u64 *w;
+    const int32_t *wpc; /* [G*OGP][KH*KW] popcount of each tap's weight bits (zero padding) */
+    int64_t O, OG, OGP, LW;
+    int64_t KH, KW, SH, SW, PH, PW, DH, DW;
+    int pad_mode; /* 0: zeros (exact), 1: +1, -1: -1 */
+    int64_t OH, OW;
+    /* epilogue */
+    const float *scale, *shift;
+    int nops;
+    int ops[BZ_MAX_OPS];
+    const float *op_args[BZ_MAX_OPS];
+    /* output */
+    float *out;
+    const int64_t *positions; /* nullable: flattened n*OH*OW + pixel indices to compute */
+    int64_t npos;
+} conv_args;
+
+/* append the low nb bits of v at bit position pos of a zeroed buffer */
+BZ_INLINE void append_bits(u64 *buf, int64_t pos, u64 v, int64_t nb) {
+    const int64_t q = pos >> 6, r = pos & 63;
+    buf[q] |= v << r;
+    if (r && r + nb > 64) buf[q + 1] |= v >> (64 - r);
+}
+
+/* packed im2col of one pixel: returns the number of valid taps */
+static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pix, u64 *dst) {
+    const int64_t oh = pix / a->OW, ow = pix % a->OW;
+    const int64_t row_words = a->G * a->NWG;
+    const int64_t CG = a->CG, NWG = a->NWG;
+    const int64_t tail = CG - 64 * (NWG - 1);
+    const u64 tail_mask = tail == 64 ? ~(u64)0 : (((u64)1 << tail) - 1);
+    int64_t nvalid = 0, pos = 0;
+    memset(dst, 0, sizeof(u64) * a->LW);
+    for (int64_t kh = 0; kh < a->KH; ++kh) {
+        const int64_t ih = oh * a->SH - a->PH + kh * a->DH;
+        for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
+            const int64_t iw = ow * a->SW - a->PW + kw * a->DW;
+            if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) {
+                if (a->pad_mode == 1) {
+                    for (int64_t j = 0; j < NWG; ++j)
+                        append_bits(dst, pos + 64 * j, j == NWG - 1 ? tail_mask : ~(u64)0,
+                                    j == NWG - 1 ? tail : 64);
+                }
+                continue;
+            }
+            ++nvalid;
+            const u64 *src = a->in + ((n * a->H + ih) * a->W + iw) * row_words + g * NWG;
+            if ((pos & 63) == 0) {
+                memcpy(dst + (pos >> 6), src, sizeof(u64) * NWG);
+            } else {
+                for (int64_t j = 0; j < NWG; ++j)
+                    append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
+            }
+        }
+    }
+    return a->pad_mode == 0 ? nvalid : a->KH * a->KW;
+}
+
+/* sum of the weight popcounts of the padded taps of one output pixel (zero padding only) */
+static int32_t padding_correction(const conv_args *a, int64_t pix, const int32_t *wpc_o) {
+    const int64_t oh = pix / a->OW, ow = pix % a->OW;
+    int32_t corr = 0;
+    int64_t t = 0;
+    for (int64_t kh = 0; kh < a->KH; ++kh) {
+        const int64_t ih = oh * a->SH - a->PH + kh * a->DH;
+        for (int64_t kw = 0; kw < a->KW; ++kw, ++t) {
+            const int64_t iw = ow * a->SW - a->PW + kw * a->DW;
+            if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) corr += wpc_o[t];
+        }
+    }
+    return corr;
+}
+
+/* ---- micro-kernels: popc[i][j] = popcount(A[i] XOR W[:, j]) for PB pixels x OB outputs ---- */
+
+BZ_INLINE void mk_scalar_body(const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW,
+                              int32_t popc[PB][OB]) {
+    for (int i = 0; i < npix; ++i) {
+        int32_t acc[OB] = {0};
+        const u64 *ai = A + i * lda;
+        for (int64_t k = 0; k < LW; ++k) {
+            const u64 av = ai[k];
+            const u64 *wk = Wb + k * OB;
+            for (int j = 0; j < OB; ++j) acc[j] += __builtin_popcountll(av ^ wk[j]);
+        }
+        for (int j = 0; j < OB; ++j) popc[i][j] = acc[j];
+    }
+}
+
+static void mk_generic(const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW,
+                       int32_t popc[PB][OB]) {
+    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+}
+
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("popcnt"))) static void mk_popcnt(const u64 *A, int64_t lda, int npix,
+                                                          const u64 *Wb, int64_t LW,
+                                                          int32_t popc[PB][OB]) {
+    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+}
+
+/* AVX2: one vector = one 64-bit word of 4 output channels; bytes counted with a nibble LUT and
+ * summed per 64-bit lane by VPSADBW, so no horizontal reduction is needed. */
+__attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t lda, int npix,
+                                                            const u64 *Wb, int64_t LW,
+                                                            int32_t popc[PB][OB]) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    if (npix == PB) {
+        __m256i s[PB][2];
+        for (int i = 0; i < PB; ++i) s[i][0] = s[i][1] = zero;
+        for (int64_t k0 = 0; k0 < LW; k0 += 31) {
+            const int64_t k1 = (k0 + 31) < LW ? (k0 + 31) : LW;
+            __m256i b00 = zero, b01 = zero, b10 = zero, b11 = zero;
+            __m256i b20 = zero, b21 = zero, b30 = zero, b31 = zero;
+            for (int64_t k = k0; k < k1; ++k) {
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB + 4));
+#define BZ_CNT(acc, av, wv)                                                                       \
+    do {                                                                                       \
+        const __m256i x_ = _mm256_xor_si256(av, wv);                                           \
+        const __m256i lo_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(x_, low));               \
+        const __m256i hi_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x_, 4), low)); \
+        acc = _mm256_add_epi8(acc, _mm256_add_epi8(lo_, hi_));                                 \
+    } while (0)
+                __m256i a0 = _mm256_set1_epi64x((long long)A[k]);
+                BZ_CNT(b00, a0, w0);
+                BZ_CNT(b01, a0, w1);
+                __m256i a1 = _mm256_set1_epi64x((long long)A[lda + k]);
+                BZ_CNT(b10, a1, w0);
+                BZ_CNT(b11, a1, w1);
+                __m256i a2 = _mm256_set1_epi64x((long long)A[2 * lda + k]);
+                BZ_CNT(b20, a2, w0);
+                BZ_CNT(b21, a2, w1);
+                __m256i a3 = _mm256_set1_epi64x((long long)A[3 * lda + k]);
+                BZ_CNT(b30, a3, w0);
+                BZ_CNT(b31, a3, w1);
+            }
+            s[0][0] = _mm256_add_epi64(s[0][0], _mm256_sad_epu8(b00, zero));
+            s[0][1] = _mm256_add_epi64(s[0][1], _mm256_sad_epu8(b01, zero));
+            s[1][0] = _mm256_add_epi64(s[1][0], _mm256_sad_epu8(b10, zero));
+            s[1][1] = _mm256_add_epi64(s[1][1], _mm256_sad_epu8(b11, zero));
+            s[2][0] = _mm256_add_epi64(s[2][0], _mm256_sad_epu8(b20, zero));
+            s[2][1] = _mm256_add_epi64(s[2][1], _mm256_sad_epu8(b21, zero));
+            s[3][0] = _mm256_add_epi64(s[3][0], _mm256_sad_epu8(b30, zero));
+            s[3][1] = _mm256_add_epi64(s[3][1], _mm256_sad_epu8(b31, zero));
+        }
+        for (int i = 0; i < PB; ++i) {
+            int64_t tmp[OB];
+            _mm256_storeu_si256((__m256i *)tmp, s[i][0]);
+            _mm256_storeu_si256((__m256i *)(tmp + 4), s[i][1]);
+            for (int j = 0; j < OB; ++j) popc[i][j] = (int32_t)tmp[j];
+        }
+        return;
+    }
+    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+}
+#undef BZ_CNT
+
+/* AVX-512 VPOPCNTDQ: one vector = one word of all 8 output channels */
+__attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
+    const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW, int32_t popc[PB][OB]) {
+    __m512i s[PB];
+    for (int i = 0; i < PB; ++i) s[i] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < LW; ++k) {
+        const __m512i w = _mm512_loadu_si512((const void *)(Wb + k * OB));
+        for (int i = 0; i < npix; ++i) {
+            const __m512i av = _mm512_set1_epi64((long long)A[i * lda + k]);
+            s[i] = _mm512_add_epi64(s[i], _mm512_popcnt_epi64(_mm512_xor_si512(av, w)));
+        }
+    }
+    for (int i = 0; i < npix; ++i) {
+        int64_t tmp[OB];
+        _mm512_storeu_si512((void *)tmp, s[i]);
+        for (int j = 0; j < OB; ++j) popc[i][j] = (int32_t)tmp[j];
+    }
+}
+#endif
+
+typedef void (*microkernel_fn)(const u64 *, int64_t, int, const u64 *, int64_t, int32_t[PB][OB]);
+
+static microkernel_fn select_microkernel(int kernel) {
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    switch (kernel) {
+    case BZ_KERNEL_AVX512: return mk_avx512;
+    case BZ_KERNEL_AVX2: return mk_avx2;
+    case BZ_KERNEL_POPCNT: return mk_popcnt;
+    default: return mk_generic;
+    }
+#else
+    (void)kernel;
+    return mk_generic;
+#endif
+}
+
+BZ_INLINE float apply_ops(const conv_args *a, int64_t oc, float y) {
+    for (int q = 0; q < a->nops; ++q) {
+        const float *arg = a->op_args[q];
+        switch (a->ops[q]) {
+        case BZ_OP_ADD: y = y + arg[oc]; break;
+        case BZ_OP_MUL: y = y * arg[oc]; break;
+        case BZ_OP_PRELU: y = y >= 0.0f ? y : y * arg[oc]; break;
+        case BZ_OP_RELU: y = y > 0.0f ? y : 0.0f; break;
+        default: break;
+        }
+    }
+    return y;
+}
+
+/* one tile: pixels idx[0..np) (flattened n*OH*OW + pixel) of group g */
+static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, const int64_t *idx, int np,
+                      u64 *A, int32_t *nvalid) {
+    const int64_t OHW = a->OH * a->OW;
+    const int64_t LW = a->LW;
+    const int64_t taps = a->KH * a->KW;
+    for (int i = 0; i < np; ++i)
+        nvalid[i] = (int32_t)im2col_pixel(a, idx[i] / OHW, g, idx[i] % OHW, A + i * LW);
+    const int64_t nblocks = a->OGP / OB;
+    for (int64_t ob = 0; ob < nblocks; ++ob) {
+        const u64 *Wb = a->w + (g * nblocks + ob) * LW * OB;
+        for (int i0 = 0; i0 < np; i0 += PB) {
+            const int npix = (np - i0) < PB ? (np - i0) : PB;
+            int32_t popc[PB][OB];
+            mk(A + i0 * LW, LW, npix, Wb, LW, popc);
+            for (int j = 0; j < OB; ++j) {
+                const int64_t o = ob * OB + j;
+                if (o >= a->OG) break;
+                const int64_t oc = g * a->OG + o;
+                const float sc = a->scale ? a->scale[oc] : 1.0f;
+                const float sh = a->shift ? a->shift[oc] : 0.0f;
+                for (int i = 0; i < npix; ++i) {
+                    const int64_t gi = idx[i0 + i];
+                    const int64_t n = gi / OHW, pix = gi % OHW;
+                    int32_t corr = 0;
+                    if (a->pad_mode == 0 && nvalid[i0 + i] != taps)
+                        corr = padding_correction(a, pix, a->wpc + (g * a->OGP + o) * taps);
+                    const int32_t dot = nvalid[i0 + i] * (int32_t)a->CG - 2 * (popc[i][j] - corr);
+                    float y = (float)dot * sc;
+                    y = y + sh;
+                    y = apply_ops(a, oc, y);
+                    a->out[(n * a->O + oc) * OHW + pix] = y;
+                }
+            }
+        }
+    }
+}
+
+static void conv_run(const conv_args *a, int nthreads) {
+    const microkernel_fn mk = select_microkernel(best_kernel());
+    const int64_t OHW = a->OH * a->OW;
+    const int64_t total = a->positions ? a->npos : a->N * OHW;
+    const int64_t ntiles = (total + TP - 1) / TP;
+    const int64_t njobs = ntiles * a->G;
+#pragma omp parallel num_threads(clamp_threads(nthreads))
+    {
+        u64 *A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
+        int32_t nvalid[TP];
+        int64_t idx[TP];
+        int64_t job;
+#pragma omp for schedule(static)
+        for (job = 0; job < njobs; ++job) {
+            const int64_t g = job / ntiles, t = job % ntiles;
+            const int64_t start = t * TP;
+            const int np = (int)((total - start) < TP ? (total - start) : TP);
+            for (int i = 0; i < np; ++i) idx[i] = a->positions ? a->positions[start + i] : start + i;
+            if (A) conv_tile(a, mk, g, idx, np, A, nvalid);
+        }
+        free(A);
+    }
+}
+
+/*
+ * Binary convolution of packed input `in` ([N][H*W][G][NWG]) with packed weights `w`
+ * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
+ * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
+ * Returns 0 on success, -1 on invalid arguments, -2 when out of memory was detected.
+ */
+BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
+                      const u64 *w, const int32_t *wpc, int64_t O, int64_t OGP, int64_t KH,
+                      int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
+                      int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
+                      const float *shift, int nops, const int *ops, const float *const *op_args,
+                      float *out, const int64_t *positions, int64_t npos, int nthreads) {
+    conv_args a;
+    memset(&a, 0, sizeof(a));
+    if (G <= 0 || CG <= 0 || O % G != 0 || OGP % OB != 0 || nops < 0 || nops > BZ_MAX_OPS) return -1;
+    a.in = in; a.N = N; a.H = H; a.W = W; a.G = G; a.CG = CG; a.NWG = (CG + 63) / 64;
+    a.w = w; a.wpc = wpc; a.O = O; a.OG = O / G; a.OGP = OGP;
+    a.LW = (KH * KW * CG + 63) / 64;
+    a.KH = KH; a.KW = KW; a.SH = SH; a.SW = SW; a.PH = PH; a.PW = PW; a.DH = DH; a.DW = DW;
+    a.pad_mode = pad_mode; a.OH = OH; a.OW = OW;
+    a.scale = scale; a.shift = shift; a.nops = nops;
+    for (int q = 0; q < nops; ++q) { a.ops[q] = ops[q]; a.op_args[q] = op_args[q]; }
+    a.out = out; a.positions = positions; a.npos = npos;
+    if (a.OG > a.OGP) return -1;
+    conv_run(&a, nthreads);
+    return 0;
+}
+/* ------------------------------------------------------------------------------------------ */
+/* Python module stub: the library is used through ctypes, but stays importable as a module.  */
+/* ------------------------------------------------------------------------------------------ */
+#ifdef BZ_PYTHON_MODULE
+static struct PyModuleDef bz_module = {PyModuleDef_HEAD_INIT, "_bitconv",
+                                       "binarize packed XNOR-popcount kernels (used via ctypes)", -1,
+                                       NULL};
+PyMODINIT_FUNC PyInit__bitconv(void) { return PyModule_Create(&bz_module); }
+#endif

@@ -1,0 +1,317 @@
+"""Packed binary convolution on tensors: weight packing, fused sign+pack, XNOR-popcount conv.
+
+Two backends give the same numbers: the compiled kernels (``_bitconv``, through ctypes) and a
+pure-PyTorch fallback that convolves the +-1 signs in float and rounds the (exact) integer dot
+products.  Activations are binarized as ``x + bias >= 0 -> +1`` (the engine has no zero), weights
+arrive as sign booleans with their per-output-channel scale folded into the epilogue.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from binarize.engine import _lib
+
+OUT_BLOCK = 8  # output channels interleaved in the packed weights (OB in bitconv.c)
+PAD_MODES = {0.0: 0, 1.0: 1, -1.0: -1}
+OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4}
+MAX_OPS = 8
+
+Pair = Tuple[int, int]
+
+
+@dataclass
+class PackedWeights:
+    """Sign bits of a conv weight in the kernel layout [G][OGP/8][LW][8] plus what padding needs.
+
+    ``words`` holds the bits of each output channel's taps back to back (tap-major, channels
+    inner); ``tap_popcount[o, t]`` is the number of +1 weights of tap t (the zero-padding
+    correction); ``signs`` keeps the +-1 float weight for the PyTorch fallback.
+    """
+
+    words: torch.Tensor
+    tap_popcount: torch.Tensor
+    signs: torch.Tensor
+    out_channels: int
+    groups: int
+    kernel_size: Pair
+
+    @property
+    def in_channels_per_group(self) -> int:
+        return self.signs.shape[1]
+
+    @property
+    def padded_out_per_group(self) -> int:
+        return self.tap_popcount.shape[0] // self.groups
+
+
+def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
+    """Pack a boolean weight-sign tensor [O, C/groups, KH, KW] (True = +1) once, at deploy."""
+    if positive.dim() != 4:
+        raise ValueError(f"pack_weights expects a 4-D [O, C/groups, KH, KW] tensor, got {tuple(positive.shape)}")
+    out_channels, cg, kh, kw = positive.shape
+    if out_channels % groups:
+        raise ValueError(f"out_channels={out_channels} is not divisible by groups={groups}")
+    og = out_channels // groups
+    ogp = math.ceil(og / OUT_BLOCK) * OUT_BLOCK
+    taps = kh * kw
+    bits = positive.detach().to("cpu", torch.bool).permute(0, 2, 3, 1).reshape(groups, og, taps * cg)
+    bits = F.pad(bits, (0, 0, 0, ogp - og))  # padded output channels: all -1, results discarded
+    n_words = math.ceil(taps * cg / 64)
+    bits = F.pad(bits, (0, n_words * 64 - taps * cg))  # tail bits are zero, as in the activations
+    packed = np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
+    packed = packed.reshape(groups, ogp // OUT_BLOCK, OUT_BLOCK, n_words).transpose(0, 1, 3, 2)
+    words = torch.from_numpy(np.ascontiguousarray(packed).view(np.int64).copy())
+    tap_popcount = bits[..., : taps * cg].reshape(groups, ogp, taps, cg).sum(-1, dtype=torch.int32)
+    signs = positive.detach().to("cpu", torch.float32) * 2 - 1
+    return PackedWeights(
+        words=words,
+        tap_popcount=tap_popcount.reshape(groups * ogp, taps).contiguous(),
+        signs=signs.contiguous(),
+        out_channels=out_channels,
+        groups=groups,
+        kernel_size=(kh, kw),
+    )
+
+
+@dataclass
+class Epilogue:
+    """Per-output-channel float work fused after the integer dot product.
+
+    ``y = dot * scale + shift`` (two roundings, no FMA), then each op of ``ops`` in order:
+    ("add", v), ("mul", v), ("prelu", slope) with per-channel vectors, or ("relu", None).
+    """
+
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+    ops: List[Tuple[str, Optional[torch.Tensor]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.ops) > MAX_OPS:
+            raise ValueError(f"an epilogue takes at most {MAX_OPS} ops, got {len(self.ops)}")
+        for name, _ in self.ops:
+            if name not in OP_CODES:
+                raise ValueError(f"unknown epilogue op {name!r}; available: {', '.join(OP_CODES)}")
+        self.scale = _vector(self.scale)
+        self.shift = _vector(self.shift)
+        self.ops = [(name, _vector(arg)) for name, arg in self.ops]
+        self._c_args = None
+
+    def c_arguments(self) -> tuple:
+        """ctypes arrays describing the ops (built once and cached)."""
+        if self._c_args is None:
+            codes = (ctypes.c_int * MAX_OPS)(*[OP_CODES[name] for name, _ in self.ops])
+            pointers = (ctypes.c_void_p * MAX_OPS)(
+                *[arg.data_ptr() if arg is not None else None for _, arg in self.ops]
+            )
+            self._c_args = (len(self.ops), codes, pointers)
+        return self._c_args
+
+    def apply_torch(self, dot: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+        """The same arithmetic as the C epilogue, on a float tensor of dot products."""
+        shape = [1] * dot.dim()
+        shape[channel_dim] = -1
+        y = dot
+        if self.scale is not None:
+            y = y * self.scale.view(shape)
+        if self.shift is not None:
+            y = y + self.shift.view(shape)
+        for name, arg in self.ops:
+            if name == "add":
+                y = y + arg.view(shape)
+            elif name == "mul":
+                y = y * arg.view(shape)
+            elif name == "prelu":
+                y = torch.where(y >= 0, y, y * arg.view(shape))
+            else:
+                y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype))
+        return y
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_c_args"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict) -> Epilogue:
+        import copy
+
+        clone = Epilogue.__new__(Epilogue)
+        clone.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+
+def _vector(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    return value.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+
+
+def _pair(value) -> Pair:
+    if isinstance(value, int):
+        return (value, value)
+    first, second = value
+    return (int(first), int(second))
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _num_threads(num_threads: Optional[int]) -> int:
+    return int(num_threads) if num_threads else torch.get_num_threads()
+
+
+def pack_activations(x: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
+                     num_threads: Optional[int] = None) -> torch.Tensor:
+    """Fused ``x + bias >= 0`` and pack: [N, C, H, W] float -> int64 words [N, H*W, G, ceil(C/G/64)].
+
+    Needs the compiled library.  Contiguous and channels-last inputs are read in place.
+    """
+    lib = _lib.library()
+    if lib is None:
+        raise RuntimeError("pack_activations needs the compiled kernels (binarize.engine.available())")
+    n, c, h, w = x.shape
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.stride(2) != w * x.stride(3):  # pixels must be one flat, evenly strided axis
+        x = x.contiguous()
+    words_per_group = math.ceil(c // groups / 64)
+    out = torch.empty(n * h * w * groups * words_per_group + 1, dtype=torch.int64)
+    bias_ptr = None
+    if bias is not None:
+        bias = _vector(bias)
+        bias_ptr = bias.data_ptr()
+    lib.bz_pack(x.data_ptr(), n, c, h * w, x.stride(0), x.stride(1), x.stride(3), bias_ptr, groups,
+                out.data_ptr(), _num_threads(num_threads))
+    return out[:-1].view(n, h * w, groups, words_per_group)
+
+
+def binary_conv2d(
+    x: torch.Tensor,
+    weights: PackedWeights,
+    *,
+    input_bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    pad_value: float = 0.0,
+    epilogue: Optional[Epilogue] = None,
+    positions: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Binary convolution ``epilogue(conv(sign(x + input_bias), sign(W)))`` of a [N, C, H, W] input.
+
+    Padded positions hold ``pad_value`` in the binarized domain: 0 (exact zero padding: they
+    contribute nothing) or +-1.  ``positions`` (int64, flattened ``n*OH*OW + oh*OW + ow``) limits the
+    work to those outputs; the others keep the values of ``out`` (zeros when ``out`` is None).
+    ``backend``: "auto" (C when built), "c" or "torch".
+    """
+    if x.dim() != 4:
+        raise ValueError(f"binary_conv2d expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    groups = weights.groups
+    cg = weights.in_channels_per_group
+    if c != cg * groups:
+        raise ValueError(f"input has {c} channels, the packed weight expects {cg * groups}")
+    if float(pad_value) not in PAD_MODES:
+        raise ValueError(f"pad_value must be 0, 1 or -1 in the binarized domain, got {pad_value}")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = weights.kernel_size
+    oh = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
+    epilogue = epilogue or Epilogue()
+    if out is None:
+        out = (torch.zeros if positions is not None else torch.empty)(n, weights.out_channels, oh, ow)
+    elif out.shape != (n, weights.out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, weights.out_channels, oh, ow)}")
+    use_c = backend == "c" or (backend == "auto" and _lib.library() is not None)
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+    args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out)
+    if use_c:
+        return _conv_c(*args, num_threads=_num_threads(num_threads))
+    return _conv_torch(*args)
+
+
+def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out,
+            num_threads: int) -> torch.Tensor:
+    lib = _lib.library()
+    if lib is None:
+        raise RuntimeError("backend='c' requested but the compiled kernels are not available")
+    n, _, h, w = x.shape
+    packed = pack_activations(x, input_bias, weights.groups, num_threads)
+    kh, kw = weights.kernel_size
+    npos = 0
+    pos_ptr = None
+    if positions is not None:
+        positions = positions.to(torch.int64).contiguous()
+        npos = positions.numel()
+        pos_ptr = positions.data_ptr()
+        if npos == 0:
+            return out
+    nops, codes, pointers = epilogue.c_arguments()
+    status = lib.bz_conv(
+        packed.data_ptr(), n, h, w, weights.groups, weights.in_channels_per_group,
+        weights.words.data_ptr(), weights.tap_popcount.data_ptr(), weights.out_channels,
+        weights.padded_out_per_group, kh, kw, stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], PAD_MODES[float(pad_value)], out.shape[2], out.shape[3],
+        epilogue.scale.data_ptr() if epilogue.scale is not None else None,
+        epilogue.shift.data_ptr() if epilogue.shift is not None else None,
+        nops, codes, pointers, out.data_ptr(), pos_ptr, npos, num_threads,
+    )
+    if status != 0:
+        raise RuntimeError(f"bz_conv rejected its arguments (status {status})")
+    return out
+
+
+def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions,
+                out) -> torch.Tensor:
+    x = x.float()
+    if input_bias is not None:
+        x = x + _vector(input_bias).view(1, -1, 1, 1)
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    if pad_value != 0:
+        signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
+        padding = (0, 0)
+    dot = F.conv2d(signs, weights.signs, None, stride, padding, dilation, weights.groups).round_()
+    y = epilogue.apply_torch(dot)
+    if positions is None:
+        out.copy_(y)
+    else:
+        flat_out = out.view(out.shape[0], out.shape[1], -1)
+        flat_y = y.reshape(y.shape[0], y.shape[1], -1)
+        ohw = flat_y.shape[2]
+        positions = positions.to(torch.int64)
+        batch, pixel = positions // ohw, positions % ohw
+        flat_out[batch, :, pixel] = flat_y[batch, :, pixel]
+    return out
+
+
+def binary_linear(
+    x: torch.Tensor,
+    weights: PackedWeights,
+    *,
+    input_bias: Optional[torch.Tensor] = None,
+    epilogue: Optional[Epilogue] = None,
+    num_threads: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Binary linear layer on [..., C] inputs: a 1x1 binary convolution over the flattened rows."""
+    if weights.kernel_size != (1, 1) or weights.groups != 1:
+        raise ValueError("binary_linear expects weights packed from an [O, C, 1, 1] tensor with groups=1")
+    lead: Sequence[int] = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1], 1, 1)
+    y = binary_conv2d(rows, weights, input_bias=input_bias, epilogue=epilogue, num_threads=num_threads,
+                      backend=backend)
+    return y.reshape(*lead, weights.out_channels)
