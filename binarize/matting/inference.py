@@ -419,7 +419,8 @@ def _static_background(
 
 
 def _frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).to(dtype).div(255)
+    frames = np.require(frames, requirements=["C", "W"])  # torch.from_numpy needs a writable array
+    return torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).to(dtype).div(255)
 
 
 def _render(

@@ -1,0 +1,310 @@
+"""convert_video end to end on tiny synthetic clips with dummy matting models of known output."""
+from __future__ import annotations
+
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_video import NTSC, audio_samples, make_video, only_visible, read_video
+
+import binarize.matting.video as video_module
+from binarize.matting import convert_video
+from binarize.matting.inference import COLORS, ConversionResult, auto_downsample_ratio, parse_background
+from binarize.matting.video import open_source
+
+
+class MeanAlpha(torch.nn.Module):
+    """pha = mean of the RGB channels, fgr = src; records the calls it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls: list = []
+
+    def forward(self, src, r1=None, r2=None, r3=None, r4=None, downsample_ratio=1.0):
+        self.calls.append((tuple(src.shape), downsample_ratio, torch.is_inference_mode_enabled(), self.training))
+        return src * self.scale, src.mean(dim=2, keepdim=True), r1, r2, r3, r4
+
+
+class FrameCounter(torch.nn.Module):
+    """Counts frames through the recurrent state: alpha of global frame k is (k % 5) / 4."""
+
+    def forward(self, src, r1=None, r2=None, r3=None, r4=None, downsample_ratio=1.0):
+        b, t, _, h, w = src.shape
+        seen = torch.zeros(b) if r1 is None else r1
+        index = seen.view(b, 1) + torch.arange(t).view(1, t)
+        pha = ((index % 5) / 4).view(b, t, 1, 1, 1).expand(b, t, 1, h, w)
+        return src, pha, seen + t, r2, r3, r4
+
+
+class FailAt(MeanAlpha):
+    """Raises ``error`` on call number ``at`` (0-based)."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        super().__init__()
+        self.at, self.error = at, error
+
+    def forward(self, src, *rec, downsample_ratio=1.0):
+        if len(self.calls) == self.at:
+            raise self.error
+        return super().forward(src, *rec, downsample_ratio=downsample_ratio)
+
+
+def decoded_source(path: Path) -> np.ndarray:
+    with open_source(path) as source:
+        return np.stack(list(source)).astype(np.float64)
+
+
+def png_stack(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]).astype(np.int64)
+
+
+def expected_alpha(src: np.ndarray) -> np.ndarray:
+    return np.round(src.mean(-1)).astype(np.int64)  # float mean of /255 values, times 255, rounded
+
+
+@pytest.fixture
+def clip(tmp_path) -> Path:
+    make_video(tmp_path / "clip.mp4")
+    return tmp_path / "clip.mp4"
+
+
+# ----------------------------------------------------------------------------------------- outputs
+def test_video_outputs_keep_rate_audio_and_values(tmp_path, clip):
+    model = MeanAlpha()
+    out = tmp_path / "out"
+    result = convert_video(
+        model, clip, output_composition=out / "comp.mp4", output_alpha=out / "alpha.mp4",
+        output_foreground=out / "fgr.mp4", progress=False,
+    )
+    assert isinstance(result, ConversionResult)
+    assert result.frames == 8 and result.fps > 0 and result.frame_rate == NTSC
+    assert result.outputs == {"composition": out / "comp.mp4", "alpha": out / "alpha.mp4", "foreground": out / "fgr.mp4"}
+    assert only_visible(out) == ["alpha.mp4", "comp.mp4", "fgr.mp4"]
+    src = decoded_source(clip)
+    pha = src.mean(-1, keepdims=True) / 255
+    green = np.array(COLORS["green"], np.float64)
+    expected = {
+        "alpha.mp4": np.repeat(pha * 255, 3, -1),
+        "fgr.mp4": src,
+        "comp.mp4": src * pha + green * (1 - pha),
+    }
+    for name, want in expected.items():
+        frames, rate, streams = read_video(out / name)
+        assert rate == NTSC, name
+        assert streams == [("video", "h264"), ("audio", "aac")], name
+        assert frames.shape == (8, 48, 64, 3)
+        error = np.abs(frames - want)
+        assert error.mean() < 2.0 and error.max() < 16, name  # lossy h264 4:2:0
+    assert audio_samples(out / "comp.mp4") == audio_samples(clip)
+    # the model ran in eval + inference mode, then its training flag was restored
+    assert all(call[2] and not call[3] for call in model.calls) and model.training
+
+
+def test_png_sequence_is_exact_rgba(tmp_path, clip):
+    convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp", output_alpha=tmp_path / "pha",
+                  output_foreground=tmp_path / "fgr", output_type="png_sequence", progress=False)
+    src = decoded_source(clip)
+    alpha = expected_alpha(src)
+    comp = png_stack(tmp_path / "comp")
+    assert comp.shape == (8, 48, 64, 4)  # transparent by default for PNG sequences, as in RVM
+    assert np.abs(comp[..., 3] - alpha).max() <= 1
+    assert np.array_equal(comp[..., :3], (src * (alpha > 0)[..., None]).astype(np.int64))
+    assert np.abs(png_stack(tmp_path / "pha") - alpha).max() <= 1
+    assert np.array_equal(png_stack(tmp_path / "fgr"), src.astype(np.int64))
+    assert only_visible(tmp_path / "pha")[:2] == ["0000.png", "0001.png"]
+
+
+@pytest.mark.parametrize("name", ["comp.mov", "comp.webm"])
+def test_transparent_video_codecs(tmp_path, clip, name):
+    convert_video(MeanAlpha(), clip, output_composition=tmp_path / name, background="transparent", progress=False)
+    frames, rate, streams = read_video(tmp_path / name, fmt="rgba")
+    assert rate == NTSC and streams[1][0] == "audio"
+    alpha = expected_alpha(decoded_source(clip))
+    assert np.abs(frames[..., 3].astype(np.int64) - alpha).mean() < 2.0
+
+
+@pytest.mark.parametrize("spec", ["#336699", "blue", "image", "video"])
+def test_backgrounds(tmp_path, clip, spec):
+    bg_frames = np.random.default_rng(1).integers(0, 256, (3, 48, 64, 3), dtype=np.uint8)
+    if spec == "image":
+        Image.fromarray(bg_frames[0]).save(tmp_path / "bg.png")
+        background, bgr = str(tmp_path / "bg.png"), np.repeat(bg_frames[:1], 8, 0)
+    elif spec == "video":
+        # a 3-frame background video (lossless yuv444 crf 0) is looped over the 8 source frames
+        make_video(tmp_path / "bg.mkv", n=3, audio=None, frames=bg_frames, rate=Fraction(25))
+        loop = decoded_source(tmp_path / "bg.mkv")
+        background, bgr = str(tmp_path / "bg.mkv"), loop[[0, 1, 2, 0, 1, 2, 0, 1]]
+    else:
+        color = (0x33, 0x66, 0x99) if spec.startswith("#") else COLORS[spec]
+        background, bgr = spec, np.broadcast_to(np.array(color, np.float64), (8, 48, 64, 3))
+    convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp", output_type="png_sequence",
+                  background=background, progress=False)
+    src = decoded_source(clip)
+    pha = expected_alpha(src)[..., None] / 255
+    comp = png_stack(tmp_path / "comp")
+    assert comp.shape == (8, 48, 64, 3)
+    tolerance = 3 if spec == "video" else 1  # crf-10 h264 background video
+    assert np.abs(comp - (src * pha + bgr * (1 - pha))).max() <= tolerance
+
+
+def test_background_image_is_resized_to_cover(tmp_path, clip):
+    Image.fromarray(np.full((10, 10, 3), 77, np.uint8)).save(tmp_path / "square.jpg")
+    convert_video(FrameCounter(), clip, output_composition=tmp_path / "comp", output_type="png_sequence",
+                  background=str(tmp_path / "square.jpg"), progress=False)
+    comp = png_stack(tmp_path / "comp")
+    assert comp.shape == (8, 48, 64, 3)
+    assert np.abs(comp[0] - 77).max() <= 1  # frame 0 has alpha 0: pure background everywhere
+
+
+@pytest.mark.parametrize("seq_chunk", [1, 3, 8])
+def test_recurrent_state_is_carried_across_chunks(tmp_path, clip, seq_chunk):
+    result = convert_video(FrameCounter(), clip, output_alpha=tmp_path / "pha", output_type="png_sequence",
+                           seq_chunk=seq_chunk, progress=False)
+    assert result.frames == 8
+    alpha = png_stack(tmp_path / "pha")[:, 0, 0]
+    assert alpha.tolist() == [round(255 * (k % 5) / 4) for k in range(8)]
+
+
+def test_seq_chunk_batches_frames(tmp_path, clip):
+    model = MeanAlpha()
+    convert_video(model, clip, output_alpha=tmp_path / "a.mp4", seq_chunk=3, progress=False)
+    assert [call[0] for call in model.calls] == [(1, 3, 3, 48, 64)] * 2 + [(1, 2, 3, 48, 64)]
+
+
+def test_downsample_ratio_auto_and_explicit(tmp_path):
+    Image.fromarray(np.zeros((20, 640, 3), np.uint8)).save(tmp_path / "wide.png")
+    model = MeanAlpha()
+    result = convert_video(model, tmp_path / "wide.png", output_alpha=tmp_path / "a.png", progress=False)
+    assert result.downsample_ratio == pytest.approx(512 / 640) == auto_downsample_ratio(20, 640)
+    assert model.calls[0][1] == pytest.approx(0.8)
+    model = MeanAlpha()
+    convert_video(model, tmp_path / "wide.png", output_alpha=tmp_path / "b.png", downsample_ratio=0.25,
+                  progress=False)
+    assert model.calls[0][1] == 0.25
+    assert auto_downsample_ratio(48, 64) == 1.0
+
+
+def test_image_folder_and_single_image_inputs(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index in (1, 2, 10):  # natural order: 1, 2, 10
+        Image.fromarray(np.full((6, 8, 3), index * 20, np.uint8)).save(folder / f"img{index}.png")
+    result = convert_video(MeanAlpha(), folder, output_foreground=tmp_path / "f", output_type="png_sequence",
+                           progress=False)
+    assert result.frame_rate == 30
+    assert png_stack(tmp_path / "f")[:, 0, 0, 0].tolist() == [20, 40, 200]
+    result = convert_video(MeanAlpha(), folder, output_alpha=tmp_path / "a.mp4", frame_rate=Fraction(12),
+                           progress=False)
+    frames, rate, streams = read_video(tmp_path / "a.mp4")
+    assert rate == 12 and len(frames) == 3 and streams == [("video", "h264")]
+    convert_video(MeanAlpha(), folder / "img2.png", output_composition=tmp_path / "one.png",
+                  background="transparent", progress=False)
+    image = np.asarray(Image.open(tmp_path / "one.png"))
+    assert image.shape == (6, 8, 4) and image[0, 0].tolist() == [40, 40, 40, 40]
+
+
+def test_odd_sized_video(tmp_path):
+    make_video(tmp_path / "odd.mp4", n=3, w=63, h=47, audio=None)
+    convert_video(MeanAlpha(), tmp_path / "odd.mp4", output_alpha=tmp_path / "a.mp4", progress=False)
+    frames, _, _ = read_video(tmp_path / "a.mp4")
+    assert frames.shape == (3, 48, 64, 3)  # h264 4:2:0 needs even sizes: padded by one row and column
+    want = expected_alpha(decoded_source(tmp_path / "odd.mp4"))
+    assert np.abs(frames[:, :47, :63, 0].astype(np.int64) - want).mean() < 2.0
+    convert_video(MeanAlpha(), tmp_path / "odd.mp4", output_alpha=tmp_path / "a", output_type="png_sequence",
+                  progress=False)
+    assert np.abs(png_stack(tmp_path / "a") - want).max() <= 1  # PNGs keep the exact odd size
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_parse_background():
+    assert parse_background("#FF0080").color == (255, 0, 128)
+    assert parse_background("GREEN").color == COLORS["green"]
+    assert parse_background(None, "png_sequence").kind == "transparent"
+    assert parse_background(None, "video").color == COLORS["green"]
+    for bad in ("#12345", "#GGGGGG", "sparkly"):
+        with pytest.raises(ValueError, match="bad background"):
+            parse_background(bad)
+    with pytest.raises(FileNotFoundError, match="background file not found"):
+        parse_background("missing.png")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"output_composition": "out.xyz"}, ValueError, "unsupported output extension '.xyz'"),
+        ({"output_composition": "out.mp4", "background": "transparent"}, ValueError, "cannot hold transparency"),
+        ({"output_composition": "out.mp4", "background": "#12"}, ValueError, "bad background colour"),
+        ({"output_composition": "out.mp4", "background": "nope.jpg"}, FileNotFoundError, "background file"),
+        ({"output_alpha": "a.png"}, ValueError, "is an image file but the input is a video"),
+        ({"output_alpha": "a.mp4", "output_type": "gif"}, ValueError, "unknown output_type"),
+        ({"output_alpha": "a.mp4", "seq_chunk": 0}, ValueError, "seq_chunk"),
+        ({"output_alpha": "a.mp4", "downsample_ratio": 1.5}, ValueError, "downsample_ratio"),
+        ({"output_alpha": "a.mp4", "output_foreground": "a.mp4"}, ValueError, "same path"),
+        ({}, ValueError, "no output requested"),
+    ],
+)
+def test_bad_arguments_fail_before_writing(tmp_path, clip, monkeypatch, kwargs, error, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        convert_video(MeanAlpha(), clip, progress=False, **kwargs)
+    assert only_visible(tmp_path) == ["clip.mp4"]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        convert_video(MeanAlpha(), tmp_path / "missing.mp4", output_alpha=tmp_path / "a.mp4", progress=False)
+    (tmp_path / "text.mp4").write_text("hello, I am not a video")
+    with pytest.raises(ValueError, match="cannot read video"):
+        convert_video(MeanAlpha(), tmp_path / "text.mp4", output_alpha=tmp_path / "a.mp4", progress=False)
+    assert only_visible(tmp_path) == ["text.mp4"]
+
+
+class Shapeless(torch.nn.Module):
+    def forward(self, src, *rec, downsample_ratio=1.0):
+        return src, src, *rec
+
+
+def test_wrong_model_output_is_reported(tmp_path, clip):
+    with pytest.raises(ValueError, match="model returned alpha of shape"):
+        convert_video(Shapeless(), clip, output_alpha=tmp_path / "a.mp4", progress=False)
+    assert only_visible(tmp_path) == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom at chunk 2"), KeyboardInterrupt()])
+@pytest.mark.parametrize("output_type", ["video", "png_sequence"])
+def test_failure_mid_video_leaves_no_output(tmp_path, clip, error, output_type):
+    threads_before = threading.active_count()
+    ext = ".mp4" if output_type == "video" else ""
+    with pytest.raises(type(error)):
+        convert_video(FailAt(2, error), clip, output_composition=tmp_path / f"comp{ext}",
+                      output_alpha=tmp_path / f"alpha{ext}", output_type=output_type, progress=False)
+    assert only_visible(tmp_path) == ["clip.mp4"]  # neither final nor partial names remain
+    assert threading.active_count() == threads_before  # reader and writer threads were joined
+
+
+def test_writer_thread_error_propagates(tmp_path, clip, monkeypatch):
+    original = video_module.VideoWriter.write
+
+    def failing_write(self, frames):
+        if self.frames_written >= 4:
+            raise OSError("disk full (simulated)")
+        original(self, frames)
+
+    monkeypatch.setattr(video_module.VideoWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp.mp4", progress=False)
+    assert only_visible(tmp_path) == ["clip.mp4"]
+
+
+def test_existing_output_is_replaced_only_on_success(tmp_path, clip):
+    (tmp_path / "comp.mp4").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        convert_video(FailAt(1, RuntimeError("x")), clip, output_composition=tmp_path / "comp.mp4", progress=False)
+    assert (tmp_path / "comp.mp4").read_bytes() == b"old"
+    convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp.mp4", progress=False)
+    assert len(read_video(tmp_path / "comp.mp4")[0]) == 8
