@@ -1,0 +1,81 @@
+"""binarize.engine: run binary layers as bit-packed XNOR-popcount kernels on the CPU.
+
+``deploy(model)`` returns an inference-only copy of a model whose ``BinaryConv2d`` /
+``BinaryLinear`` layers run on the packed engine (weights packed once, BatchNorm and other
+per-channel neighbours fused, masked branches computed sparsely).  Structure, module names and
+state_dict keys are unchanged, so the deployed model works wherever the float model does.
+
+The kernels live in a small C library built at install time (``binarize/engine/csrc``); without
+it a pure-PyTorch fallback gives the same numbers, slower, after a one-line warning.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from torch import nn
+
+from binarize.engine._lib import available, kernel_info, set_kernel
+from binarize.engine.functional import Epilogue, PackedWeights, binary_conv2d, binary_linear, pack_weights
+from binarize.engine.fusion import DeployReport, deploy_modules
+from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer
+
+__all__ = [
+    "deploy",
+    "deploy_report",
+    "available",
+    "kernel_info",
+    "set_kernel",
+    "binary_conv2d",
+    "binary_linear",
+    "pack_weights",
+    "Epilogue",
+    "PackedWeights",
+    "PackedConv2d",
+    "PackedLinear",
+    "DeployReport",
+    "UnsupportedLayer",
+]
+
+_REPORT_ATTR = "_binarize_engine_report"
+
+
+def deploy(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    num_threads: Optional[int] = None,
+    fuse: bool = True,
+    sparse: bool = True,
+    backend: str = "auto",
+) -> nn.Module:
+    """An inference-only model whose binary layers run on the packed engine.
+
+    ``inplace=False`` (default) deploys a deep copy and leaves ``model`` untouched.
+    ``num_threads``: kernel threads (None follows ``torch.get_num_threads()`` at each call).
+    ``fuse``: fold neighbouring shifts / BatchNorm / PReLU into the kernels; ``sparse``: compute
+    masked branches only inside their masks.  ``backend``: "auto" (C kernels when built), "c"
+    or "torch" (the pure-PyTorch fallback).  Layers the engine cannot reproduce exactly stay
+    simulated; ``deploy_report(model)`` lists them with the reason.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"deploy expects a torch.nn.Module, got {type(model).__name__}")
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+    if backend == "c" and not available():
+        raise ValueError("backend='c' requested but the C kernels are not built (pip install -e .)")
+    if num_threads is not None and int(num_threads) < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads}")
+    if backend == "auto":
+        available()  # warns once, here, when the fallback will be used
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    target.requires_grad_(False)
+    report = deploy_modules(target, fuse=fuse, sparse=sparse, num_threads=num_threads, backend=backend)
+    target.__dict__[_REPORT_ATTR] = report
+    return target
+
+
+def deploy_report(model: nn.Module) -> Optional[DeployReport]:
+    """The ``DeployReport`` of a deployed model (None if ``model`` was not deployed)."""
+    return model.__dict__.get(_REPORT_ATTR)

@@ -1,0 +1,264 @@
+"""Whole-model deployment: find what each binary layer can absorb, install packed implementations.
+
+For every container module we look at how its children are called — the order of an
+``nn.Sequential``, or a ``torch.fx`` trace of the container's forward with every child kept as a
+leaf — and fuse, around each ``BinaryConv2d``:
+
+- a preceding ``LearnableBias`` whose only consumer is the conv (through ``nn.Identity`` slots):
+  its shift moves into the fused bias-add + sign + pack of the input;
+- the following chain of single-consumer modules that are per-channel elementwise in eval mode
+  (``BatchNorm2d``, ``LearnableBias``, ``PReLU``, ``ReLU``, ``RPReLU``): they move into the
+  kernel's epilogue.
+
+Fused neighbours keep their parameters and names; only their ``forward`` is replaced by a
+pass-through on the deployed copy.  Masked branches (``MaskedBranch``) get a forward that runs
+their binary convolution only at the positions where the mask is non-zero (dilated by the
+receptive field of any later spatial conv), so the sparse decoder's savings become real.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer
+from binarize.nn.blocks import MaskedBranch
+from binarize.nn.layers import BinaryConv2d, BinaryLinear
+from binarize.ops.binarizers import LearnableBias
+
+
+@dataclass
+class DeployReport:
+    """What ``deploy`` did: packed layers, fused neighbours, sparse branches, layers left simulated."""
+
+    packed: List[str] = field(default_factory=list)
+    fused: Dict[str, List[str]] = field(default_factory=dict)
+    sparse: List[str] = field(default_factory=list)
+    simulated: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        fused = sum(len(names) for names in self.fused.values())
+        return (f"{len(self.packed)} binary layers packed, {fused} neighbouring modules fused, "
+                f"{len(self.sparse)} masked branches sparse, {len(self.simulated)} layers left simulated")
+
+
+class Passthrough:
+    """Forward of a module whose work was fused into a neighbouring packed layer."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class _Site:
+    """One call of a child module inside a container: its input site and its consumers."""
+
+    name: str
+    module: nn.Module
+    input: Optional["_Site"] = None
+    users: List[object] = field(default_factory=list)
+
+
+def _sequential_sites(container: nn.Sequential) -> List[_Site]:
+    sites: List[_Site] = []
+    for name, child in container.named_children():
+        site = _Site(name, child, sites[-1] if sites else None)
+        if sites:
+            sites[-1].users.append(site)
+        sites.append(site)
+    if sites:
+        sites[-1].users.append("output")
+    return sites
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Traces only the container's own forward: every submodule stays one call."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+def _traced_sites(container: nn.Module) -> Optional[List[_Site]]:
+    """Call sites of a container's children from an fx trace, or None when it cannot be traced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _LeafTracer().trace(container)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no fusion here
+        return None
+    children = dict(container.named_children())
+    sites: Dict[torch.fx.Node, _Site] = {}
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in children:
+            continue
+        calls[node.target] = calls.get(node.target, 0) + 1
+        site = _Site(node.target, children[node.target])
+        if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], torch.fx.Node):
+            site.input = sites.get(node.args[0])
+        sites[node] = site
+    for node, site in sites.items():
+        site.users = [sites.get(user, "other") for user in node.users]
+    # a child called twice is shared between two data flows: never fuse it
+    return [site for site in sites.values() if calls[site.name] == 1]
+
+
+def _container_sites(container: nn.Module) -> Optional[List[_Site]]:
+    if isinstance(container, nn.Sequential) and (
+        type(container).forward is nn.Sequential.forward or isinstance(container, MaskedBranch)
+    ):
+        return _sequential_sites(container)
+    return _traced_sites(container)
+
+
+def _fusable_head(site: _Site, single_use: set) -> Optional[_Site]:
+    """The LearnableBias feeding ``site`` only (through Identity slots), or None."""
+    current = site.input
+    while current is not None and isinstance(current.module, nn.Identity) and current.users == [site]:
+        site, current = current, current.input
+    if (current is not None and isinstance(current.module, LearnableBias) and current.users == [site]
+            and id(current.module) in single_use and current.module.channel_dim == 1):
+        return current
+    return None
+
+
+def _fusable_tail(site: _Site, single_use: set) -> List[_Site]:
+    """The chain of single-consumer modules after ``site`` (candidates for the epilogue)."""
+    tail: List[_Site] = []
+    current = site
+    while len(current.users) == 1 and isinstance(current.users[0], _Site):
+        nxt = current.users[0]
+        if nxt.input is not current or id(nxt.module) not in single_use:
+            break
+        tail.append(nxt)
+        current = nxt
+    return tail
+
+
+def _install_conv(layer: BinaryConv2d, name: str, report: DeployReport, options: dict,
+                  head: Optional[_Site] = None, tail: Sequence[_Site] = (), prefix: str = "") -> bool:
+    """Pack one conv (fusing ``head``/``tail`` where possible); False if it stays simulated."""
+    input_bias = None
+    if head is not None:
+        head_bias = head.module.bias
+        if head_bias.numel() == layer.in_channels:
+            input_bias = head_bias
+    try:
+        impl = PackedConv2d(layer, input_bias=input_bias, tail=tuple(s.module for s in tail), **options)
+    except UnsupportedLayer as exc:
+        if input_bias is None:
+            report.simulated[name] = str(exc)
+            return False
+        try:  # e.g. a thresholded binarizer: pack without fusing the shift
+            impl, head = PackedConv2d(layer, tail=tuple(s.module for s in tail), **options), None
+        except UnsupportedLayer as exc2:
+            report.simulated[name] = str(exc2)
+            return False
+    if head is not None and input_bias is not None:
+        head.module.forward = Passthrough()
+        report.fused.setdefault(name, []).append(prefix + head.name)
+    for site in list(tail)[: impl.fused]:
+        site.module.forward = Passthrough()
+        report.fused.setdefault(name, []).append(prefix + site.name)
+    layer.set_implementation(impl, "packed")
+    report.packed.append(name)
+    return True
+
+
+class SparseMaskedForward:
+    """Forward of a deployed ``MaskedBranch``: ``body(x) * mask`` computing the binary conv only
+    where the (dilated) mask is non-zero; everything after it runs on the resulting map."""
+
+    def __init__(self, branch: MaskedBranch, conv_index: int) -> None:
+        self.branch = branch
+        self.conv_index = conv_index
+        radius = 0
+        for module in list(branch)[conv_index + 1:]:
+            if isinstance(module, nn.Conv2d):
+                dilation = module.dilation[0] if isinstance(module.dilation, tuple) else module.dilation
+                kernel = max(module.kernel_size)
+                radius += (kernel // 2) * dilation
+        self.radius = radius
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        branch = self.branch
+        branch.record_density(mask)
+        children = list(branch)
+        for module in children[: self.conv_index]:
+            x = module(x)
+        conv = children[self.conv_index]
+        impl = conv.__dict__.get("_impl")
+        active = mask != 0
+        if active.dim() != 4 or active.shape[0] != x.shape[0] or active.shape[-2:] != x.shape[-2:] or \
+                tuple(conv.stride) != (1, 1) or not isinstance(impl, PackedConv2d):
+            y = conv(x)  # shapes we cannot map to positions: dense
+        else:
+            active = active.any(dim=1, keepdim=True)
+            if self.radius:
+                size = 2 * self.radius + 1
+                active = F.max_pool2d(active.float(), size, stride=1, padding=self.radius) > 0
+            positions = torch.nonzero(active.reshape(-1)).reshape(-1)
+            y = impl(x, positions=positions)
+        for module in children[self.conv_index + 1:]:
+            y = module(y)
+        return y * mask
+
+
+def _install_sparse(branch: MaskedBranch, name: str, report: DeployReport) -> None:
+    for index, module in enumerate(branch):
+        if isinstance(module, BinaryConv2d):
+            if isinstance(module.__dict__.get("_impl"), PackedConv2d):
+                branch.forward = SparseMaskedForward(branch, index)
+                report.sparse.append(name)
+            return
+        if not isinstance(module, (nn.Identity, LearnableBias)):
+            return  # something spatial before the conv: keep the dense masked forward
+
+
+def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
+                   num_threads: Optional[int] = None, backend: str = "auto") -> DeployReport:
+    """Install packed implementations on every binary layer of ``model`` in place (eval mode)."""
+    report = DeployReport()
+    options = {"num_threads": num_threads, "backend": backend}
+    names = {id(m): n for n, m in model.named_modules()}
+    counts: Dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    single_use = {key for key, count in counts.items() if count == 1}
+    done: set = set()
+    if fuse:
+        for container_name, container in list(model.named_modules()):
+            if not any(isinstance(child, BinaryConv2d) for child in container.children()):
+                continue
+            sites = _container_sites(container)
+            if sites is None:
+                continue
+            prefix = f"{container_name}." if container_name else ""
+            for site in sites:
+                layer = site.module
+                if not isinstance(layer, BinaryConv2d) or id(layer) in done or id(layer) not in single_use:
+                    continue
+                done.add(id(layer))
+                _install_conv(layer, names[id(layer)], report, options, _fusable_head(site, single_use),
+                              _fusable_tail(site, single_use), prefix)
+    for name, module in model.named_modules():
+        if id(module) in done:
+            continue
+        if isinstance(module, BinaryConv2d):
+            _install_conv(module, name, report, options)
+        elif isinstance(module, BinaryLinear):
+            try:
+                module.set_implementation(PackedLinear(module, **options), "packed")
+                report.packed.append(name)
+            except UnsupportedLayer as exc:
+                report.simulated[name] = str(exc)
+    if sparse:
+        for name, module in model.named_modules():
+            if isinstance(module, MaskedBranch):
+                _install_sparse(module, name, report)
+    return report

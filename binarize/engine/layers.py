@@ -1,0 +1,270 @@
+"""Packed implementations of ``BinaryConv2d`` / ``BinaryLinear``, installed with ``set_implementation``.
+
+``PackedConv2d.from_layer(layer)`` reads what a layer computes — its input binarizer (plain sign,
+a per-channel threshold, or XNOR's per-sample scale), its binarized weight (signs and one scale per
+output channel), bias, padding value and ``post`` — and packs the weight bits once.  Calling the
+object runs the layer's whole forward on the engine.  Modules that directly precede or follow the
+layer (a learnable shift before it, BatchNorm / shifts / PReLU / ReLU after it) can be fused into
+the packing step and the epilogue (see ``binarize.engine.fusion``).
+
+Numbers: the popcount dot products are exact integers; the epilogue rounds like float32.  The one
+place results can differ from the simulated layer: an activation that is exactly 0 after its shift
+is +1 here, while ``torch.sign`` (the ``bimatting`` method) gives 0 (likewise a weight exactly equal
+to its channel mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from binarize.engine.functional import MAX_OPS, Epilogue, PackedWeights, binary_conv2d, pack_weights
+from binarize.nn.layers import BinaryConv2d, BinaryLinear
+from binarize.ops.binarizers import LearnableBias, RPReLU
+
+IMPLEMENTATION_NAME = "packed"
+
+# registry names of activation binarizers whose forward is sign(x) with sign(0) -> +1 or 0
+_PLAIN_SIGN = {"sign", "approx_sign", "irnet_activation", "recu_activation", "bimatting_activation"}
+_SCALE_TOLERANCE = 1e-5
+
+
+class UnsupportedLayer(ValueError):
+    """The layer computes something the packed engine cannot reproduce exactly (reason in the message)."""
+
+
+@dataclass
+class InputSpec:
+    """How the layer binarizes its input: ``sign(x + bias)``, optionally times mean|x| per sample."""
+
+    bias: Optional[torch.Tensor] = None
+    sample_scale: bool = False
+
+
+def input_spec(binarizer: nn.Module) -> InputSpec:
+    """Describe an activation binarizer for the engine (UnsupportedLayer if it is not 1-bit sign-like).
+
+    A user binarizer can opt in by defining ``packed_spec() -> {"threshold": Tensor|None,
+    "sample_scale": bool}`` (bit = x - threshold >= 0, output optionally scaled by mean|x|).
+    """
+    if int(getattr(binarizer, "bits", 32)) != 1:
+        raise UnsupportedLayer(f"input binarizer {type(binarizer).__name__} is not 1-bit")
+    if hasattr(binarizer, "packed_spec"):
+        spec = binarizer.packed_spec()
+        threshold = spec.get("threshold")
+        return InputSpec(None if threshold is None else -threshold.detach().reshape(-1).float(),
+                         bool(spec.get("sample_scale", False)))
+    name = getattr(binarizer, "registry_name", None)
+    if name in _PLAIN_SIGN:
+        return InputSpec()
+    if name == "rsign":
+        return InputSpec(bias=-binarizer.threshold.detach().reshape(-1).float())
+    if name == "xnor_activation":
+        return InputSpec(sample_scale=True)
+    raise UnsupportedLayer(f"input binarizer {type(binarizer).__name__} has no packed equivalent")
+
+
+def weight_signs_and_scale(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The binarized weight as (sign booleans, one scale per output channel).
+
+    Runs the layer's weight binarizer once; raises UnsupportedLayer when the result is not
+    ``scale_o * (+-1)`` per output channel (zeros, ``torch.sign``'s sign(0), are allowed and become +1).
+    """
+    if int(getattr(layer.weight_binarizer, "bits", 32)) != 1:
+        raise UnsupportedLayer(f"weight binarizer {type(layer.weight_binarizer).__name__} is not 1-bit")
+    with torch.no_grad():
+        wb = layer.weight_binarizer(layer.weight).detach().float().cpu()
+    flat = wb.reshape(wb.shape[0], -1)
+    magnitude = flat.abs()
+    scale = magnitude.amax(dim=1)
+    nonzero = magnitude > 0
+    deviation = (magnitude - scale[:, None]).abs()
+    if bool((deviation[nonzero] > _SCALE_TOLERANCE * scale[:, None].expand_as(flat)[nonzero]).any()):
+        raise UnsupportedLayer("the binarized weight is not one scale times +-1 per output channel")
+    return wb >= 0, scale
+
+
+def _channel_vector(module: nn.Module, param: torch.Tensor, channels: int) -> torch.Tensor:
+    vector = param.detach().float().reshape(-1)
+    if vector.numel() == 1:
+        vector = vector.expand(channels)
+    if vector.numel() != channels:
+        raise UnsupportedLayer(f"{type(module).__name__} has {vector.numel()} channels, expected {channels}")
+    return vector.clone()
+
+
+def epilogue_ops(module: nn.Module, channels: int) -> Optional[List[Tuple[str, Optional[torch.Tensor]]]]:
+    """The per-channel epilogue ops equivalent to ``module`` in eval mode, or None if it has none."""
+    if isinstance(module, nn.Identity):
+        return []
+    if isinstance(module, LearnableBias) and module.channels == channels:
+        return [("add", _channel_vector(module, module.bias, channels))]
+    if isinstance(module, nn.PReLU):
+        if module.num_parameters not in (1, channels):
+            return None
+        return [("prelu", _channel_vector(module, module.weight, channels))]
+    if isinstance(module, nn.ReLU):
+        return [("relu", None)]
+    if isinstance(module, RPReLU) and module.shift_in.channels == channels:
+        return [*epilogue_ops(module.shift_in, channels), *epilogue_ops(module.prelu, channels),
+                *epilogue_ops(module.shift_out, channels)]
+    if isinstance(module, nn.BatchNorm2d) and not module.training and module.num_features == channels:
+        if module.running_mean is None or module.running_var is None:
+            return None
+        inv_std = torch.rsqrt(module.running_var.detach().float() + module.eps)
+        weight = module.weight.detach().float() if module.weight is not None else torch.ones(channels)
+        bias = module.bias.detach().float() if module.bias is not None else torch.zeros(channels)
+        mul = weight * inv_std
+        return [("mul", mul), ("add", bias - module.running_mean.detach().float() * mul)]
+    return None
+
+
+def _merge_affine(scale: torch.Tensor, shift: Optional[torch.Tensor], ops: list) -> tuple:
+    """Fold leading mul/add ops into (scale, shift) so the common case costs one multiply-add."""
+    ops = list(ops)
+    while ops and ops[0][0] in ("mul", "add"):
+        name, arg = ops.pop(0)
+        if name == "mul":
+            scale = scale * arg
+            shift = shift * arg if shift is not None else None
+        else:
+            shift = arg.clone() if shift is None else shift + arg
+    return scale, shift, ops
+
+
+class PackedConv2d:
+    """Callable that runs a ``BinaryConv2d`` (and fused neighbours) on packed bits.
+
+    Not an ``nn.Module`` on purpose: it lives outside the module tree, so the deployed model keeps
+    its structure and state_dict keys.  ``num_threads`` None follows ``torch.get_num_threads()``.
+    """
+
+    implementation_name = IMPLEMENTATION_NAME
+
+    def __init__(self, layer: BinaryConv2d, *, input_bias: Optional[torch.Tensor] = None,
+                 tail: Tuple[nn.Module, ...] = (), num_threads: Optional[int] = None,
+                 backend: str = "auto") -> None:
+        left, right, top, bottom = layer._explicit_padding
+        if left != right or top != bottom:
+            raise UnsupportedLayer("asymmetric 'same' padding is not supported by the packed engine")
+        padding = (top, left)
+        self.spec = input_spec(layer.input_binarizer)
+        if input_bias is not None:
+            if self.spec.bias is not None:
+                raise UnsupportedLayer("cannot fuse a shift into a thresholded input binarizer")
+            self.spec.bias = input_bias.detach().float().reshape(-1).clone()
+        positive, alpha = weight_signs_and_scale(layer)
+        self.weights: PackedWeights = pack_weights(positive, layer.groups)
+        self.stride = tuple(layer.stride)
+        self.dilation = tuple(layer.dilation)
+        self.padding = padding
+        self.padding_mode = layer.padding_mode
+        self.pad_value = float(layer.pad_value)
+        if self.padding_mode == "zeros" and self.pad_value not in (0.0, 1.0, -1.0):
+            raise UnsupportedLayer(f"pad_value {self.pad_value} is not 0 or +-1")
+        if self.spec.sample_scale and self.pad_value != 0.0 and any(padding):
+            raise UnsupportedLayer("XNOR-scaled inputs with +-1 padding are not representable")
+        self.num_threads = num_threads
+        self.backend = backend
+        channels = layer.out_channels
+        bias = layer.bias.detach().float().clone() if layer.bias is not None else None
+        ops: list = []
+        self.torch_post: Optional[nn.Module] = None
+        self.fused = 0  # how many modules of ``tail`` the epilogue computes (the caller skips them)
+        if self.spec.sample_scale:
+            # mean|x| multiplies the whole dot product: the bias and post run in torch after it
+            self.epilogue = Epilogue(scale=alpha)
+            self.bias = bias
+            self.torch_post = None if isinstance(layer.post, nn.Identity) else layer.post
+            return
+        post_ops = epilogue_ops(layer.post, channels)
+        if post_ops is None:
+            self.torch_post = layer.post
+            tail = ()
+        else:
+            ops.extend(post_ops)
+        scale, shift, ops = _merge_affine(alpha, bias, ops)
+        for module in tail:
+            extra = epilogue_ops(module, channels)
+            if extra is None:
+                break
+            candidate = _merge_affine(scale, shift, ops + extra) if not ops else (scale, shift, ops + extra)
+            if len(candidate[2]) > MAX_OPS:
+                break
+            scale, shift, ops = candidate
+            self.fused += 1
+        if len(ops) > MAX_OPS:
+            raise UnsupportedLayer(f"the post module needs {len(ops)} epilogue ops, the kernel takes {MAX_OPS}")
+        self.bias = None
+        self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops)
+
+    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer's output (and the fused tail's) for x [N, C, H, W] or [C, H, W].
+
+        ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs; the rest are 0.
+        """
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        dtype = x.dtype
+        padding = self.padding
+        if self.padding_mode != "zeros" and any(padding):
+            # non-zero padding modes pad the float input before binarization, like the simulation
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=self.padding_mode)
+            padding = (0, 0)
+        y = binary_conv2d(x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
+                          padding=padding, dilation=self.dilation, pad_value=self.pad_value,
+                          epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
+                          backend=self.backend)
+        if self.spec.sample_scale:
+            shifted = x if self.spec.bias is None else x + self.spec.bias.view(1, -1, 1, 1)
+            y = y * shifted.float().abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1, 1)
+        if self.torch_post is not None:
+            y = self.torch_post(y)
+        y = y if y.dtype == dtype else y.to(dtype)
+        return y.squeeze(0) if unbatched else y
+
+
+class PackedLinear:
+    """Callable that runs a ``BinaryLinear`` on packed bits (a 1x1 binary convolution over rows)."""
+
+    implementation_name = IMPLEMENTATION_NAME
+
+    def __init__(self, layer: BinaryLinear, *, num_threads: Optional[int] = None, backend: str = "auto") -> None:
+        self.spec = input_spec(layer.input_binarizer)
+        channel_dim = getattr(layer.input_binarizer, "channel_dim", -1)
+        if channel_dim not in (-1, None) and self.spec.bias is not None:
+            raise UnsupportedLayer("BinaryLinear with a threshold on a non-last channel dim")
+        positive, alpha = weight_signs_and_scale(layer)
+        self.weights = pack_weights(positive[:, :, None, None], 1)
+        self.num_threads = num_threads
+        self.backend = backend
+        bias = layer.bias.detach().float().clone() if layer.bias is not None else None
+        post_ops = epilogue_ops(layer.post, layer.out_features) if not self.spec.sample_scale else None
+        self.torch_post = None if post_ops is not None else layer.post
+        if self.spec.sample_scale:
+            self.epilogue, self.bias = Epilogue(scale=alpha), bias
+        else:
+            scale, shift, ops = _merge_affine(alpha, bias, list(post_ops))
+            self.epilogue, self.bias = Epilogue(scale=scale, shift=shift, ops=ops), None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        rows = x.reshape(-1, x.shape[-1]).float()
+        y = binary_conv2d(rows[:, :, None, None], self.weights, input_bias=self.spec.bias,
+                          epilogue=self.epilogue, num_threads=self.num_threads, backend=self.backend)
+        y = y.reshape(*x.shape[:-1], self.weights.out_channels)
+        if self.spec.sample_scale:
+            # XNOR's per-sample scale: mean |x| over every non-batch dim of the original input
+            scale = x.float().abs().mean(dim=list(range(1, x.dim())), keepdim=True)
+            y = y * scale
+            if self.bias is not None:
+                y = y + self.bias
+        if self.torch_post is not None:
+            y = self.torch_post(y)
+        return y if y.dtype == dtype else y.to(dtype)
