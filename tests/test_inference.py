@@ -308,3 +308,28 @@ def test_existing_output_is_replaced_only_on_success(tmp_path, clip):
     assert (tmp_path / "comp.mp4").read_bytes() == b"old"
     convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp.mp4", progress=False)
     assert len(read_video(tmp_path / "comp.mp4")[0]) == 8
+
+
+def test_streaming_reads_ahead_only_a_bounded_number_of_frames(tmp_path, monkeypatch):
+    make_video(tmp_path / "long.mp4", n=48, w=16, h=16, audio=None)
+    decoded = []
+    original_iter = video_module.VideoReader.__iter__
+
+    def counting_iter(self):
+        for frame in original_iter(self):
+            decoded.append(1)
+            yield frame
+
+    class Lagging(MeanAlpha):
+        def forward(self, src, *rec, downsample_ratio=1.0):
+            self.lead = getattr(self, "lead", []) + [len(decoded) - len(self.calls) * src.shape[1]]
+            return super().forward(src, *rec, downsample_ratio=downsample_ratio)
+
+    monkeypatch.setattr(video_module.VideoReader, "__iter__", counting_iter)
+    model = Lagging()
+    result = convert_video(model, tmp_path / "long.mp4", output_alpha=tmp_path / "a", output_type="png_sequence",
+                           seq_chunk=2, progress=False)
+    assert result.frames == 48 and len(decoded) == 48
+    # frames decoded but not yet given to the model: the read queue (4 chunks of 2) plus the reader's
+    # chunk in hand, never the whole video
+    assert max(model.lead) <= 2 * (4 + 2)

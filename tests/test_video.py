@@ -41,7 +41,7 @@ def clip_frames(n: int = 8, w: int = 64, h: int = 48) -> np.ndarray:
     for i in range(n):
         frames[i, ..., 0] = (40 + 170 * x / max(w - 1, 1)).astype(np.uint8)
         frames[i, ..., 1] = (30 + 180 * y / max(h - 1, 1)).astype(np.uint8)
-        frames[i, ..., 2] = 20 + 25 * i
+        frames[i, ..., 2] = (20 + 25 * i) % 256
     return frames
 
 

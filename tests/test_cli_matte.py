@@ -1,0 +1,138 @@
+"""`binarize matte`: options reach convert_video, outputs are written, user errors exit with status 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_video import NTSC, make_video, only_visible, read_video
+
+from binarize.cli.main import main
+from binarize.models import register_model
+
+CALLS: list = []
+
+
+class _RecordingMatting(torch.nn.Module):
+    """pha = mean of RGB, fgr = src; records (shape, downsample_ratio) of every call in CALLS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, src, *rec, downsample_ratio=1.0):
+        CALLS.append((tuple(src.shape), downsample_ratio))
+        return src * self.gain, src.mean(dim=2, keepdim=True), *rec
+
+
+@register_model("_test_cli_matting")
+def _test_cli_matting(**kwargs):
+    return _RecordingMatting()
+
+
+@pytest.fixture
+def clip(tmp_path) -> Path:
+    make_video(tmp_path / "clip.mp4")
+    CALLS.clear()
+    return tmp_path / "clip.mp4"
+
+
+def matte(*argv: str) -> int:
+    return main(["matte", *map(str, argv)])
+
+
+def test_matte_writes_videos_and_reports(tmp_path, clip, capsys):
+    code = matte(clip, "-m", "_test_cli_matting", "-o", tmp_path / "comp.mp4", "--alpha", tmp_path / "alpha.mp4",
+                 "--foreground", tmp_path / "fgr.mp4", "--no-progress")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "weights are random" in captured.err
+    assert "matted 8 frames (64x48, 30000/1001 fps)" in captured.out
+    assert only_visible(tmp_path) == ["alpha.mp4", "clip.mp4", "comp.mp4", "fgr.mp4"]
+    frames, rate, streams = read_video(tmp_path / "alpha.mp4")
+    assert len(frames) == 8 and rate == NTSC and ("audio", "aac") in streams
+    assert CALLS[0] == ((1, 1, 3, 48, 64), 1.0)  # auto ratio: min(512 / 64, 1)
+
+
+def test_matte_options_reach_convert_video(tmp_path, clip, capsys):
+    code = matte(clip, "-m", "_test_cli_matting", "-o", tmp_path / "comp", "--output-type", "png_sequence",
+                 "--background", "#000000", "--seq-chunk", "4", "--downsample-ratio", "0.5", "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    assert CALLS == [((1, 4, 3, 48, 64), 0.5)] * 2
+    comp = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "comp").iterdir())])
+    assert comp.shape == (8, 48, 64, 3)  # a colour background gives RGB, not RGBA
+
+
+def test_matte_image_folder_with_fps(tmp_path, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.jpg")
+    code = matte(folder, "-m", "_test_cli_matting", "--alpha", tmp_path / "a.mp4", "--fps", "24", "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    frames, rate, _ = read_video(tmp_path / "a.mp4")
+    assert rate == 24 and len(frames) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}", "-o", "{out}/c.mp4"], "input not found"),
+        (["{text}", "-o", "{out}/c.mp4"], "cannot read video"),
+        (["{clip}", "-o", "{out}/c.xyz"], "unsupported output extension"),
+        (["{clip}", "-o", "{out}/c.mp4", "--background", "#12"], "bad background colour"),
+        (["{clip}", "-o", "{out}/c.mp4", "--background", "{out}/none.png"], "background file not found"),
+        (["{clip}", "-o", "{out}/c.mp4", "--background", "transparent"], "cannot hold transparency"),
+        (["{clip}"], "no output given"),
+        (["{clip}", "-o", "{out}/c.mp4", "--checkpoint", "{out}/none.pth"], "checkpoint not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, clip, capsys, args, message):
+    (tmp_path / "text.mp4").write_text("not a video")
+    names = {"missing": tmp_path / "missing.mp4", "text": tmp_path / "text.mp4", "clip": clip, "out": tmp_path}
+    argv = [arg.format(**names) for arg in args]
+    code = matte(*argv, "-m", "_test_cli_matting", "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("binarize matte: error: ") and message in last
+    assert only_visible(tmp_path) == ["clip.mp4", "text.mp4"]
+
+
+def test_unknown_model_exits_2(tmp_path, clip, capsys):
+    assert matte(clip, "-m", "no_such_model", "-o", tmp_path / "c.mp4") == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_packed_engine_unavailable_is_a_clear_error(tmp_path, clip, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "binarize.engine", None)  # makes `from binarize.engine import` fail
+    code = matte(clip, "-m", "_test_cli_matting", "-o", tmp_path / "c.mp4", "--engine", "packed", "--no-progress")
+    assert code == 2
+    assert "--engine packed is unavailable" in capsys.readouterr().err
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_packed_engine_calls_deploy(tmp_path, clip, capsys, monkeypatch):
+    deployed = []
+    fake = types.ModuleType("binarize.engine")
+    fake.deploy = lambda model: deployed.append(model) or model
+    monkeypatch.setitem(sys.modules, "binarize.engine", fake)
+    code = matte(clip, "-m", "_test_cli_matting", "--alpha", tmp_path / "a.mp4", "--engine", "packed",
+                 "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    assert len(deployed) == 1 and isinstance(deployed[0], _RecordingMatting)
+    assert len(CALLS) == 8
+
+
+def test_console_entry_point_exit_status(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "binarize", "matte", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "c.mp4")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"binarize matte: error: input not found: {str(tmp_path / 'missing.mp4')!r}"
