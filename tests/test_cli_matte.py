@@ -13,6 +13,7 @@ from PIL import Image
 from test_video import NTSC, make_video, only_visible, read_video
 
 from binarize.cli.main import main
+from binarize.matting.video import open_source
 from binarize.models import register_model
 
 CALLS: list = []
@@ -136,3 +137,33 @@ def test_console_entry_point_exit_status(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"binarize matte: error: input not found: {str(tmp_path / 'missing.mp4')!r}"
+
+
+def test_checkpoint_is_loaded(tmp_path, clip, capsys):
+    import binarize
+
+    model = binarize.create_model("_test_cli_matting")
+    with torch.no_grad():
+        model.gain.fill_(0.5)
+    binarize.save(model, tmp_path / "half.safetensors")
+    code = matte(clip, "-m", "_test_cli_matting", "--checkpoint", tmp_path / "half.safetensors",
+                 "--foreground", tmp_path / "fgr", "--output-type", "png_sequence", "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    fgr = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "fgr").iterdir())]).astype(int)
+    with open_source(clip) as source:
+        src = np.stack(list(source)).astype(float)
+    assert np.abs(fgr - np.round(src * 0.5)).max() <= 1  # the loaded gain halves the foreground
+
+
+def test_checkpoint_of_another_model_exits_2(tmp_path, clip, capsys):
+    import binarize
+
+    binarize.save(binarize.create_model("_test_cli_matting"), tmp_path / "other.safetensors")
+    torch.save({"gain": torch.ones(())}, tmp_path / "other.pth")
+    for checkpoint, message in [("other.safetensors", "holds model '_test_cli_matting', not 'bimatting'"),
+                                ("other.pth", "does not match model")]:
+        code = matte(clip, "-m", "bimatting", "--checkpoint", tmp_path / checkpoint, "-o", tmp_path / "c.mp4",
+                     "--no-progress")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "c.mp4").exists()
