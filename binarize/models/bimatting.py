@@ -12,8 +12,9 @@ Call: ``fgr, pha, *rec = model(src, *rec, downsample_ratio=1.0)``; see :meth:`Bi
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from binarize.models.bimatting_decoder import Projection, SparseRecurrentDecoder, binary_unit
 from binarize.models.bimobilenet import BiMobileNet
+from binarize.models.checkpoint import load_official
 from binarize.models.registry import register_model
 from binarize.nn.blocks import shifted_binary_conv
 
@@ -240,32 +242,17 @@ def to_official_key(key: str) -> str:
     return _OUR_PAIR_KEY.sub(lambda m: f"decoder.decode{m[1]}.{m[2]}{'_1x1' if m[3] == 'dense' else ''}.", key)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict") -> None:
-    """Load ``state_dict`` into ``model`` requiring the same keys and shapes; otherwise raise a
-    ``ValueError`` naming ``source`` and the first offending keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
-        if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{label}: {', '.join(keys[:5])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(dict(state_dict), strict=True)
+def load_official_bimatting(checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]],
+                            model: Optional[BiMatting] = None) -> BiMatting:
+    """Load an official BiMatting checkpoint (a ``.pth`` path read with ``weights_only=True``, or a
+    state dict) strictly into ``model`` (a new :class:`BiMatting` by default); return it in eval mode.
 
-
-def load_official_bimatting(state_dict: Mapping[str, Tensor], model: Optional[BiMatting] = None) -> BiMatting:
-    """Load an official BiMatting state dict (e.g. ``torch.load("epoch-27.pth", weights_only=True)``)
-    strictly into ``model`` (a new :class:`BiMatting` by default) and return it in eval mode."""
+    A missing, unexpected or mis-shaped key raises ``ValueError`` naming the source and the first
+    offending keys (official key names are mapped with :func:`map_official_key` first).
+    """
     model = BiMatting() if model is None else model
-    load_state_dict_strict(model, model.map_official_state_dict(state_dict), "official BiMatting state dict")
+    source = "official BiMatting state dict" if isinstance(checkpoint, Mapping) else None
+    load_official(model, checkpoint, source=source)
     return model.eval()
 
 
