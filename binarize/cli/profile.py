@@ -1,0 +1,351 @@
+"""``binarize profile``: count what binarization saves, for one model or the matting zoo.
+
+Examples::
+
+    binarize profile timm:resnet18 --method reactnet --resolution 224x224
+    binarize profile bimatting --resolution 512x288 --vs rvm_mobilenetv3
+    binarize profile --all-matting --resolution 512x288 --json
+
+A ``timm:``/``torchvision:`` model is profiled in full precision and after
+``binarize.convert(model, method)``; a zoo model is profiled as built (optionally converted with
+``--method``) and compared with ``--vs``. Matting models run on a deterministic synthetic
+person-like frame (or ``--input frame.png``) so that the decoder's mask densities are measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from binarize.cli.main import CLIError
+
+MATTING_BASELINE = "rvm_mobilenetv3"
+
+
+@dataclass
+class Entry:
+    """One profiled model: its label, report and (optionally) measured latency."""
+
+    label: str
+    report: Any  # binarize.profile.ProfileReport
+
+
+# --------------------------------------------------------------------------- argument parsing
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "profile",
+        help="count FLOPs, BOPs, OPs, parameters and storage of a (binarized) model",
+        description="Count FLOPs, BOPs, OPs (= FLOPs + BOPs/64), parameters and storage; "
+        "dense and with masked branches at their measured density.",
+    )
+    parser.add_argument("model", nargs="?", help="timm:NAME, torchvision:NAME or a zoo model (binarize.models)")
+    parser.add_argument("--method", default=None,
+                        help="binarization method for convert (default: reactnet for timm:/torchvision: models; "
+                        "zoo models are profiled as built unless given)")
+    parser.add_argument("--resolution", default=None, type=parse_resolution,
+                        help="input WIDTHxHEIGHT (default 224x224, matting models 512x288)")
+    parser.add_argument("--vs", default=None, metavar="MODEL", help="baseline model to compare with")
+    parser.add_argument("--all-matting", action="store_true", help="one row per zoo matting model")
+    parser.add_argument("--input", default=None, help="image for matting models (default: a synthetic frame)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint for a zoo model")
+    parser.add_argument("--downsample-ratio", type=float, default=1.0, help="matting models' downsample_ratio")
+    parser.add_argument("--density", type=float, default=None,
+                        help="assume this mask density instead of measuring it (e.g. 0.44)")
+    parser.add_argument("--no-keep-first", action="store_true", help="binarize the first conv too")
+    parser.add_argument("--no-keep-last", action="store_true", help="binarize the last layer too")
+    parser.add_argument("--layers", action="store_true", help="print (or emit in JSON) the per-layer rows")
+    parser.add_argument("--measure", action="store_true", help="add the measured latency (median of --runs)")
+    parser.add_argument("--runs", type=int, default=5, help="timed forwards for --measure")
+    parser.add_argument("--engine", choices=("simulated", "packed"), default="simulated",
+                        help="implementation of binary layers for --measure")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def parse_resolution(text: str) -> Tuple[int, int]:
+    """``'512x288'`` -> (width=512, height=288)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"resolution must look like WIDTHxHEIGHT (e.g. 224x224), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+# --------------------------------------------------------------------------- model building
+def build_model(spec: str, *, resolution: Tuple[int, int], checkpoint: Optional[str] = None) -> nn.Module:
+    """Build ``timm:NAME`` / ``torchvision:NAME`` (random weights, never downloaded) or a zoo model."""
+    if spec.startswith("timm:"):
+        if checkpoint:
+            raise CLIError("--checkpoint applies to zoo models only")
+        return _build_timm(spec[len("timm:"):], resolution)
+    if spec.startswith("torchvision:"):
+        if checkpoint:
+            raise CLIError("--checkpoint applies to zoo models only")
+        return _build_torchvision(spec[len("torchvision:"):])
+    from binarize.models import create_model
+
+    return create_model(spec, checkpoint=checkpoint)
+
+
+def _build_timm(name: str, resolution: Tuple[int, int]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise CLIError(f"unknown timm model {name!r}")
+    width, height = resolution
+    try:  # models with a fixed input size (ViT, ...) are built for the requested resolution
+        return timm.create_model(name, pretrained=False, img_size=(height, width))
+    except TypeError:
+        return timm.create_model(name, pretrained=False)
+
+
+def _build_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError as exc:
+        raise CLIError(f"unknown torchvision model {name!r}") from exc
+
+
+def is_matting_model(model: nn.Module) -> bool:
+    """Zoo matting models follow ``fgr, pha, *rec = model(src, *rec, downsample_ratio=...)``."""
+    if getattr(model, "is_matting", False):
+        return True
+    name = str(getattr(model, "model_name", ""))
+    return name == "bimatting" or name.startswith("rvm_")
+
+
+def matting_model_names() -> List[str]:
+    """Zoo models that are matting models, the full-precision baseline first."""
+    from binarize.models import create_model, list_models
+
+    names = []
+    for name in list_models():
+        if name == "bimatting" or name.startswith("rvm_"):
+            names.append(name)
+        elif name not in ("bimobilenet",):
+            model = create_model(name)
+            if is_matting_model(model):
+                names.append(name)
+    return sorted(names, key=lambda n: (n != MATTING_BASELINE, n != "bimatting", n))
+
+
+# --------------------------------------------------------------------------- inputs
+def synthetic_frame(width: int, height: int) -> torch.Tensor:
+    """A deterministic person-like RGB frame in [0, 1], shape [1, 3, H, W].
+
+    A textured indoor-like background (vertical gradient and a soft stripe pattern), a person made
+    of a head ellipse, a neck and a torso with rounded shoulders, and a darker hair cap; this gives
+    the matting decoder a realistic foreground/background boundary to build its masks on.
+    """
+    ys = torch.linspace(0.0, 1.0, height).view(height, 1).expand(height, width)
+    xs = torch.linspace(0.0, 1.0, width).view(1, width).expand(height, width)
+    background = torch.stack([
+        0.55 + 0.25 * ys + 0.05 * torch.sin(18 * xs),
+        0.60 + 0.10 * ys + 0.05 * torch.sin(11 * xs + 3 * ys),
+        0.70 - 0.20 * ys + 0.05 * torch.cos(23 * xs),
+    ])
+    aspect = width / height
+    cx = 0.5
+    head = ((xs - cx) * aspect / 0.10) ** 2 + ((ys - 0.30) / 0.14) ** 2 <= 1.0
+    hair = head & (((xs - cx) * aspect / 0.11) ** 2 + ((ys - 0.25) / 0.12) ** 2 <= 1.0) & (ys < 0.27)
+    neck = ((xs - cx).abs() * aspect <= 0.045) & (ys > 0.40) & (ys < 0.52)
+    shoulder_width = 0.14 + 0.6 * (ys - 0.50).clamp(0.0, 0.12)
+    torso = ((xs - cx).abs() * aspect <= shoulder_width + 0.10) & (ys >= 0.50)
+    frame = background.clone()
+    _paint(frame, torso, (0.20, 0.25, 0.45), xs, ys)
+    _paint(frame, neck | head, (0.85, 0.65, 0.55), xs, ys)
+    _paint(frame, hair, (0.15, 0.10, 0.08), xs, ys)
+    return frame.clamp(0.0, 1.0).unsqueeze(0)
+
+
+def _paint(frame: torch.Tensor, region: torch.Tensor, rgb: Sequence[float], xs: torch.Tensor, ys: torch.Tensor) -> None:
+    shading = 0.08 * torch.sin(9 * xs + 5 * ys)
+    for channel, value in enumerate(rgb):
+        frame[channel][region] = (value + shading)[region]
+
+
+def load_frame(path: str, width: int, height: int) -> torch.Tensor:
+    """An image file as [1, 3, H, W] in [0, 1], resized to the profiling resolution."""
+    import os
+
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    except OSError as exc:
+        raise CLIError(f"cannot read image {path}: {exc}") from exc
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return data.permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+
+
+def example_call(model: nn.Module, args: argparse.Namespace, resolution: Tuple[int, int]) -> Tuple[tuple, dict]:
+    """Positional inputs and keyword arguments for one forward of ``model``."""
+    width, height = resolution
+    if is_matting_model(model):
+        src = load_frame(args.input, width, height) if args.input else synthetic_frame(width, height)
+        return (src, None, None, None, None), {"downsample_ratio": args.downsample_ratio}
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 3, height, width, generator=generator),), {}
+
+
+# --------------------------------------------------------------------------- profiling
+def profile_entry(model: nn.Module, label: str, args: argparse.Namespace, resolution: Tuple[int, int]) -> Entry:
+    from binarize.profile import measure_latency, profile
+
+    inputs, kwargs = example_call(model, args, resolution)
+    report = profile(model, inputs, assume_density=args.density, **kwargs)
+    report.model_name = label
+    if args.measure:
+        runner = _deployed(model) if args.engine == "packed" else model
+        report.latency_s = measure_latency(runner, inputs, runs=args.runs, **kwargs)
+    return Entry(label, report)
+
+
+def _deployed(model: nn.Module) -> nn.Module:
+    try:
+        from binarize.engine import deploy
+    except ImportError as exc:
+        raise CLIError(f"--engine packed needs binarize.engine.deploy, which is not available ({exc})") from exc
+    return deploy(model)
+
+
+def _convert(model: nn.Module, method: str, args: argparse.Namespace) -> nn.Module:
+    from binarize.convert import convert
+
+    return convert(model, method, keep_first=not args.no_keep_first, keep_last=not args.no_keep_last)
+
+
+def _label(spec: str, method: Optional[str]) -> str:
+    return f"{spec} [{method}]" if method else spec
+
+
+def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
+    """Profile what the arguments ask for; returns the entries and the baseline's label."""
+    if args.all_matting:
+        if args.model or args.vs:
+            raise CLIError("--all-matting takes no MODEL and no --vs")
+        resolution = args.resolution or (512, 288)
+        names = matting_model_names()
+        entries = [profile_entry(build_model(n, resolution=resolution), n, args, resolution) for n in names]
+        return entries, MATTING_BASELINE if MATTING_BASELINE in names else None
+    if not args.model:
+        raise CLIError("give a MODEL (timm:NAME, torchvision:NAME or a zoo model) or --all-matting")
+    spec = args.model
+    model = build_model(spec, resolution=args.resolution or (224, 224), checkpoint=args.checkpoint)
+    resolution = args.resolution or ((512, 288) if is_matting_model(model) else (224, 224))
+    external = spec.startswith(("timm:", "torchvision:"))
+    method = args.method or ("reactnet" if external else None)
+    entries: List[Entry] = []
+    baseline: Optional[str] = None
+    if external and args.vs is None:
+        entries.append(profile_entry(model, spec, args, resolution))
+        baseline = spec
+    if method:
+        model = _convert(model, method, args)
+    entries.append(profile_entry(model, _label(spec, method), args, resolution))
+    if args.vs:
+        vs_model = build_model(args.vs, resolution=resolution)
+        entries.append(profile_entry(vs_model, args.vs, args, resolution))
+        baseline = args.vs
+    return entries, baseline
+
+
+# --------------------------------------------------------------------------- output
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.3f}"
+
+
+def _giga(value: float) -> str:
+    return f"{value / 1e9:.3f}"
+
+
+def _times(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.1f}x"
+
+
+def summary_table(entries: List[Entry], baseline: Optional[str]) -> str:
+    """The paper-style table: parameters, storage, FLOPs, BOPs, OPs dense/sparse, savings."""
+    from binarize.profile import format_count
+
+    base = next((e.report for e in entries if e.label == baseline), None)
+    header = ["model", "params bin", "params fp", "storage MB", "FLOPs G", "BOPs G", "OPs G", "OPs G sparse"]
+    measured = any(e.report.latency_s is not None for e in entries)
+    if measured:
+        header.append("latency ms")
+    if base is not None:
+        header += ["comp. saving", "comp. saving sparse", "storage saving"]
+    rows = [header]
+    for entry in entries:
+        r = entry.report
+        row = [entry.label, format_count(r.binary_params), format_count(r.fp_params), _mb(r.storage_bytes),
+               _giga(r.flops), _giga(r.bops), _giga(r.ops), _giga(r.sparse_ops)]
+        if measured:
+            row.append("-" if r.latency_s is None else f"{r.latency_s * 1e3:.1f}")
+        if base is not None:
+            s = r.compare(base)
+            row += [_times(s.computation), _times(s.sparse_computation), _times(s.storage)]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def savings_lines(entries: List[Entry], baseline: Optional[str]) -> List[str]:
+    base = next((e for e in entries if e.label == baseline), None)
+    if base is None:
+        return []
+    lines = []
+    for entry in entries:
+        if entry is base:
+            continue
+        lines.append(f"{entry.label} vs {base.label}: {entry.report.compare(base.report)}")
+        if entry.report.mask_densities:
+            values = list(entry.report.mask_densities.values())
+            lines.append(f"  masked modules: {len(values)}, mean mask density {sum(values) / len(values):.3f}")
+    return lines
+
+
+def to_json(entries: List[Entry], baseline: Optional[str], layers: bool) -> Dict[str, Any]:
+    base = next((e.report for e in entries if e.label == baseline), None)
+    models = []
+    for entry in entries:
+        data = entry.report.to_dict()
+        if not layers:
+            data.pop("layers")
+        if base is not None and entry.report is not base:
+            s = entry.report.compare(base)
+            data["savings_vs_baseline"] = {"computation": s.computation, "sparse_computation": s.sparse_computation,
+                                           "storage": s.storage}
+        models.append(data)
+    return {"baseline": baseline, "models": models}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        raise CLIError(f"--runs must be >= 1, got {args.runs}")
+    if args.density is not None and not 0.0 <= args.density <= 1.0:
+        raise CLIError(f"--density must be in [0, 1], got {args.density}")
+    entries, baseline = collect(args)
+    if args.json:
+        print(json.dumps(to_json(entries, baseline, args.layers), indent=2, default=float))
+        return 0
+    if args.layers:
+        for entry in entries:
+            print(f"== {entry.label}")
+            print(entry.report.table())
+            print()
+    print(summary_table(entries, baseline))
+    for line in savings_lines(entries, baseline):
+        print(line)
+    return 0

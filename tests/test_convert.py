@@ -1,0 +1,333 @@
+"""binarize.convert / unconvert: policy, report, shared modules, round trips, timm/torchvision models."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from binarize.convert import (
+    REASON_DEPTHWISE,
+    REASON_FIRST,
+    REASON_LAST,
+    REASON_SKIP,
+    ConversionReport,
+    convert,
+    unconvert,
+)
+from binarize.nn import BinaryConv2d, BinaryLinear
+from binarize.ops import list_methods
+
+TIMM_MODELS = [
+    ("resnet18", {}),
+    ("mobilenetv3_large_100", {}),
+    ("efficientnet_b0", {}),
+    ("convnext_atto", {}),
+    ("vit_tiny_patch16_224", {"img_size": 64}),
+    ("regnetx_002", {}),
+]
+
+
+def _is_binary(m: nn.Module) -> bool:
+    return isinstance(m, (BinaryConv2d, BinaryLinear))
+
+
+def _plain_layers(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, train: bool = True) -> torch.Tensor:
+    model.train(train)
+    out = model(x)
+    out.float().square().mean().backward()
+    return out
+
+
+def _check_policy(model: nn.Module, converted: nn.Module, report: ConversionReport) -> None:
+    """Every conv/linear is either replaced by a binary layer or listed as kept with a reason."""
+    before = _plain_layers(model)
+    after = dict(converted.named_modules())
+    kept = {k.name: k.reason for k in report.kept}
+    replaced = {r.name for r in report.replaced}
+    assert replaced and replaced.isdisjoint(kept)
+    for name, layer in before.items():
+        if name in replaced:
+            assert _is_binary(after[name]), name
+            assert torch.equal(after[name].weight, layer.weight)  # weights copied
+        else:
+            assert name in kept, f"{name} neither replaced nor reported kept"
+            assert type(after[name]) is type(layer)
+    for name, reason in kept.items():
+        if reason == REASON_DEPTHWISE:
+            assert before[name].groups == before[name].in_channels > 1
+
+
+@pytest.mark.parametrize("name,kwargs", TIMM_MODELS, ids=[n for n, _ in TIMM_MODELS])
+def test_timm_models_convert_forward_backward(name: str, kwargs: dict) -> None:
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    for module in model.modules():  # undo timm's zero-init of residual norms so every branch gets a gradient
+        if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) and module.weight is not None:
+            nn.init.ones_(module.weight)
+    converted, report = convert(model, "reactnet", return_report=True)
+    _check_policy(model, converted, report)
+    reasons = {k.name: k.reason for k in report.kept}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    layers = list(_plain_layers(model))
+    assert reasons[convs[0]] == REASON_FIRST
+    assert reasons[layers[-1]] == REASON_LAST
+    assert converted.binarize_report is report
+    out = _forward_backward(converted, torch.randn(2, 3, 64, 64), train=True)
+    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+    # BatchNorm batch statistics over 2x2 maps can cancel the gradient exactly; check it with running stats
+    converted.zero_grad()
+    _forward_backward(converted, torch.randn(2, 3, 64, 64), train=False)
+    grads = [m.weight.grad for m in converted.modules() if _is_binary(m)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_mobilenet_keeps_depthwise_unless_asked() -> None:
+    model = timm.create_model("mobilenetv3_large_100", pretrained=False)
+    depthwise = {n for n, m in _plain_layers(model).items() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1}
+    _, report = convert(model, return_report=True)
+    assert {k.name for k in report.kept if k.reason == REASON_DEPTHWISE} == depthwise
+    converted, report = convert(model, keep_depthwise=False, return_report=True)
+    assert all(_is_binary(converted.get_submodule(n)) for n in depthwise)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_models(name: str) -> None:
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    converted, report = convert(model, "bireal", return_report=True)
+    _check_policy(model, converted, report)
+    out = _forward_backward(converted, torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10)
+
+
+class Nested(nn.Module):
+    """User module with nested containers and a block shared by two parents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        shared = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stages = nn.ModuleList([shared, nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU())])
+        self.branches = nn.ModuleDict({"a": shared, "b": nn.Conv2d(16, 16, 3, padding=1, groups=16)})
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.branches["a"](self.stages[0](x))  # the shared block runs twice
+        x = self.branches["b"](self.stages[1](x))
+        return self.head(x.mean((2, 3), keepdim=True))
+
+
+def test_user_module_nested_containers_and_sharing() -> None:
+    model = Nested()
+    converted, report = convert(model, return_report=True)
+    assert converted.stages[0] is converted.branches["a"]  # still shared
+    assert _is_binary(converted.stages[0][0])
+    shared_rows = [r for r in report.replaced if "branches.a.0" in (r.name, *r.aliases)]
+    assert len(shared_rows) == 1 and set(shared_rows[0].aliases) == {"branches.a.0"}
+    assert sorted(r.name for r in report.replaced) == ["head.1", "stages.0.0", "stages.1.0"]
+    assert {k.name: k.reason for k in report.kept} == {
+        "stem": REASON_FIRST, "branches.b": REASON_DEPTHWISE, "head.3": REASON_LAST,
+    }
+    out = _forward_backward(converted, torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 5)
+    assert converted.stages[0][0].weight.grad is not None
+
+
+def test_original_untouched_and_inplace() -> None:
+    model = Nested()
+    before = copy.deepcopy(model.state_dict())
+    converted = convert(model)
+    assert converted is not model
+    assert not any(_is_binary(m) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    same = convert(model, inplace=True)
+    assert same is model and _is_binary(model.stages[0][0])
+
+
+def test_skip_globs_and_predicate() -> None:
+    model = Nested()
+    _, report = convert(model, skip="stages.*", return_report=True)
+    assert {k.name for k in report.kept if k.reason == REASON_SKIP} == {"stages.0.0", "stages.1.0"}
+    _, report = convert(model, skip=["head.1", "nothing*"], return_report=True)
+    assert [k.name for k in report.kept if k.reason == REASON_SKIP] == ["head.1"]
+    # a shared module matches through any of its names
+    _, report = convert(model, skip="branches.a.*", return_report=True)
+    assert [k.name for k in report.kept if k.reason == REASON_SKIP] == ["stages.0.0"]
+    _, report = convert(model, skip=lambda name, m: isinstance(m, nn.Linear), return_report=True)
+    assert {k.name for k in report.kept if k.reason == REASON_SKIP} == {"head.1", "head.3"}  # skip is checked first
+    with pytest.raises(ValueError, match="skip"):
+        convert(model, skip=[3])
+
+
+def test_keep_first_and_last_flags() -> None:
+    model = Nested()
+    converted = convert(model, keep_first=False, keep_last=False)
+    assert _is_binary(converted.stem) and _is_binary(converted.head[3])
+    assert not _is_binary(converted.branches["b"])  # depthwise still kept
+
+
+def test_mlp_first_layer_is_first_linear() -> None:
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    _, report = convert(mlp, return_report=True)
+    assert [(k.name, k.reason) for k in report.kept] == [("0", REASON_FIRST), ("4", REASON_LAST)]
+    assert [r.name for r in report.replaced] == ["2"]
+
+
+def test_unknown_method_lists_available() -> None:
+    with pytest.raises(ValueError) as info:
+        convert(Nested(), "nope")
+    message = str(info.value)
+    assert "nope" in message and all(m in message for m in list_methods())
+
+
+def test_nothing_to_convert_warns_with_empty_report() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="nothing to convert"):
+        converted, report = convert(model, return_report=True)
+    assert report.replaced == [] and report.num_kept == 2
+    with pytest.warns(UserWarning, match="nothing to convert"):
+        _, report = convert(nn.Sequential(nn.ReLU()), return_report=True)
+    assert report.replaced == [] and report.kept == []
+
+
+def test_already_binary_layers_are_left_alone() -> None:
+    converted = convert(Nested())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, report = convert(converted, keep_first=False, keep_last=False, return_report=True)
+    assert {r.name for r in report.replaced} == {"stem", "head.3"}
+    assert again.stages[0][0].method == "reactnet"
+
+
+def test_multihead_attention_out_proj_kept() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.Linear(8, 16), layer, nn.Linear(16, 3))
+    converted, report = convert(model, return_report=True)
+    reasons = {k.name: k.reason for k in report.kept}
+    assert "functionally" in reasons["1.self_attn.out_proj"]
+    assert {r.name for r in report.replaced} == {"1.linear1", "1.linear2"}
+    assert _forward_backward(converted, torch.randn(2, 5, 8)).shape == (2, 5, 3)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_gives_one_bit_layers(method: str) -> None:
+    converted, report = convert(Nested(), method, return_report=True)
+    assert report.method == method
+    layers = [m for m in converted.modules() if _is_binary(m)]
+    assert len(layers) == 3 and all(m.input_bits == 1 and m.weight_bits == 1 for m in layers)
+    assert _forward_backward(converted, torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_deepcopy_and_state_dict_round_trip() -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    converted = convert(model).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = converted(x)
+    clone = copy.deepcopy(converted)
+    assert torch.equal(clone(x), expected) and clone.binarize_report.num_replaced > 0
+    fresh = convert(timm.create_model("resnet18", pretrained=False, num_classes=7)).eval()
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    assert torch.equal(fresh(x), expected)
+
+
+def test_trace_timm_resnet18() -> None:
+    converted = convert(timm.create_model("resnet18", pretrained=False, num_classes=5)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(converted, x)
+    y = torch.randn(2, 3, 40, 40)
+    assert torch.allclose(traced(y), converted(y), atol=1e-5)
+
+
+class Scriptable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                  nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(self.body(x).mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("method", ["reactnet", "bnn", "bimatting"])
+def test_script_small_user_module(method: str) -> None:
+    converted = convert(Scriptable(), method).eval()
+    assert _is_binary(converted.body[2]) and _is_binary(converted.fc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(converted)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(scripted(x), converted(x), atol=1e-6)
+
+
+def test_unconvert_restores_float_model() -> None:
+    model = Nested().eval()
+    converted = convert(model, keep_first=False)
+    restored = unconvert(converted)
+    assert not any(_is_binary(m) for m in restored.modules())
+    assert any(_is_binary(m) for m in converted.modules())  # not in place by default
+    assert restored.stages[0] is restored.branches["a"]
+    assert not hasattr(restored, "binarize_report")
+    assert restored.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(restored.eval()(x), model(x))
+    assert unconvert(converted, inplace=True) is converted and not _is_binary(converted.stem)
+
+
+def test_report_text_and_dict() -> None:
+    _, report = convert(Nested(), return_report=True)
+    text = str(report)
+    assert "3 replaced, 3 kept" in text
+    for row in report.replaced + report.kept:
+        assert row.name in text
+    assert REASON_DEPTHWISE in text and "-> BinaryConv2d" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["method"] == "reactnet" and len(data["replaced"]) == 3 and len(data["kept"]) == 3
+
+
+def test_root_layer_itself() -> None:
+    conv = nn.Conv2d(4, 4, 3)
+    binary = convert(conv, keep_first=False, keep_last=False)
+    assert isinstance(binary, BinaryConv2d) and torch.equal(binary.weight, conv.weight)
+    assert isinstance(unconvert(binary), nn.Conv2d) and not _is_binary(unconvert(binary))
+
+
+@settings(max_examples=15, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=5), keep_first=st.booleans(), keep_last=st.booleans())
+def test_convert_unconvert_round_trip_property(widths: list, keep_first: bool, keep_last: bool) -> None:
+    dims = [3, *widths, 2]
+    layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
+    model = nn.Sequential(*layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted, report = convert(model, keep_first=keep_first, keep_last=keep_last, return_report=True)
+    n = len(layers)
+    expected_kept = {0} if keep_first else set()
+    expected_kept |= {n - 1} if keep_last else set()
+    assert {int(k.name) for k in report.kept} == expected_kept
+    assert {int(r.name) for r in report.replaced} == set(range(n)) - expected_kept
+    assert converted(torch.randn(4, 3)).shape == (4, 2)
+    restored = unconvert(converted)
+    assert all(type(m) is nn.Linear for m in restored)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value)
