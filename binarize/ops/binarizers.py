@@ -431,9 +431,12 @@ class ReCUActivation(Binarizer):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = x
         if self.training and x.dim() >= 2:
-            x = x / torch.sqrt(x.var(dim=list(range(1, x.dim())), keepdim=True) + 1e-5)
-        return straight_through(sign_plus(x), x, approx_sign_grad(x))
+            dims = list(range(1, x.dim()))
+            correction = 1 if x[0].numel() > 1 else 0
+            normalised = x / torch.sqrt(x.var(dim=dims, keepdim=True, correction=correction) + 1e-5)
+        return straight_through(sign_plus(x), normalised, approx_sign_grad(normalised))
 
 
 @register_binarizer("bimatting_weight")
