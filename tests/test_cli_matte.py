@@ -167,3 +167,30 @@ def test_checkpoint_of_another_model_exits_2(tmp_path, clip, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "c.mp4").exists()
+
+
+@pytest.mark.parametrize("engine", ["simulated", "packed"])
+def test_real_bimatting_through_the_cli_matches_direct_calls(tmp_path, capsys, engine):
+    """The streamed, chunked pipeline gives what a plain loop over the (deployed) model gives."""
+    import binarize
+
+    make_video(tmp_path / "clip.mp4", n=3, w=40, h=32, audio=None)
+    torch.manual_seed(123)
+    code = matte(tmp_path / "clip.mp4", "-m", "bimatting", "--alpha", tmp_path / "pha", "--output-type",
+                 "png_sequence", "--engine", engine, "--seq-chunk", "2", "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    alpha = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "pha").iterdir())]).astype(int)
+
+    torch.manual_seed(123)
+    model = binarize.create_model("bimatting").eval()
+    if engine == "packed":
+        model = binarize.deploy(model)
+    with open_source(tmp_path / "clip.mp4") as source:
+        frames = torch.from_numpy(np.stack(list(source))).permute(0, 3, 1, 2).contiguous().float().div(255)
+    rec, expected = [None] * 4, []
+    with torch.inference_mode():
+        for frame in frames:
+            _, pha, *rec = model(frame[None, None], *rec, downsample_ratio=1.0)
+            expected.append(pha[0, 0, 0].mul(255).round().int().numpy())
+    assert alpha.shape == (3, 32, 40)
+    assert np.abs(alpha - np.stack(expected)).max() <= 1

@@ -371,7 +371,7 @@ def _run(
         with torch.inference_mode():
             while (item := pipeline.get(read_q)) is not _END:
                 chunk, bgr_chunk = item
-                src = torch.from_numpy(chunk).to(device).permute(0, 3, 1, 2).to(dtype).div(255).unsqueeze(0)
+                src = _frames_to_tensor(chunk, device, dtype).unsqueeze(0)
                 fgr, pha, *rec = model(src, *rec, downsample_ratio=downsample_ratio)
                 _check_model_output(fgr, pha, src)
                 bgr = static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, device, dtype)
@@ -419,8 +419,13 @@ def _static_background(
 
 
 def _frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> contiguous ``[T, 3, H, W]`` in [0, 1].
+
+    Contiguous on purpose: a channels-last view makes convolutions take other kernels, and the
+    last-bit differences flip signs in a binary network, so chunked and per-frame runs would differ.
+    """
     frames = np.require(frames, requirements=["C", "W"])  # torch.from_numpy needs a writable array
-    return torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).to(dtype).div(255)
+    return torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).contiguous().to(dtype).div(255)
 
 
 def _render(
