@@ -60,7 +60,7 @@ class _Site:
 
     name: str
     module: nn.Module
-    input: Optional["_Site"] = None
+    input: Optional[_Site] = None
     users: List[object] = field(default_factory=list)
 
 
@@ -127,6 +127,18 @@ def _fusable_head(site: _Site, single_use: set) -> Optional[_Site]:
     return None
 
 
+def _opens_binary_conv(site: _Site) -> bool:
+    """True for a shift that feeds a binary conv (through Identity slots): it belongs to that conv."""
+    current = site
+    while len(current.users) == 1 and isinstance(current.users[0], _Site):
+        current = current.users[0]
+        if isinstance(current.module, BinaryConv2d):
+            return True
+        if not isinstance(current.module, nn.Identity):
+            return False
+    return False
+
+
 def _fusable_tail(site: _Site, single_use: set) -> List[_Site]:
     """The chain of single-consumer modules after ``site`` (candidates for the epilogue)."""
     tail: List[_Site] = []
@@ -135,14 +147,19 @@ def _fusable_tail(site: _Site, single_use: set) -> List[_Site]:
         nxt = current.users[0]
         if nxt.input is not current or id(nxt.module) not in single_use:
             break
+        if isinstance(nxt.module, LearnableBias) and _opens_binary_conv(nxt):
+            break
         tail.append(nxt)
         current = nxt
     return tail
 
 
-def _install_conv(layer: BinaryConv2d, name: str, report: DeployReport, options: dict,
+def _install_conv(layer: BinaryConv2d, name: str, report: DeployReport, options: dict, consumed: set,
                   head: Optional[_Site] = None, tail: Sequence[_Site] = (), prefix: str = "") -> bool:
-    """Pack one conv (fusing ``head``/``tail`` where possible); False if it stays simulated."""
+    """Pack one conv (fusing ``head``/``tail`` where possible); False if it stays simulated.
+
+    ``consumed``: ids of modules still free to fuse; the fused ones are removed from it.
+    """
     input_bias = None
     if head is not None:
         head_bias = head.module.bias
@@ -160,9 +177,11 @@ def _install_conv(layer: BinaryConv2d, name: str, report: DeployReport, options:
             report.simulated[name] = str(exc2)
             return False
     if head is not None and input_bias is not None:
+        consumed.discard(id(head.module))
         head.module.forward = Passthrough()
         report.fused.setdefault(name, []).append(prefix + head.name)
     for site in list(tail)[: impl.fused]:
+        consumed.discard(id(site.module))
         site.module.forward = Passthrough()
         report.fused.setdefault(name, []).append(prefix + site.name)
     layer.set_implementation(impl, "packed")
@@ -244,13 +263,13 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                 if not isinstance(layer, BinaryConv2d) or id(layer) in done or id(layer) not in single_use:
                     continue
                 done.add(id(layer))
-                _install_conv(layer, names[id(layer)], report, options, _fusable_head(site, single_use),
-                              _fusable_tail(site, single_use), prefix)
+                _install_conv(layer, names[id(layer)], report, options, single_use,
+                              _fusable_head(site, single_use), _fusable_tail(site, single_use), prefix)
     for name, module in model.named_modules():
         if id(module) in done:
             continue
         if isinstance(module, BinaryConv2d):
-            _install_conv(module, name, report, options)
+            _install_conv(module, name, report, options, single_use)
         elif isinstance(module, BinaryLinear):
             try:
                 module.set_implementation(PackedLinear(module, **options), "packed")

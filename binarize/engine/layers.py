@@ -80,9 +80,8 @@ def weight_signs_and_scale(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor
     flat = wb.reshape(wb.shape[0], -1)
     magnitude = flat.abs()
     scale = magnitude.amax(dim=1)
-    nonzero = magnitude > 0
-    deviation = (magnitude - scale[:, None]).abs()
-    if bool((deviation[nonzero] > _SCALE_TOLERANCE * scale[:, None].expand_as(flat)[nonzero]).any()):
+    off_scale = (magnitude - scale[:, None]).abs() > _SCALE_TOLERANCE * scale[:, None]
+    if bool((off_scale & (magnitude > 0)).any()):
         raise UnsupportedLayer("the binarized weight is not one scale times +-1 per output channel")
     return wb >= 0, scale
 

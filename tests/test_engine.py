@@ -1,0 +1,385 @@
+"""The packed engine: kernels against the simulated layers, fallback == C, fusion, sparsity, deploy."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from binarize.engine import (
+    Epilogue,
+    PackedConv2d,
+    PackedLinear,
+    _lib,
+    available,
+    binary_conv2d,
+    binary_linear,
+    deploy,
+    deploy_report,
+    kernel_info,
+    pack_weights,
+    set_kernel,
+)
+from binarize.engine.functional import pack_activations
+from binarize.nn import BinaryConv2d, BinaryLinear, LearnableBias
+from binarize.nn.blocks import MaskedBranch, SparseAssistedPair, shifted_binary_conv
+
+needs_c = pytest.mark.skipif(not available(), reason="C kernels not built (python setup.py build_ext --inplace)")
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def reference_dot(x, positive, bias, stride, padding, dilation, groups, pad_value):
+    """sum of sign(x + bias) * sign(w) over the (padded) window, in float64 (exact integers)."""
+    v = x if bias is None else x + bias.view(1, -1, 1, 1)
+    signs = torch.where(v >= 0, 1.0, -1.0).double()
+    if pad_value:
+        signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=pad_value)
+        padding = (0, 0)
+    return F.conv2d(signs, positive.double() * 2 - 1, None, stride, padding, dilation, groups)
+
+
+conv_cases = st.fixed_dictionaries({
+    "groups": st.sampled_from([1, 1, 2, 3]),
+    "cg": st.sampled_from([1, 3, 16, 63, 64, 65, 100, 130]),
+    "og": st.sampled_from([1, 5, 8, 9, 17]),
+    "kernel": st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    "stride": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    "padding": st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    "pad_value": st.sampled_from([0.0, 1.0, -1.0]),
+    "size": st.tuples(st.integers(1, 2), st.integers(4, 11), st.integers(4, 11)),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def _make_case(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    n, h, w = case["size"]
+    c = case["groups"] * case["cg"]
+    x = torch.randn(n, c, h, w, generator=g)
+    bias = torch.randn(c, generator=g) * 0.3
+    positive = torch.randn(case["og"] * case["groups"], case["cg"], *case["kernel"], generator=g) >= 0
+    return x, bias, positive
+
+
+def _too_small(case) -> bool:
+    _, h, w = case["size"]
+    kh, kw = case["kernel"]
+    eff_h = case["dilation"][0] * (kh - 1) + 1
+    eff_w = case["dilation"][1] * (kw - 1) + 1
+    return h + 2 * case["padding"][0] < eff_h or w + 2 * case["padding"][1] < eff_w
+
+
+@needs_c
+@FAST
+@given(case=conv_cases)
+def test_kernels_match_exact_integer_dot_products(case):
+    if _too_small(case):
+        return
+    x, bias, positive = _make_case(case)
+    packed = pack_weights(positive, case["groups"])
+    expected = reference_dot(x, positive, bias, case["stride"], case["padding"], case["dilation"],
+                             case["groups"], case["pad_value"]).float()
+    kwargs = dict(input_bias=bias, stride=case["stride"], padding=case["padding"],
+                  dilation=case["dilation"], pad_value=case["pad_value"])
+    info = kernel_info()
+    try:
+        for kernel in info["supported"]:
+            set_kernel(kernel)
+            assert torch.equal(binary_conv2d(x, packed, backend="c", **kwargs), expected), kernel
+    finally:
+        set_kernel("auto")
+    assert torch.equal(binary_conv2d(x, packed, backend="torch", **kwargs), expected)
+
+
+@needs_c
+def test_every_supported_kernel_is_reported_and_selectable():
+    info = kernel_info()
+    assert info["backend"] == "c" and "generic" in info["supported"]
+    assert info["kernel"] in info["supported"]
+    try:
+        assert set_kernel("generic") == "generic"
+    finally:
+        set_kernel("auto")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        set_kernel("sse9")
+
+
+@needs_c
+def test_pack_activations_layout_and_channels_last():
+    x = torch.randn(2, 70, 3, 5)
+    bias = torch.randn(70)
+    words = pack_activations(x, bias, groups=1)
+    assert words.shape == (2, 15, 1, 2)
+    bits = (x + bias.view(1, -1, 1, 1) >= 0).permute(0, 2, 3, 1).reshape(2, 15, 70)
+    as_unsigned = [int(v) & (2**64 - 1) for v in words.reshape(-1).tolist()]
+    for index, value in enumerate(as_unsigned):
+        n, p, word = index // 30, (index // 2) % 15, index % 2
+        expected = sum(1 << b for b in range(64) if word * 64 + b < 70 and bits[n, p, word * 64 + b])
+        assert value == expected
+    cl = pack_activations(x.contiguous(memory_format=torch.channels_last), bias, groups=1)
+    assert torch.equal(cl, words)
+
+
+def _avoid_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == 0, torch.full_like(x, 1e-3), x)
+
+
+@FAST
+@given(case=conv_cases, method=st.sampled_from(["bnn", "reactnet", "bimatting", "bireal", "irnet", "dorefa",
+                                               "recu"]))
+def test_packed_conv_equals_simulated_binary_conv(case, method):
+    if _too_small(case) or (method == "recu" and case["cg"] * case["kernel"][0] * case["kernel"][1] == 1):
+        return  # (ReCU's weight variance over a single element is NaN in the simulation itself)
+    x, _, _ = _make_case(case)
+    torch.manual_seed(case["seed"])
+    layer = BinaryConv2d(case["groups"] * case["cg"], case["og"] * case["groups"], case["kernel"],
+                         stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                         groups=case["groups"], bias=case["seed"] % 2 == 0, method=method,
+                         pad_value=case["pad_value"]).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() <= 2:
+                p.normal_(0, 0.3)
+        expected = layer(_avoid_zero(x))
+    impl = PackedConv2d(layer)
+    got = impl(_avoid_zero(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()) + 1e-6)
+    fallback = PackedConv2d(layer, backend="torch")(_avoid_zero(x))
+    torch.testing.assert_close(fallback, got, rtol=0, atol=1e-6 * float(got.abs().max()) + 1e-7)
+
+
+@pytest.mark.parametrize("method", ["xnor", "reactnet"])
+def test_packed_linear_equals_simulated_on_tokens(method):
+    layer = BinaryLinear(67, 13, method=method).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+    x = torch.randn(3, 5, 67)
+    with torch.no_grad():
+        expected = layer(x)
+    got = PackedLinear(layer)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    layer.set_implementation(PackedLinear(layer), "packed")
+    assert layer.implementation == "packed"
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_xnor_conv_and_reflect_padding():
+    x = torch.randn(2, 20, 9, 7)
+    for kwargs in ({"method": "xnor"}, {"method": "bnn", "padding_mode": "reflect"}):
+        layer = BinaryConv2d(20, 11, 3, padding=1, bias=True, **kwargs).eval()
+        with torch.no_grad():
+            expected = layer(x)
+        torch.testing.assert_close(PackedConv2d(layer)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_linear_function_matches_matmul_of_signs():
+    x = torch.randn(4, 200)
+    positive = torch.randn(9, 200) >= 0
+    packed = pack_weights(positive[:, :, None, None])
+    scale = torch.rand(9)
+    y = binary_linear(x, packed, epilogue=Epilogue(scale=scale))
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    expected = (signs @ (positive.float() * 2 - 1).t()) * scale
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+
+
+def test_epilogue_ops_match_formula():
+    x = torch.randn(2, 10, 6, 6)
+    positive = torch.randn(7, 10, 3, 3) >= 0
+    packed = pack_weights(positive)
+    scale, shift, add, slope = torch.rand(7), torch.randn(7), torch.randn(7), torch.rand(7)
+    epilogue = Epilogue(scale=scale, shift=shift, ops=[("prelu", slope), ("add", add), ("relu", None)])
+    dot = reference_dot(x, positive, None, (1, 1), (1, 1), (1, 1), 1, 0.0).float()
+    y = dot * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    y = torch.where(y >= 0, y, y * slope.view(1, -1, 1, 1)) + add.view(1, -1, 1, 1)
+    expected = y.clamp_min(0)
+    for backend in ("c", "torch") if available() else ("torch",):
+        got = binary_conv2d(x, packed, padding=1, epilogue=epilogue, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_positions_compute_only_the_listed_outputs():
+    x = torch.randn(2, 33, 8, 9)
+    packed = pack_weights(torch.randn(12, 33, 3, 3) >= 0)
+    dense = binary_conv2d(x, packed, padding=1)
+    positions = torch.tensor([0, 5, 71, 72, 100, 143])
+    for backend in ("c", "torch") if available() else ("torch",):
+        sparse = binary_conv2d(x, packed, padding=1, positions=positions, backend=backend)
+        flat_sparse, flat_dense = sparse.permute(0, 2, 3, 1).reshape(-1, 12), dense.permute(0, 2, 3, 1).reshape(-1, 12)
+        assert torch.equal(flat_sparse[positions], flat_dense[positions])
+        keep = torch.ones(144, dtype=torch.bool)
+        keep[positions] = False
+        assert torch.count_nonzero(flat_sparse[keep]) == 0
+
+
+def test_zero_activation_is_plus_one_in_the_engine():
+    """The documented difference: torch.sign(0) = 0 in the simulated bimatting layer, +1 packed."""
+    layer = BinaryConv2d(4, 3, 1, bias=False, method="bimatting").eval()
+    x = torch.zeros(1, 4, 2, 2)
+    with torch.no_grad():
+        simulated = layer(x)
+        centred = layer.weight - layer.weight.mean(dim=(1, 2, 3), keepdim=True)
+        alpha = centred.abs().mean(dim=(1, 2, 3))
+        expected = (torch.where(centred >= 0, 1.0, -1.0).sum(dim=(1, 2, 3)) * alpha).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert torch.count_nonzero(simulated) == 0
+    torch.testing.assert_close(PackedConv2d(layer)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def _randomize_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith("bias") or "move" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def _unit(cin: int, cout: int, k: int) -> list:
+    return [*shifted_binary_conv(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout), LearnableBias(cout),
+            nn.PReLU(cout)]
+
+
+def test_deploy_fuses_shift_batchnorm_prelu_and_keeps_keys():
+    model = _randomize_stats(nn.Sequential(*_unit(70, 40, 3), *_unit(40, 24, 1)))
+    x = torch.randn(2, 70, 10, 12)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model)
+    report = deploy_report(deployed)
+    assert report.packed == ["2", "8"] and not report.simulated
+    assert report.fused["2"] == ["0", "3", "4", "5"]
+    assert list(deployed.state_dict()) == list(model.state_dict())
+    assert deployed[2].implementation == "packed" and model[2].implementation == "simulated"
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+    twice = copy.deepcopy(deployed)
+    torch.testing.assert_close(twice(x), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Block(nn.Module):
+    """A non-Sequential container: fusion goes through an fx trace of its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.move = LearnableBias(32)
+        self.conv = BinaryConv2d(32, 32, 3, padding=1, bias=False, method="bimatting")
+        self.bn = nn.BatchNorm2d(32)
+        self.act = nn.PReLU(32)
+
+    def forward(self, x):
+        return self.act(x + self.bn(self.conv(self.move(x))))
+
+
+def test_deploy_fuses_inside_traced_blocks():
+    model = _randomize_stats(nn.Sequential(_Block(), _Block()))
+    x = torch.randn(1, 32, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model)
+    report = deploy_report(deployed)
+    assert report.fused["0.conv"] == ["0.move", "0.bn"]  # the PReLU also sees the shortcut: not fused
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_masked_branch_matches_dense_and_skips_outside_the_mask():
+    pair = SparseAssistedPair(MaskedBranch(*_unit(21, 16, 3)), nn.Sequential(*_unit(21, 16, 1)))
+    pair = _randomize_stats(pair)
+    x = torch.randn(2, 21, 12, 16)
+    mask = torch.zeros(2, 1, 12, 16)
+    mask[0, :, 2:5, 3:9] = 0.5
+    mask[1, :, 7:, :4] = 1.0
+    with torch.no_grad():
+        expected = pair(x, mask)
+    deployed = deploy(pair)
+    assert deploy_report(deployed).sparse == ["sparse"]
+    torch.testing.assert_close(deployed(x, mask), expected, rtol=1e-4, atol=1e-4)
+    assert deployed.sparse.mask_density == pytest.approx(float((mask != 0).float().mean()))
+    # the packed conv really ran only inside the mask: its raw output is zero elsewhere
+    impl = deployed.sparse[2].__dict__["_impl"]
+    positions = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    raw = impl(x, positions=positions)
+    assert torch.count_nonzero(raw * (mask == 0)) == 0
+
+
+def test_deploy_converted_timm_resnet18():
+    timm = pytest.importorskip("timm")
+    import binarize
+
+    float_model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    model = _randomize_stats(binarize.convert(float_model, method="reactnet"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model)
+    report = deploy_report(deployed)
+    assert len(report.packed) == sum(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in model.modules())
+    assert not report.simulated
+    got = deployed(x)
+    # rounding differences can flip a sign deep in the network; outputs stay close
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_deploy_bimatting_close_to_simulated():
+    from binarize.models import create_model
+
+    torch.manual_seed(0)
+    model = _randomize_stats(create_model("bimatting"))
+    src = torch.rand(1, 2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(src, *[None] * 4)
+    deployed = deploy(model)
+    report = deploy_report(deployed)
+    assert not report.simulated and len(report.sparse) >= 6
+    with torch.no_grad():
+        got = deployed(src, *[None] * 4)
+        again = deployed(src, *got[2:])
+        expected_again = model(src, *expected[2:])
+    for a, b in zip(list(got) + list(again), list(expected) + list(expected_again)):
+        assert a.shape == b.shape
+        assert (a - b).abs().mean() < 1e-4
+        assert (a - b).abs().max() < 0.05
+
+
+def test_fallback_warns_once_and_matches(monkeypatch):
+    layer = BinaryConv2d(19, 6, 3, padding=1, method="reactnet").eval()
+    x = torch.randn(1, 19, 7, 7)
+    with torch.no_grad():
+        expected = layer(x)
+    monkeypatch.setattr(_lib, "_state", {"loaded": False, "lib": None, "warned": False})
+    monkeypatch.setattr(_lib, "_find_library_file", lambda: None)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch fallback"):
+        deployed = deploy(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = deployed(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_give_clear_errors():
+    packed = pack_weights(torch.randn(4, 8, 3, 3) >= 0)
+    with pytest.raises(ValueError, match="input has 9 channels"):
+        binary_conv2d(torch.randn(1, 9, 5, 5), packed)
+    with pytest.raises(ValueError, match="pad_value"):
+        binary_conv2d(torch.randn(1, 8, 5, 5), packed, pad_value=0.5)
+    with pytest.raises(ValueError, match="too small"):
+        binary_conv2d(torch.randn(1, 8, 1, 1), packed)
+    with pytest.raises(ValueError, match="4-D"):
+        binary_conv2d(torch.randn(8, 5), packed)
+    with pytest.raises(ValueError, match="nn.Module"):
+        deploy("resnet18")
+    with pytest.raises(ValueError, match="backend"):
+        deploy(nn.Identity(), backend="gpu")
+    with pytest.raises(ValueError, match="epilogue op"):
+        Epilogue(ops=[("sigmoid", None)])
