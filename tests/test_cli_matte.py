@@ -194,3 +194,20 @@ def test_real_bimatting_through_the_cli_matches_direct_calls(tmp_path, capsys, e
             expected.append(pha[0, 0, 0].mul(255).round().int().numpy())
     assert alpha.shape == (3, 32, 40)
     assert np.abs(alpha - np.stack(expected)).max() <= 1
+
+
+def test_bundled_checkpoint_is_used_without_checkpoint(tmp_path, clip, capsys, monkeypatch):
+    import binarize
+    import binarize.cli.matte as matte_cli
+
+    assert matte_cli.bundled_checkpoint("_test_cli_matting") is None  # nothing shipped for the test model
+    model = binarize.create_model("_test_cli_matting")
+    with torch.no_grad():
+        model.gain.fill_(0.0)
+    binarize.save(model, tmp_path / "_test_cli_matting_synthetic.safetensors")
+    monkeypatch.setattr(matte_cli, "bundled_checkpoint", lambda name: tmp_path / f"{name}_synthetic.safetensors")
+    code = matte(clip, "-m", "_test_cli_matting", "--foreground", tmp_path / "fgr", "--output-type", "png_sequence",
+                 "--no-progress")
+    assert code == 0
+    assert "bundled demo weights" in capsys.readouterr().err
+    assert all(np.asarray(Image.open(p)).max() == 0 for p in (tmp_path / "fgr").iterdir())  # gain 0 was loaded

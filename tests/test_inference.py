@@ -333,3 +333,21 @@ def test_streaming_reads_ahead_only_a_bounded_number_of_frames(tmp_path, monkeyp
     # frames decoded but not yet given to the model: the read queue (4 chunks of 2) plus the reader's
     # chunk in hand, never the whole video
     assert max(model.lead) <= 2 * (4 + 2)
+
+
+def test_unreadable_background_video_fails_before_writing(tmp_path, clip):
+    (tmp_path / "bg.mp4").write_text("not a video either")
+    with pytest.raises(ValueError, match="cannot read video .*bg.mp4"):
+        convert_video(MeanAlpha(), clip, output_composition=tmp_path / "c.mp4", background=str(tmp_path / "bg.mp4"),
+                      progress=False)
+    assert only_visible(tmp_path) == ["bg.mp4", "clip.mp4"]
+
+
+def test_reader_thread_error_propagates(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, size in enumerate([(8, 8), (8, 8), (8, 8), (9, 8)]):  # the 4th frame has another size
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(ValueError, match=r"3.png' is 8x9 but the sequence is 8x8"):
+        convert_video(MeanAlpha(), folder, output_alpha=tmp_path / "a.mp4", progress=False)
+    assert only_visible(tmp_path) == ["frames"]

@@ -305,6 +305,8 @@ def convert_video(
         raise ValueError("no output requested: give output_composition, output_alpha or output_foreground")
     if output_composition is None and background is not None:
         bg = Background("transparent")  # unused: avoid opening a background file for nothing
+    if bg.path is not None:
+        open_source(bg.path).close()  # an unreadable background fails now, before any output exists
 
     source = open_source(input_source, Fraction(frame_rate) if frame_rate else None)
     try:
