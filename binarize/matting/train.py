@@ -1,0 +1,626 @@
+"""The matting training recipe of RVM / BiMatting, from one CPU to many GPUs with ``torchrun``.
+
+Each step follows the official ``train.py`` of RVM (PeterL1n/RobustVideoMatting) and BiMatting
+(htqin/BiMatting): a low-resolution matting pass (``downsample_ratio=1``), optionally a
+high-resolution pass (``downsample_ratio=data.downsample_ratio_hr``), and optionally a
+segmentation pass (video clips on even steps, images on odd steps); every pass ends with its own
+optimizer step (Adam, one learning rate per model part). BiMatting's auxiliary 1/16 loss is added
+when the model returns it, feature mimicking when a teacher is configured. Binarizer schedules
+(IR-Net's t, ReCU's tau) are stepped every iteration with ``step_binarizers(model, progress)``.
+
+Scaling: launched by ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins a process group (NCCL on
+GPU, gloo on CPU), wraps the model in DDP and shards data with ``DistributedSampler``; only rank 0
+logs and writes checkpoints. Checkpoints hold only tensors and plain containers (read back with
+``weights_only=True``) and everything needed to continue bit for bit: model, optimizer,
+scheduler, grad scaler, step, the data loaders' positions and every rank's RNG states.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import inspect
+import math
+import os
+import pathlib
+import random
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from binarize.matting import losses
+from binarize.matting.train_config import config_to_yaml
+from binarize.matting.train_state import (
+    ResumableLoader,
+    gather_list,
+    get_rng_state,
+    load_checkpoint_file,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
+
+__all__ = ["Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop"]
+
+CHECKPOINT_FORMAT = "binarize-train-v1"
+LAST_CHECKPOINT = "last.pt"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: Optional[str] = None) -> nn.Module:
+    """A model from the registry (``create_model``) or from ``"package.module:factory"``."""
+    kwargs = dict(kwargs or {})
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            raise ValueError(f"cannot import model factory {name!r}") from None
+        model = factory(**kwargs)
+        model.model_name, model.model_kwargs = name, kwargs
+        if checkpoint is not None:
+            _load_weights(model, checkpoint)
+        return model
+    from binarize.models import create_model
+
+    model = create_model(name, **kwargs)
+    if checkpoint is not None:
+        _load_weights(model, checkpoint)
+    return model
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    """Initial weights: a training checkpoint of ours, or any file ``create_model`` can load."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.init checkpoint not found: {p}")
+    if p.suffix == ".pt" and p.is_file():
+        try:
+            state = load_checkpoint_file(p)
+        except ValueError:
+            state = None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            return
+    from binarize.models.checkpoint import load_checkpoint_into
+
+    load_checkpoint_into(model, p)
+
+
+def build_matting_dataset(
+    data_cfg: Dict[str, Any], *, size: int, seq_length: int, seed: int
+) -> torch.utils.data.Dataset:
+    """The matting dataset named by ``data.dataset`` at one resolution / sequence length."""
+    from binarize.matting import data as matting_data
+
+    name = data_cfg["dataset"]
+    paths = data_cfg["paths"]
+    if name == "synthetic":
+        syn = data_cfg["synthetic"]
+        width, height = _size_pair(syn["size"])
+        return matting_data.SyntheticMatting(
+            clips=int(syn["clips"]), frames=int(syn["frames"]), size=(width, height), seed=int(syn["seed"])
+        )
+    needed = {"videomatte": ("videomatte", "background_images", "background_videos"),
+              "imagematte": ("imagematte", "background_images", "background_videos")}[name]
+    missing = [key for key in needed if not paths.get(key)]
+    if missing:
+        raise ValueError(f"dataset {name!r} needs data.paths.{missing[0]} (a folder)")
+    for key in needed:
+        if not pathlib.Path(paths[key]).is_dir():
+            raise FileNotFoundError(f"data.paths.{key} is not a folder: {paths[key]}")
+    builder = getattr(matting_data, "build_train_dataset", None)
+    if builder is None:
+        raise ValueError(f"binarize.matting.data cannot build the {name!r} training set yet")
+    return builder(name, paths, size=size, seq_length=seq_length)
+
+
+def _size_pair(size: Any) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, str) and "x" in size:
+        w, h = size.lower().split("x")
+        return int(w), int(h)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    raise ValueError(f"size must be WxH, [W, H] or an integer, got {size!r}")
+
+
+def param_groups(model: nn.Module, lrs: Dict[str, float], groups: Dict[str, Sequence[str]]) -> List[Dict[str, Any]]:
+    """Adam parameter groups: each group's learning rate over the parameters of its top-level
+    submodules (``groups``: group -> module names). Every trainable parameter must belong to
+    exactly one group, otherwise a ``ValueError`` names it."""
+    owner: Dict[str, str] = {}
+    for group, prefixes in groups.items():
+        for prefix in prefixes:
+            owner[prefix] = group
+    buckets: Dict[str, List[nn.Parameter]] = {group: [] for group in groups}
+    unassigned = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = owner.get(name.split(".", 1)[0])
+        if group is None:
+            unassigned.append(name)
+        else:
+            buckets[group].append(param)
+    if unassigned:
+        raise ValueError(
+            f"parameter {unassigned[0]!r} is in no optimizer group (optim.groups maps top-level modules: "
+            f"{', '.join(sorted(owner))})"
+        )
+    return [{"params": params, "lr": float(lrs[group]), "name": group} for group, params in buckets.items() if params]
+
+
+def random_crop(*clips: Tensor) -> List[Tensor]:
+    """RVM's training crop: resize ``[B, T, C, H, W]`` clips to a square of the larger of a random
+    height and width (each between half and full size, multiples of 16) and centre-crop to them.
+
+    Uses python's ``random`` (restored on resume). Follows RVM ``train.py`` ``random_crop``.
+    """
+    h, w = clips[0].shape[-2:]
+    new_w = random.choice(range(w // 2, w)) // 16 * 16 if w >= 32 else w
+    new_h = random.choice(range(h // 2, h)) // 16 * 16 if h >= 32 else h
+    side = max(new_h, new_w)
+    top, left = (side - new_h) // 2, (side - new_w) // 2
+    out = []
+    for clip in clips:
+        b, t = clip.shape[:2]
+        img = F.interpolate(clip.flatten(0, 1), (side, side), mode="bilinear", align_corners=False)
+        out.append(img[..., top : top + new_h, left : left + new_w].unflatten(0, (b, t)))
+    return out
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+
+def _dist_env() -> Tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, local, world
+
+
+def _pick_device(requested: Optional[str], local_rank: int) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class _CsvLog:
+    """Scalars appended to ``scalars.csv`` (step, epoch, name, value); TensorBoard too when installed."""
+
+    def __init__(self, folder: pathlib.Path, resume_step: Optional[int]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "scalars.csv"
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "epoch", "name", "value"])
+        self.tensorboard = None
+        try:  # optional dependency, imported lazily
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
+        except ImportError:
+            pass
+
+    def _truncate_after(self, step: int) -> None:
+        # rows logged after the checkpoint we resume from are re-done; drop them
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step] if rows else []
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, epoch: int, scalars: Dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.writerow([step, epoch, name, f"{value:.8g}"])
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(name, value, step)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Runs one stage of the recipe described by a validated config (``load_config``).
+
+    ``Trainer(config, resume=path_or_None).fit()`` trains from ``schedule.epoch_start`` to
+    ``schedule.epoch_end`` (or ``run.max_steps``) and returns the output folder. ``model`` may be
+    given directly (it must follow the matting contract) instead of ``model.name``.
+    """
+
+    def __init__(
+        self, config: Dict[str, Any], *, resume: Optional[str] = None, model: Optional[nn.Module] = None
+    ) -> None:
+        self.cfg = config
+        self.rank, self.local_rank, self.world_size = _dist_env()
+        self.device = _pick_device(config["run"]["device"], self.local_rank)
+        self.distributed = self.world_size > 1
+        self._init_process_group()
+        self.output_dir = pathlib.Path(config["run"]["output_dir"])
+        self.is_main = self.rank == 0
+        resume_state = self._read_resume(resume)
+        seed_everything(int(config["run"]["seed"]) + self.rank)
+
+        self.model = model if model is not None else build_model(
+            config["model"]["name"], config["model"]["kwargs"], None if resume_state else config["model"]["init"]
+        )
+        self.model.to(self.device).train()
+        # BiMatting returns its 1/16 outputs with return_aux=True: [fgr, pha, fgr_s, pha_s, *rec]
+        self.use_aux = bool(config["loss"]["aux"]) and "return_aux" in inspect.signature(self.model.forward).parameters
+        self._init_amp()
+        self._init_data()
+        self._init_teacher()
+        self.optimizer = torch.optim.Adam(
+            param_groups(self.model, config["optim"]["lr"], config["optim"]["groups"])
+        )
+        sched = config["schedule"]
+        self.steps_per_epoch = int(sched["steps_per_epoch"] or len(self.loader_lr))
+        self.start_step = sched["epoch_start"] * self.steps_per_epoch
+        self.end_step = sched["epoch_end"] * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = self.start_step
+        self.ddp_model = self._wrap_ddp()
+        if resume_state is not None:
+            self._restore(resume_state)
+        else:  # a later stage continues the data order where the epochs are, not from epoch 0
+            for loader in self._loaders().values():
+                loader.epoch = int(sched["epoch_start"])
+        self.log = _CsvLog(self.output_dir, self.step if resume_state else None) if self.is_main else None
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _init_process_group(self) -> None:
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+
+    def _read_resume(self, resume: Optional[str]) -> Optional[Dict[str, Any]]:
+        if resume is None:
+            return None
+        path = pathlib.Path(resume)
+        if path.is_dir():
+            path = path / LAST_CHECKPOINT
+        return load_checkpoint_file(path, map_location="cpu")
+
+    def _init_amp(self) -> None:
+        mode = self.cfg["run"]["amp"]
+        self.amp_dtype: Optional[torch.dtype] = None
+        if self.device.type == "cuda" and mode != "none":
+            if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+                self.amp_dtype = torch.bfloat16
+            else:
+                self.amp_dtype = torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _make_loader(self, dataset: torch.utils.data.Dataset, batch_size: int, seed_offset: int) -> ResumableLoader:
+        data = self.cfg["data"]
+        return ResumableLoader(
+            dataset,
+            batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=int(self.cfg["run"]["seed"]) + seed_offset,
+            num_workers=int(data["num_workers"]),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _init_data(self) -> None:
+        data, seed = self.cfg["data"], int(self.cfg["run"]["seed"])
+        batch = int(data["batch_size_per_gpu"])
+        lr_set = build_matting_dataset(data, size=data["resolution_lr"], seq_length=data["seq_length_lr"], seed=seed)
+        self.loader_lr = self._make_loader(lr_set, batch, 0)
+        self.loader_hr: Optional[ResumableLoader] = None
+        if data["train_hr"]:
+            hr_set = build_matting_dataset(
+                data, size=data["resolution_hr"], seq_length=data["seq_length_hr"], seed=seed + 1
+            )
+            self.loader_hr = self._make_loader(hr_set, batch, 1)
+        self.loader_seg_video: Optional[ResumableLoader] = None
+        self.loader_seg_image: Optional[ResumableLoader] = None
+        if self.cfg["segmentation"]["enabled"]:
+            from binarize.matting import data as matting_data
+
+            builder = getattr(matting_data, "build_segmentation_datasets", None)
+            if builder is None:
+                raise ValueError("segmentation passes need binarize.matting.data.build_segmentation_datasets")
+            video_set, image_set = builder(
+                self.cfg["segmentation"]["paths"], size=data["resolution_lr"], seq_length=data["seq_length_lr"]
+            )
+            self.loader_seg_video = self._make_loader(video_set, batch, 2)
+            # images are batched T at a time and treated as T=1 clips, as in RVM
+            self.loader_seg_image = self._make_loader(image_set, batch * int(data["seq_length_lr"]), 3)
+
+    def _init_teacher(self) -> None:
+        dcfg = self.cfg["distill"]
+        self.teacher: Optional[nn.Module] = None
+        if dcfg["teacher"] is None:
+            return
+        if not dcfg["teacher_checkpoint"]:
+            raise ValueError("distillation needs a trained teacher: set --teacher-checkpoint (distill.teacher_checkpoint)")
+        teacher = build_model(dcfg["teacher"], dcfg["teacher_kwargs"], dcfg["teacher_checkpoint"])
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student_features = losses.FeatureRecorder(self.model, dcfg["student_layers"])
+        self.teacher_features = losses.FeatureRecorder(self.teacher, dcfg["teacher_layers"])
+
+    def _wrap_ddp(self) -> nn.Module:
+        if not self.distributed:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # GPU: SyncBatchNorm keeps BN statistics global, buffers need no broadcast (as RVM/BiMatting).
+        # CPU/gloo has no SyncBatchNorm: broadcast rank 0's BN buffers at every forward instead.
+        sync_buffers = self.device.type != "cuda"
+        if self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        kwargs: Dict[str, Any] = {"find_unused_parameters": True}
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+            kwargs["forward_sync_buffers"] = sync_buffers
+        else:  # torch before forward_sync_buffers
+            kwargs["broadcast_buffers"] = sync_buffers
+        if self.device.type == "cuda":
+            kwargs["device_ids"] = [self.device.index]
+        return DDP(self.model, **kwargs)
+
+    def _lr_factor(self, step: int) -> float:
+        if self.cfg["optim"]["scheduler"] == "constant":
+            return 1.0
+        span = max(self.end_step - self.start_step, 1)
+        done = min(max(step, 0), span)
+        return 0.5 * (1.0 + math.cos(math.pi * done / span))
+
+    # ------------------------------------------------------------------ state
+
+    def _loaders(self) -> Dict[str, ResumableLoader]:
+        named = {"lr": self.loader_lr, "hr": self.loader_hr,
+                 "seg_video": self.loader_seg_video, "seg_image": self.loader_seg_image}
+        return {name: loader for name, loader in named.items() if loader is not None}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly (collective: every rank must call it)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
+            "rng": gather_list(get_rng_state(), self.world_size),
+            "loaders": {name: loader.state_dict() for name, loader in self._loaders().items()},
+            "model_name": str(getattr(self.model, "model_name", "")),
+            "config": config_to_yaml(self.cfg),
+        }
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(
+                f"cannot resume: the checkpoint has {state['steps_per_epoch']} steps per epoch, this run "
+                f"{self.steps_per_epoch} (same data, batch size and number of processes needed)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        for name, loader in self._loaders().items():
+            if name in state["loaders"]:
+                loader.load_state_dict(state["loaders"][name])
+        rngs = state["rng"]
+        if len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank])
+        elif self.is_main:
+            print(f"warning: checkpoint from {len(rngs)} processes, resuming on {self.world_size}: "
+                  "RNG streams restart from the seed", file=sys.stderr)
+
+    def save(self, name: str = LAST_CHECKPOINT) -> Optional[pathlib.Path]:
+        """Write a training checkpoint atomically (rank 0 writes; every rank must call)."""
+        state = self.state_dict()
+        path = None
+        if self.is_main:
+            path = save_atomic(state, self.output_dir / name)
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ------------------------------------------------------------------ passes
+
+    def _forward_matting(self, src: Tensor, ratio: float) -> List[Tensor]:
+        if self.use_aux:
+            return list(self.ddp_model(src, downsample_ratio=ratio, return_aux=True))
+        return list(self.ddp_model(src, downsample_ratio=ratio))
+
+    def _distill_loss(self, src: Tensor, ratio: float, mask_from: Optional[Tensor], **kw: Any) -> Tensor:
+        assert self.teacher is not None
+        with torch.no_grad():
+            self.teacher(src, downsample_ratio=ratio, **kw)
+        mask = None
+        if mask_from is not None and self.cfg["distill"]["localized"]:
+            from binarize.ops import incoherent_mask
+
+            mask = incoherent_mask(mask_from)
+        loss = losses.feature_mimic_loss(self.student_features.features(), self.teacher_features.features(), mask)
+        self.student_features.clear()
+        self.teacher_features.clear()
+        return loss * float(self.cfg["distill"]["weight"])
+
+    def _backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        clip = self.cfg["optim"]["grad_clip"]
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_matting(self, batch: Sequence[Tensor], ratio: float, tag: str) -> Dict[str, float]:
+        """One matting pass (forward, losses, optimizer step); returns the scalars to log."""
+        true_fgr, true_pha, true_bgr = (t.to(self.device, non_blocking=True) for t in batch[:3])
+        if self.cfg["data"]["random_crop"]:
+            true_fgr, true_pha, true_bgr = random_crop(true_fgr, true_pha, true_bgr)
+        true_src = true_fgr * true_pha + true_bgr * (1 - true_pha)
+        with self._autocast():
+            out = self._forward_matting(true_src, ratio)
+            terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha)
+            total = terms["total"]
+            if self.use_aux:
+                aux = losses.aux_matting_loss(out[2].float(), out[3].float(), true_fgr, true_pha,
+                                              weight=float(self.cfg["loss"]["aux_weight"]))
+                terms["aux_total"] = aux["aux_total"]
+                total = total + aux["aux_total"]
+            if self.teacher is not None:
+                terms["distill"] = self._distill_loss(true_src, ratio, true_pha)
+                total = total + terms["distill"]
+        terms["total"] = total
+        self._backward(total)
+        return {f"train_{tag}/{name}": float(value.detach()) for name, value in terms.items()}
+
+    def train_segmentation(self, batch: Sequence[Tensor], tag: str) -> Dict[str, float]:
+        """One segmentation pass (BCE on the model's ``segmentation_pass=True`` logits)."""
+        true_img, true_seg = (t.to(self.device, non_blocking=True) for t in batch[:2])
+        if true_img.ndim == 4:  # images: one frame per clip
+            true_img, true_seg = true_img.unsqueeze(1), true_seg.unsqueeze(1)
+        if self.cfg["data"]["random_crop"]:
+            true_img, true_seg = random_crop(true_img, true_seg)
+        with self._autocast():
+            pred_seg = self.ddp_model(true_img, segmentation_pass=True)[0]
+            loss = losses.segmentation_loss(pred_seg.float(), true_seg)
+            if self.teacher is not None:
+                loss = loss + self._distill_loss(true_img, 1.0, None, segmentation_pass=True)
+        self._backward(loss)
+        return {f"{tag}/loss": float(loss.detach())}
+
+    # ------------------------------------------------------------------ loop
+
+    def progress(self) -> float:
+        """Binarizer schedule position in [0, 1]: epochs done / ``schedule.binarizer_epochs``."""
+        total = float(self.cfg["schedule"]["binarizer_epochs"] or self.cfg["schedule"]["epoch_end"])
+        return min(max(self.step / (self.steps_per_epoch * total), 0.0), 1.0)
+
+    def train_step(self) -> Dict[str, float]:
+        """One iteration of the recipe (low-res pass, high-res pass, segmentation pass)."""
+        from binarize.ops import step_binarizers
+
+        step_binarizers(self.model, self.progress())
+        scalars = self.train_matting(self.loader_lr.next(), 1.0, "lr")
+        if self.loader_hr is not None:
+            scalars.update(self.train_matting(self.loader_hr.next(), float(self.cfg["data"]["downsample_ratio_hr"]), "hr"))
+        if self.loader_seg_video is not None and self.loader_seg_image is not None:
+            if self.step % 2 == 0:
+                scalars.update(self.train_segmentation(self.loader_seg_video.next(), "seg_video"))
+            else:
+                scalars.update(self.train_segmentation(self.loader_seg_image.next(), "seg_image"))
+        self.scheduler.step()
+        scalars["lr/" + self.optimizer.param_groups[0].get("name", "0")] = self.optimizer.param_groups[0]["lr"]
+        return scalars
+
+    def _steps(self) -> Iterator[int]:
+        stop = self.end_step
+        max_steps = self.cfg["run"]["max_steps"]
+        if max_steps is not None:
+            stop = min(stop, int(max_steps))
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop - self.start_step, initial=max(self.step - self.start_step, 0), unit="step",
+                   dynamic_ncols=True, disable=not (self.is_main and self.cfg["run"]["progress"]))
+        try:
+            while self.step < stop:
+                yield self.step
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def fit(self) -> pathlib.Path:
+        """Train to the end of the stage (or ``run.max_steps``); returns the output folder."""
+        run = self.cfg["run"]
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        try:
+            for step in self._steps():
+                scalars = self.train_step()
+                self.step = step + 1
+                epoch = step // self.steps_per_epoch
+                if self.log is not None and (step % run["log_interval"] == 0 or self.step == self.end_step):
+                    self.log.log(step, epoch, scalars)
+                if self.step % self.steps_per_epoch == 0:
+                    self.save(f"epoch-{epoch}.pt")
+                if self.step % run["checkpoint_interval"] == 0 or self.step % self.steps_per_epoch == 0:
+                    self.save()
+            if self.step % run["checkpoint_interval"] != 0 and self.step % self.steps_per_epoch != 0:
+                self.save()
+            if self.is_main and self.step >= self.end_step:
+                self._export_compact()
+        finally:
+            if self.log is not None:
+                self.log.close()
+        return self.output_dir
+
+    def _export_compact(self) -> None:
+        """The final weights as a compact ``model.safetensors`` (``binarize.load`` rebuilds it)."""
+        try:
+            from binarize.models.checkpoint import save as save_compact
+        except ImportError:
+            return
+        if getattr(self.model, "model_name", None) and ":" not in self.model.model_name:
+            save_compact(self.model, self.output_dir / "model.safetensors")
+
+    def close(self) -> None:
+        """Leave the process group (when this trainer joined one)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def train(config: Dict[str, Any], *, resume: Optional[str] = None,
+          on_end: Optional[Callable[[Trainer], None]] = None) -> pathlib.Path:
+    """Build a :class:`Trainer` for ``config``, run it, and leave the process group."""
+    trainer = Trainer(config, resume=resume)
+    try:
+        out = trainer.fit()
+        if on_end is not None:
+            on_end(trainer)
+        return out
+    finally:
+        trainer.close()

@@ -1,0 +1,303 @@
+"""The training recipe: configs, a short run (CSV + checkpoint), exact resume, DDP on 2 CPU processes."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+from typing import List, Optional
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from binarize.matting import train as train_mod
+from binarize.matting.train_config import CONFIG_DIR, DEFAULTS, load_config, validate_config
+from binarize.matting.train_state import ResumableLoader, get_rng_state, load_checkpoint_file, set_rng_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class TinyMatting(nn.Module):
+    """A minimal model following the matting contract, with the official part names.
+
+    ``fgr, pha, *rec = model(src, *rec, downsample_ratio=..., return_aux=...)``; a BatchNorm makes
+    the buffers matter for resume and DDP.
+    """
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.aspp = nn.Conv2d(width, width, 1)
+        self.decoder = nn.ModuleDict({"decode1": nn.Conv2d(width, width, 3, padding=1)})
+        self.project_mat = nn.Conv2d(width, 4, 1)
+        self.project_seg = nn.Conv2d(width, 1, 1)
+        self.refiner = nn.Conv2d(4, 4, 1)
+
+    def forward(self, src: Tensor, *rec: Optional[Tensor], downsample_ratio: float = 1.0,
+                segmentation_pass: bool = False, return_aux: bool = False) -> List[Tensor]:
+        b, t = src.shape[:2]
+        x = src.flatten(0, 1)
+        hid = self.decoder["decode1"](self.aspp(self.backbone(x)))
+        if segmentation_pass:
+            return [self.project_seg(hid).unflatten(0, (b, t)), None, None, None, None]
+        out = self.project_mat(hid)
+        if downsample_ratio != 1.0:
+            out = self.refiner(out)
+        fgr = (out[:, :3] + x).clamp(0, 1).unflatten(0, (b, t))
+        pha = out[:, 3:].clamp(0, 1).unflatten(0, (b, t))
+        outs = [fgr, pha]
+        if return_aux:
+            small = nn.functional.avg_pool2d(out, 4)
+            outs += [small[:, :3].clamp(0, 1).unflatten(0, (b, t)), small[:, 3:].clamp(0, 1).unflatten(0, (b, t))]
+        return outs + [None] * 4
+
+
+TINY = "tests.test_train:TinyMatting"
+
+
+def tiny_config(tmp_path: pathlib.Path, **run) -> dict:
+    cfg = {
+        "model": {"name": TINY},
+        "data": {
+            "dataset": "synthetic",
+            "synthetic": {"clips": 4, "frames": 2, "size": [64, 64], "seed": 3},
+            "num_workers": 0,
+            "random_crop": False,
+        },
+        "optim": {"lr": {"backbone": 1e-3, "aspp": 2e-3, "decoder": 2e-3, "refiner": 0.0}, "scheduler": "cosine"},
+        "schedule": {"epoch_end": 2, "steps_per_epoch": 2},
+        "run": {"output_dir": str(tmp_path / "run"), "log_interval": 1, "checkpoint_interval": 100,
+                "progress": False, **run},
+    }
+    return validate_config(cfg)
+
+
+def weights_digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ configs
+
+
+def test_shipped_configs_validate():
+    names = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    for stage in range(1, 5):
+        assert f"bimatting/stage{stage}.yaml" in names
+        assert f"rvm/stage{stage}.yaml" in names
+    assert "synthetic/bimatting.yaml" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg["model"]["name"]
+
+
+def test_official_recipe_values():
+    s1, s2, s3, s4 = (load_config(f"configs/bimatting/stage{i}.yaml") for i in range(1, 5))
+    assert s1["optim"]["lr"] == {"backbone": 1e-4, "aspp": 2e-4, "decoder": 2e-4, "refiner": 0.0}
+    assert (s1["data"]["seq_length_lr"], s1["schedule"]["epoch_start"], s1["schedule"]["epoch_end"]) == (15, 0, 20)
+    assert s2["optim"]["lr"]["backbone"] == pytest.approx(s1["optim"]["lr"]["backbone"] / 2)
+    assert s3["data"]["train_hr"] and s3["data"]["seq_length_hr"] == 6 and s3["data"]["downsample_ratio_hr"] == 0.25
+    assert s4["data"]["dataset"] == "imagematte" and s4["optim"]["lr"]["refiner"] == 2e-4
+    assert all(s["segmentation"]["enabled"] for s in (s1, s2, s3, s4))
+    r2 = load_config("rvm/stage2.yaml")
+    assert r2["data"]["seq_length_lr"] == 50 and r2["model"]["name"] == "rvm_mobilenetv3"
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda c: c["data"].update(dataset="imagenet"), "unknown dataset 'imagenet'"),
+        (lambda c: c.pop("model"), "missing key model.name"),
+        (lambda c: c["optim"]["lr"].pop("aspp"), "missing key optim.lr.aspp"),
+        (lambda c: c["schedule"].pop("epoch_end"), "missing key schedule.epoch_end"),
+        (lambda c: c["run"].update(bogus=1), "unknown key run.'bogus'"),
+        (lambda c: c["run"].update(amp="fp8"), "run.amp must be one of"),
+        (lambda c: c["schedule"].update(epoch_end=0), "epoch_end must be an integer greater"),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, mutate, message):
+    cfg = yaml.safe_load((CONFIG_DIR / "bimatting" / "stage1.yaml").read_text())
+    cfg.pop("base", None)
+    cfg = {**cfg, "data": dict(cfg.get("data", {}), dataset="videomatte")}
+    cfg.setdefault("model", {"name": "bimatting"})
+    cfg.setdefault("optim", {}).setdefault("lr", {"backbone": 1, "aspp": 1, "decoder": 1, "refiner": 1})
+    cfg.setdefault("schedule", {}).setdefault("epoch_end", 1)
+    mutate(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from binarize.cli.main import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: bimatting}\ndata: {dataset: kinetics}\nschedule: {epoch_end: 1}\n"
+                   "optim: {lr: {backbone: 1, aspp: 1, decoder: 1, refiner: 1}}\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("binarize train: error: ")
+    assert "unknown dataset 'kinetics'" in err[0]
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_defaults_cover_every_section():
+    assert set(DEFAULTS) == {"model", "data", "segmentation", "optim", "loss", "distill", "schedule", "run"}
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def test_param_groups_follow_the_official_split():
+    model = TinyMatting()
+    groups = train_mod.param_groups(model, {"backbone": 1.0, "aspp": 2.0, "decoder": 3.0, "refiner": 4.0},
+                                    DEFAULTS["optim"]["groups"])
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["decoder"]["lr"] == 3.0
+    n_decoder = sum(p.numel() for p in by_name["decoder"]["params"])
+    expected = sum(p.numel() for m in (model.decoder, model.project_mat, model.project_seg) for p in m.parameters())
+    assert n_decoder == expected
+    with pytest.raises(ValueError, match="in no optimizer group"):
+        train_mod.param_groups(model, {"backbone": 1.0}, {"backbone": ["backbone"]})
+
+
+def test_random_crop_is_multiple_of_16_between_half_and_full():
+    import random
+
+    random.seed(0)
+    clip = torch.rand(1, 2, 3, 96, 160)
+    for _ in range(10):
+        (out,) = train_mod.random_crop(clip)
+        h, w = out.shape[-2:]
+        assert h % 16 == 0 and w % 16 == 0 and 48 - 16 < h <= 96 and 80 - 16 < w <= 160
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = get_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_resumable_loader_continues_where_it_stopped():
+    data = torch.utils.data.TensorDataset(torch.arange(10).float())
+    straight = ResumableLoader(data, 2, seed=1)
+    seq = [straight.next()[0].tolist() for _ in range(8)]  # crosses an epoch boundary (5 batches/epoch)
+    first = ResumableLoader(data, 2, seed=1)
+    part = [first.next()[0].tolist() for _ in range(3)]
+    second = ResumableLoader(data, 2, seed=1)
+    second.load_state_dict(first.state_dict())
+    part += [second.next()[0].tolist() for _ in range(5)]
+    assert part == seq
+    assert sorted(sum(seq[:5], [])) == list(range(10))  # one epoch sees every sample once
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ResumableLoader(data, 4, world_size=3)
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_two_step_run_writes_csv_and_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2)
+    out = train_mod.train(cfg)
+    rows = list(csv.DictReader(open(out / "scalars.csv")))
+    assert {r["step"] for r in rows} == {"0", "1"}
+    names = {r["name"] for r in rows}
+    assert {"train_lr/total", "train_lr/pha_l1", "train_lr/aux_total"} <= names
+    ckpt = load_checkpoint_file(out / "last.pt")  # weights_only=True inside
+    assert ckpt["step"] == 2 and ckpt["epoch"] == 1
+    assert (out / "epoch-0.pt").exists()
+    model = TinyMatting()
+    model.load_state_dict(ckpt["model"])
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    # losses are finite and the learning rate of the first group follows the cosine schedule
+    assert all(torch.isfinite(torch.tensor(float(r["value"]))) for r in rows)
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight = train_mod.Trainer(tiny_config(tmp_path / "a"))
+    straight.fit()
+    expected = weights_digest(straight.model.state_dict())
+    optim_expected = straight.optimizer.state_dict()
+
+    half = train_mod.Trainer(tiny_config(tmp_path / "b", max_steps=2))
+    half.fit()
+    assert weights_digest(half.model.state_dict()) != expected
+    torch.manual_seed(12345)  # disturb the global RNG: resume must restore it
+    resumed = train_mod.Trainer(tiny_config(tmp_path / "b"), resume=str(tmp_path / "b" / "run"))
+    assert resumed.step == 2
+    resumed.fit()
+    assert weights_digest(resumed.model.state_dict()) == expected
+    got = resumed.optimizer.state_dict()
+    for idx, st in optim_expected["state"].items():
+        assert torch.equal(st["exp_avg"], got["state"][idx]["exp_avg"])
+    assert resumed.scheduler.state_dict()["last_epoch"] == 4
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "run" / "scalars.csv"))]
+    assert sorted(set(steps)) == [0, 1, 2, 3]
+
+
+def test_resume_rejects_foreign_files(tmp_path):
+    bogus = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    with pytest.raises(ValueError, match="not a binarize training checkpoint"):
+        train_mod.Trainer(tiny_config(tmp_path), resume=str(bogus))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train_mod.Trainer(tiny_config(tmp_path), resume=str(tmp_path / "missing.pt"))
+
+
+HASH_HOOK = """
+import hashlib, os, sys, torch
+import binarize.matting.train as t
+orig = t.Trainer.fit
+def fit(self):
+    out = orig(self)
+    h = hashlib.sha256()
+    for k, v in sorted(self.model.named_parameters()):
+        h.update(v.detach().contiguous().numpy().tobytes())
+    (out / f"hash-rank{self.rank}.txt").write_text(h.hexdigest())
+    return out
+t.Trainer.fit = fit
+from binarize.cli.main import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run(tmp_path):
+    cfg = {
+        "model": {"name": TINY},
+        "data": {"dataset": "synthetic", "synthetic": {"clips": 4, "frames": 2, "size": [64, 64]},
+                 "num_workers": 0, "random_crop": False},
+        "optim": {"lr": {"backbone": 1e-3, "aspp": 1e-3, "decoder": 1e-3, "refiner": 1e-3}},
+        "schedule": {"epoch_end": 2},
+        "run": {"output_dir": str(tmp_path / "ddp"), "log_interval": 1, "progress": False},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "launch.py").write_text(HASH_HOOK)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "launch.py"), "train", "--config", str(tmp_path / "tiny.yaml"), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ddp"
+    ckpt = load_checkpoint_file(out / "last.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # 4 clips over 2 processes, batch 1: 2 steps per epoch, 2 epochs
+    assert ckpt["step"] == 4 and ckpt["steps_per_epoch"] == 2
+    hashes = {(out / f"hash-rank{r}.txt").read_text() for r in range(2)}
+    assert len(hashes) == 1, "ranks ended with different weights"
+    assert (out / "scalars.csv").exists()
