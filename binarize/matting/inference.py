@@ -325,86 +325,113 @@ def _run(
     downsample_ratio: Optional[float], seq_chunk: int, device: Any, dtype: Optional[torch.dtype],
     progress: bool, bit_rate: Optional[int],
 ) -> ConversionResult:
-    width, height = source.width, source.height
     if device is not None:
         model.to(device)
     model_device, model_dtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
-    dtype = dtype or model_dtype
     if downsample_ratio is None:
-        downsample_ratio = auto_downsample_ratio(height, width)
-    static_bgr = _static_background(bg, width, height, device, dtype)
-    bg_frames = _looping_frames(bg.path, width, height) if bg.kind == "video" else None
-
-    pipeline = _Pipeline()
-    read_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
-    write_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
-    committed = False
+        downsample_ratio = auto_downsample_ratio(source.height, source.width)
+    job = _MattingJob(model, source, outputs, bg, float(downsample_ratio), seq_chunk, device, dtype or model_dtype)
     was_training = model.training
-    bar = tqdm(total=source.num_frames, unit="frame", desc="matting", disable=not progress, dynamic_ncols=True)
     try:
-        for out in outputs:
+        return job.run(progress, bit_rate)
+    finally:
+        model.train(was_training)
+
+
+class _MattingJob:
+    """One conversion: a reader thread, the model on the calling thread, a writer thread."""
+
+    def __init__(
+        self, model: torch.nn.Module, source: FrameSource, outputs: List[_Output], bg: Background,
+        downsample_ratio: float, seq_chunk: int, device: torch.device, dtype: torch.dtype,
+    ) -> None:
+        self.model, self.source, self.outputs = model, source, outputs
+        self.downsample_ratio, self.seq_chunk = downsample_ratio, seq_chunk
+        self.device, self.dtype = device, dtype
+        self.static_bgr = _static_background(bg, source.width, source.height, device, dtype)
+        self.bg_frames = _looping_frames(bg.path, source.width, source.height) if bg.kind == "video" else None
+        self.pipeline = _Pipeline()
+        self.read_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+        self.write_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+
+    def run(self, progress: bool, bit_rate: Optional[int]) -> ConversionResult:
+        """Stream every frame through the model; commit all outputs on success, delete them otherwise."""
+        committed = False
+        bar = tqdm(total=self.source.num_frames, unit="frame", desc="matting", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            self._open_writers(bit_rate)
+            self.pipeline.spawn(self._read, "binarize-matte-reader")
+            self.pipeline.spawn(self._write, "binarize-matte-writer")
+            start = time.perf_counter()
+            frames = self._infer(bar)
+            self.pipeline.put(self.write_q, _END)
+            self.pipeline.join()
+            self.pipeline.raise_error()
+            seconds = time.perf_counter() - start
+            if frames == 0:
+                raise ValueError(f"input {str(self.source.path)!r} has no frames")
+            for out in self.outputs:
+                out.writer.commit()
+            committed = True
+            return ConversionResult(
+                frames=frames, seconds=seconds, fps=frames / max(seconds, 1e-9), width=self.source.width,
+                height=self.source.height, frame_rate=self.source.frame_rate,
+                downsample_ratio=self.downsample_ratio, outputs={out.name: out.path for out in self.outputs},
+            )
+        finally:
+            self.pipeline.stop.set()
+            self.pipeline.join()
+            bar.close()
+            if not committed:
+                for out in self.outputs:
+                    if out.writer is not None:
+                        out.writer.abort()
+
+    def _open_writers(self, bit_rate: Optional[int]) -> None:
+        source = self.source
+        for out in self.outputs:
             out.writer = open_writer(
-                out.path, out.kind, width, height, out.channels, source.frame_rate,
+                out.path, out.kind, source.width, source.height, out.channels, source.frame_rate,
                 audio_path=source.audio_path, audio_offset=source.start_time, bit_rate=bit_rate,
             )
 
-        def reader() -> None:
-            for chunk in _read_chunks(source, seq_chunk):
-                bgr = np.stack([next(bg_frames) for _ in chunk]) if bg_frames is not None else None
-                if not pipeline.put(read_q, (chunk, bgr)):
-                    return
-            pipeline.put(read_q, _END)
+    def _read(self) -> None:
+        """Reader thread: decode chunks of ``seq_chunk`` frames (and background frames) into the read queue."""
+        for chunk in _read_chunks(self.source, self.seq_chunk):
+            bgr = np.stack([next(self.bg_frames) for _ in chunk]) if self.bg_frames is not None else None
+            if not self.pipeline.put(self.read_q, (chunk, bgr)):
+                return
+        self.pipeline.put(self.read_q, _END)
 
-        def writer() -> None:
-            while (item := pipeline.get(write_q)) is not _END:
-                for out in outputs:
-                    out.writer.write(item[out.name])
-            if pipeline.stop.is_set():
-                return  # cancelled: the main thread aborts the writers
-            for out in outputs:
-                out.writer.close()
-
-        pipeline.spawn(reader, "binarize-matte-reader")
-        pipeline.spawn(writer, "binarize-matte-writer")
-        model.eval()
+    def _infer(self, bar: tqdm) -> int:
+        """Main thread: run the model chunk by chunk, carrying only the recurrent state; returns frames done."""
+        self.model.eval()
         rec: List[Any] = [None] * 4
-        frames, start = 0, time.perf_counter()
+        frames = 0
         with torch.inference_mode():
-            while (item := pipeline.get(read_q)) is not _END:
+            while (item := self.pipeline.get(self.read_q)) is not _END:
                 chunk, bgr_chunk = item
-                src = _frames_to_tensor(chunk, device, dtype).unsqueeze(0)
-                fgr, pha, *rec = model(src, *rec, downsample_ratio=downsample_ratio)
+                src = _frames_to_tensor(chunk, self.device, self.dtype).unsqueeze(0)
+                fgr, pha, *rec = self.model(src, *rec, downsample_ratio=self.downsample_ratio)
                 _check_model_output(fgr, pha, src)
-                bgr = static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, device, dtype)
-                results = _render(outputs, fgr[0], pha[0], bgr)
-                if not pipeline.put(write_q, results):
+                bgr = self.static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, self.device, self.dtype)
+                if not self.pipeline.put(self.write_q, _render(self.outputs, fgr[0], pha[0], bgr)):
                     break
                 frames += src.shape[1]
                 bar.update(src.shape[1])
-        pipeline.put(write_q, _END)
-        pipeline.join()
-        pipeline.raise_error()
-        seconds = time.perf_counter() - start
-        if frames == 0:
-            raise ValueError(f"input {str(source.path)!r} has no frames")
-        for out in outputs:
-            out.writer.commit()
-        committed = True
-        return ConversionResult(
-            frames=frames, seconds=seconds, fps=frames / max(seconds, 1e-9), width=width, height=height,
-            frame_rate=source.frame_rate, downsample_ratio=float(downsample_ratio),
-            outputs={out.name: out.path for out in outputs},
-        )
-    finally:
-        pipeline.stop.set()
-        pipeline.join()
-        bar.close()
-        model.train(was_training)
-        if not committed:
-            for out in outputs:
-                if out.writer is not None:
-                    out.writer.abort()
+        return frames
+
+    def _write(self) -> None:
+        """Writer thread: encode rendered frames; finish the files unless the job was cancelled."""
+        while (item := self.pipeline.get(self.write_q)) is not _END:
+            for out in self.outputs:
+                out.writer.write(item[out.name])
+        if self.pipeline.stop.is_set():
+            return  # cancelled: the main thread aborts the writers
+        for out in self.outputs:
+            out.writer.close()
 
 
 def _static_background(
