@@ -12,6 +12,7 @@ _LAZY = {
     "SyntheticMatting": "synthetic",
     "composite": "synthetic",
     "parse_size": "synthetic",
+    "write_synthetic": "synthetic",
 }
 
 __all__ = list(_LAZY)

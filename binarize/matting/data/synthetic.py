@@ -12,16 +12,18 @@ A clip depends only on ``(seed, split, index)``, so any worker can build any cli
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import zlib
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SyntheticMatting", "composite", "parse_size", "BACKGROUND_MODES"]
+__all__ = ["SyntheticMatting", "composite", "parse_size", "write_synthetic", "BACKGROUND_MODES"]
 
 BACKGROUND_MODES = ("mixed", "static", "moving")
 SizeLike = Union[int, str, Sequence[int]]
@@ -408,3 +410,104 @@ class SyntheticMatting(Dataset):
     def __repr__(self) -> str:
         return (f"SyntheticMatting(clips={self.clips}, frames={self.frames}, size=({self.width}, "
                 f"{self.height}), seed={self.seed}, background={self.background!r}, split={self.split!r})")
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _frame_name(index: int, ext: str) -> str:
+    return f"{index:04d}.{ext}"
+
+
+def _write_clip(sample: Tuple[np.ndarray, np.ndarray, np.ndarray], folders: dict, ext: str, bar) -> None:
+    """Write one clip's frames into ``folders`` (keys among fgr, pha, bgr, com) as 8-bit images."""
+    from binarize.matting.data.imageio import save_gray, save_rgb
+
+    fgr, pha, bgr = sample
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for t in range(len(pha)):
+        name = _frame_name(t, ext)
+        if "fgr" in folders:
+            save_rgb(folders["fgr"] / name, fgr[t])
+        if "pha" in folders:
+            save_gray(folders["pha"] / name, pha[t])
+        if "bgr" in folders:
+            save_rgb(folders["bgr"] / name, bgr[t])
+        if "com" in folders:
+            save_rgb(folders["com"] / name, fgr[t] * pha[t] + bgr[t] * (1 - pha[t]))
+        bar.update(1)
+
+
+def write_synthetic(out: Union[str, os.PathLike], clips: int = 8, frames: int = 16,
+                    size: SizeLike = (512, 288), seed: int = 0, eval_clips: Optional[int] = None,
+                    motion_clips: int = 0, image_format: str = "png", overwrite: bool = False,
+                    progress: bool = True) -> pathlib.Path:
+    """Write a synthetic dataset to ``out`` in the VideoMatte240K training layout and the evaluation layout.
+
+    Written (``W x H`` from ``size``, ``EXT`` from ``image_format``, clips and frames numbered ``0000``...)::
+
+        out/synthetic.json                                    parameters, to regenerate the same data
+        out/train/fgr/CLIP/NNNN.EXT, out/train/pha/CLIP/NNNN.EXT    training clips (split "train")
+        out/backgrounds/images/CLIP.EXT                       first background frame of each training clip
+        out/backgrounds/videos/CLIP/NNNN.EXT                  every background frame of each training clip
+        out/videomatte_WxH/videomatte_static/CLIP/{com,fgr,pha,bgr}/NNNN.png   held-out clips, still background
+        out/videomatte_WxH/videomatte_motion/CLIP/{com,fgr,pha,bgr}/NNNN.png   (only if motion_clips > 0)
+
+    Evaluation clips always use PNG (lossless, as the official 512x288 set). Everything is written to a
+    temporary sibling folder that is renamed to ``out`` at the end, so a failed run leaves nothing under
+    ``out``; an existing non-empty ``out`` is an error unless ``overwrite`` is set.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from tqdm import tqdm
+
+    out = pathlib.Path(out)
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    eval_clips = clips if eval_clips is None else int(eval_clips)
+    if eval_clips < 0 or motion_clips < 0:
+        raise ValueError("eval_clips and motion_clips must be >= 0")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise ValueError(f"output {out} already exists and is not empty (use overwrite / --overwrite)")
+    width, height = parse_size(size)
+    train = SyntheticMatting(clips, frames, (width, height), seed, background="mixed", split="train")
+    still = SyntheticMatting(max(eval_clips, 1), frames, (width, height), seed, "static", split="eval")
+    moving = SyntheticMatting(max(motion_clips, 1), frames, (width, height), seed, "moving", split="eval-motion")
+    bench = f"videomatte_{width}x{height}"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        total = frames * (clips + eval_clips + motion_clips)
+        with tqdm(total=total, desc="synthetic frames", unit="frame", disable=not progress) as bar:
+            for i in range(clips):
+                clip = f"{i:04d}"
+                sample = train.generate(i)
+                folders = {k: tmp / "train" / k / clip for k in ("fgr", "pha")}
+                folders["bgr"] = tmp / "backgrounds" / "videos" / clip
+                _write_clip(sample, folders, image_format, bar)
+                (tmp / "backgrounds" / "images").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folders["bgr"] / _frame_name(0, image_format),
+                                tmp / "backgrounds" / "images" / f"{clip}.{image_format}")
+            for dataset, generator, count in (("videomatte_static", still, eval_clips),
+                                              ("videomatte_motion", moving, motion_clips)):
+                for i in range(count):
+                    base = tmp / bench / dataset / f"{i:04d}"
+                    _write_clip(generator.generate(i), {k: base / k for k in ("com", "fgr", "pha", "bgr")}, "png", bar)
+        meta = {"generator": "binarize.matting.data.SyntheticMatting", "clips": clips, "frames": frames,
+                "size": [width, height], "seed": seed, "eval_clips": eval_clips, "motion_clips": motion_clips,
+                "image_format": image_format, "splits": {"train": "train", "videomatte_static": "eval",
+                                                         "videomatte_motion": "eval-motion"}}
+        (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, trash / out.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
