@@ -503,9 +503,8 @@ def measure_latency(
     inputs = _normalize_inputs(example_inputs)
     times = []
     with _eval_mode(model), torch.inference_mode():
-        for i in range(warmup + runs):
+        for _ in range(warmup + runs):
             start = timer()
             model(*inputs, **forward_kwargs)
-            if i >= warmup:
-                times.append(timer() - start)
-    return statistics.median(times)
+            times.append(timer() - start)
+    return statistics.median(times[warmup:])

@@ -1,0 +1,247 @@
+"""binarize.profile: FLOPs/BOPs/OPs against fvcore and formulas, parameters, storage, sparsity, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
+
+from binarize.convert import convert
+from binarize.nn import BinaryConv2d, BinaryLinear
+from binarize.ops import list_methods
+from binarize.profile import ProfileReport, format_count, layer_macs, measure_latency, profile
+
+TIMM_MODELS = [
+    ("resnet18", {}),
+    ("mobilenetv3_large_100", {}),
+    ("convnext_atto", {}),
+    ("vit_tiny_patch16_224", {"img_size": 64}),
+    ("regnetx_002", {}),
+]
+
+
+def fvcore_counts(model: nn.Module, x: torch.Tensor) -> FlopCountAnalysis:
+    analysis = FlopCountAnalysis(model.eval(), x)
+    return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+
+
+@pytest.mark.parametrize("name,kwargs", TIMM_MODELS, ids=[n for n, _ in TIMM_MODELS])
+def test_float_model_flops_equal_fvcore_total(name: str, kwargs: dict) -> None:
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = profile(model, x)
+    assert report.flops == fvcore_counts(model, x).total()
+    assert report.bops == 0 and report.binary_params == 0
+    assert report.fp_params == sum(p.numel() for p in model.parameters())
+    assert report.ops == report.flops and report.sparse_ops == report.flops
+    assert report.storage_bytes == report.fp32_storage_bytes == 4 * report.fp_params
+
+
+def test_converted_resnet_moves_macs_from_flops_to_bops() -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    converted, conversion = convert(model, return_report=True)
+    float_counts = fvcore_counts(model, x)
+    replaced = [r.name for r in conversion.replaced]
+    expected_bops = sum(float_counts.total(name) for name in replaced)
+    report = profile(converted, x)
+    assert report.bops == expected_bops > 0
+    assert report.flops == float_counts.total() - expected_bops  # sign/abs/mean/RPReLU add nothing
+    assert report.ops == pytest.approx(report.flops + report.bops / 64)
+    binary_weights = sum(model.get_submodule(name).weight.numel() for name in replaced)
+    assert report.binary_params == binary_weights
+    all_params = sum(p.numel() for p in converted.parameters())
+    assert report.fp_params == all_params - binary_weights  # BN, biases, RSign/RPReLU included
+    assert report.storage_bytes == pytest.approx(binary_weights / 8 + 4 * (all_params - binary_weights))
+    assert report.fp32_storage_bytes == 4 * all_params
+    rows = {row.name: row for row in report.layers}
+    assert rows["layer1.0.conv1"].bops == float_counts.total("layer1.0.conv1")
+    assert rows["layer1.0.conv1"].input_bits == 1 and rows["layer1.0.conv1"].flops == 0
+    assert rows["conv1"].flops == float_counts.total("conv1") and rows["conv1"].bops == 0
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_binarizer_ops_do_not_inflate_counts(method: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, padding=1),
+                          nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16 * 36, 32), nn.Linear(32, 4))
+    x = torch.randn(2, 3, 6, 6)
+    float_report = profile(model, x)
+    report = profile(convert(model, method), x)
+    conv_macs = 2 * (16 * 8 * 9) * 36
+    linear_macs = 2 * (16 * 36) * 32
+    assert report.bops == conv_macs + linear_macs
+    assert report.flops == float_report.flops - report.bops
+
+
+class OwnBinaryLayer(nn.Module):
+    """A user's layer that is not one of ours but declares its precision."""
+
+    def __init__(self, input_bits: int, weight_bits: int) -> None:
+        super().__init__()
+        self.input_bits, self.weight_bits = input_bits, weight_bits
+        self.weight = nn.Parameter(torch.randn(6, 4, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(torch.sign(x), torch.sign(self.weight), padding=1)
+
+
+@pytest.mark.parametrize("bits,binary", [((1, 1), True), ((1, 32), False), ((32, 1), False)])
+def test_precision_read_from_attributes(bits: tuple, binary: bool) -> None:
+    layer = OwnBinaryLayer(*bits)
+    report = profile(layer, torch.randn(1, 4, 5, 5))
+    macs = 6 * 4 * 9 * 25
+    assert (report.bops, report.flops) == ((macs, 0) if binary else (0, macs))
+    weight_is_binary = bits[1] == 1
+    assert report.binary_params == (216 if weight_is_binary else 0)
+    assert report.fp_params == (0 if weight_is_binary else 216)
+
+
+def test_layer_macs_formula() -> None:
+    assert layer_macs((8, 4, 3, 3), (2, 8, 5, 7)) == 2 * 8 * 4 * 9 * 35
+    assert layer_macs((10, 20), (3, 7, 10)) == 21 * 200
+    with pytest.raises(ValueError, match="3-D weight"):
+        layer_macs((1, 2, 3), (1, 2))
+
+
+class Masked(nn.Module):
+    """Computes its conv only where the input is positive (simulated densely); records the density."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.mask_density = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x[:, :1] > 0).float()
+        self.mask_density = float(mask.mean())
+        return self.inner(x) * mask
+
+
+class SparseNet(nn.Module):
+    def __init__(self, nested: bool = False) -> None:
+        super().__init__()
+        self.dense = nn.Conv2d(4, 4, 3, padding=1)
+        inner = nn.Sequential(BinaryConv2d(4, 4, 3, padding=1, method="bnn"), nn.Conv2d(4, 4, 1))
+        if nested:
+            inner = nn.Sequential(inner[0], Masked(inner[1]))
+        self.masked = Masked(inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.masked(self.dense(x))
+
+
+def test_sparse_figures_use_measured_density() -> None:
+    torch.manual_seed(3)
+    model = SparseNet()
+    x = torch.randn(1, 4, 8, 8)
+    report = profile(model, x)
+    density = float((model.dense(x)[:, :1] > 0).float().mean())
+    assert 0 < density < 1 and report.mask_densities == {"masked": pytest.approx(density)}
+    dense_macs = 4 * 4 * 9 * 64
+    assert report.bops == dense_macs and report.flops == dense_macs + 16 * 64
+    assert report.sparse_bops == pytest.approx(dense_macs * density)
+    assert report.sparse_flops == pytest.approx(dense_macs + 16 * 64 * density)
+    assert report.sparse_ops == pytest.approx(report.sparse_flops + report.sparse_bops / 64)
+    assumed = profile(model, x, assume_density=0.25)
+    assert assumed.sparse_bops == pytest.approx(dense_macs * 0.25) and assumed.bops == report.bops
+
+
+def test_nested_masks_nearest_density_wins() -> None:
+    torch.manual_seed(4)
+    model = SparseNet(nested=True)
+    report = profile(model, torch.randn(1, 4, 8, 8))
+    outer, inner = report.mask_densities["masked"], report.mask_densities["masked.inner.1"]
+    assert report.sparse_bops == pytest.approx(4 * 4 * 9 * 64 * outer)
+    assert report.sparse_flops == pytest.approx(4 * 4 * 9 * 64 + 16 * 64 * inner)
+
+
+def test_wrong_input_shape_is_one_clear_line() -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    with pytest.raises(ValueError) as info:
+        profile(model, torch.randn(1, 4, 32, 32))
+    message = str(info.value)
+    assert "\n" not in message and "[1, 4, 32, 32]" in message and "expects 3 input channels" in message
+    mlp = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="expects a last dimension of 5"):
+        profile(mlp, torch.randn(2, 6))
+    with pytest.raises(ValueError, match="example_inputs"):
+        profile(mlp, "not a tensor")
+    with pytest.raises(ValueError, match="assume_density"):
+        profile(mlp, torch.randn(2, 5), assume_density=1.5)
+
+
+class Recurrent(nn.Module):
+    """Matting-style call: optional state arguments and a keyword option."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, state=None, scale: float = 1.0):
+        y = self.conv(x) * scale
+        if state is not None:
+            y = y + state
+        return [y, {"state": y}]
+
+
+def test_non_tensor_inputs_and_forward_kwargs() -> None:
+    model = Recurrent()
+    x = torch.randn(1, 3, 8, 8)
+    plain = profile(model, (x, None), scale=0.5)
+    with_state = profile(model, (x, torch.zeros(1, 3, 8, 8)), scale=2.0)
+    assert plain.flops == with_state.flops == 3 * 3 * 9 * 64
+    assert plain.input_shapes == [[1, 3, 8, 8]]
+
+
+def test_training_flags_restored_and_shared_layer_counted_per_call() -> None:
+    shared = BinaryLinear(4, 4, method="bnn")
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared, nn.BatchNorm1d(4))
+    model.train()
+    model[4].eval()
+    report = profile(model, torch.randn(3, 4))
+    assert model.training and model[0].training and not model[4].training
+    assert report.bops == 2 * 3 * 16 and report.binary_params == 16  # two calls, one weight
+
+
+def test_compare_and_table_and_dict() -> None:
+    base = ProfileReport(flops=4_000_000_000, bops=0, sparse_flops=4e9, sparse_bops=0, binary_params=0,
+                         fp_params=1000)
+    small = ProfileReport(flops=100_000_000, bops=6_400_000_000, sparse_flops=1e8, sparse_bops=3.2e9,
+                          binary_params=8000, fp_params=100)
+    savings = small.compare(base)
+    assert savings.computation == pytest.approx(4e9 / (1e8 + 1e8))
+    assert savings.sparse_computation == pytest.approx(4e9 / (1e8 + 5e7))
+    assert savings.storage == pytest.approx(4000 / (1000 + 400))
+    assert "20.0x (dense), 26.7x (sparse)" in str(savings)
+    model = convert(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    report = profile(model, torch.randn(1, 3, 32, 32))
+    text = report.table()
+    lines = text.splitlines()
+    assert "layer1.0.conv1" in text and "BinaryConv2d" in text and "total" in text
+    header_width = len(lines[0])
+    assert lines[1] == "-" * header_width
+    assert " M" in text and " K" in text and "OPs = FLOPs + BOPs/64" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["bops"] == report.bops and data["ops"] == pytest.approx(report.ops)
+    assert len(data["layers"]) == len(report.layers)
+    assert str(report).count("\n") < 8  # summary only
+
+
+def test_format_count_units() -> None:
+    assert format_count(4.57e9) == "4.57 G"
+    assert format_count(38525) == "38.52 K"
+    assert format_count(4_217_584) == "4.22 M"
+    assert format_count(12) == "12"
+
+
+def test_measure_latency_median_with_fake_timer() -> None:
+    ticks = iter([0.0, 1.0, 1.0, 3.0, 3.0, 3.5, 3.5, 7.5])  # warmup 1s, then 2s, 0.5s, 4s
+    model = nn.Linear(2, 2).train()
+    latency = measure_latency(model, torch.randn(1, 2), runs=3, warmup=1, timer=lambda: next(ticks))
+    assert latency == 2.0 and model.training
+    with pytest.raises(ValueError, match="runs"):
+        measure_latency(model, torch.randn(1, 2), runs=0)
