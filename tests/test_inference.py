@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import NTSC, audio_samples, make_video, only_visible, read_video
+from test_video import NTSC, audio_samples, make_video, needs_encoder, only_visible, read_video
 
 import binarize.matting.video as video_module
 from binarize.matting import convert_video
@@ -119,7 +119,10 @@ def test_png_sequence_is_exact_rgba(tmp_path, clip):
     assert only_visible(tmp_path / "pha")[:2] == ["0000.png", "0001.png"]
 
 
-@pytest.mark.parametrize("name", ["comp.mov", "comp.webm"])
+@pytest.mark.parametrize("name", [
+    pytest.param("comp.mov", marks=needs_encoder("prores_ks")),
+    pytest.param("comp.webm", marks=needs_encoder("libvpx-vp9")),
+])
 def test_transparent_video_codecs(tmp_path, clip, name):
     convert_video(MeanAlpha(), clip, output_composition=tmp_path / name, background="transparent", progress=False)
     frames, rate, streams = read_video(tmp_path / name, fmt="rgba")

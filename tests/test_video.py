@@ -22,6 +22,7 @@ from binarize.matting.video import (
     ImageWriter,
     VideoReader,
     VideoWriter,
+    has_encoder,
     natural_key,
     open_source,
     open_writer,
@@ -31,6 +32,12 @@ from binarize.matting.video import (
 )
 
 NTSC = Fraction(30000, 1001)
+
+
+def needs_encoder(*names: str) -> pytest.MarkDecorator:
+    """Skip (with the reason shown) where this PyAV build lacks an optional encoder."""
+    missing = [name for name in names if not has_encoder(name)]
+    return pytest.mark.skipif(bool(missing), reason=f"PyAV build without encoder(s) {missing}")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -202,7 +209,11 @@ def test_gray_frames_round_trip_through_h264(tmp_path):
     assert np.abs(decoded[..., 0].astype(int) - alpha[..., 0]).max() <= 4
 
 
-@pytest.mark.parametrize(("name", "codec"), [("t.mov", "prores"), ("t.webm", "vp9"), ("t.mkv", "vp9")])
+@pytest.mark.parametrize(("name", "codec"), [
+    pytest.param("t.mov", "prores", marks=needs_encoder("prores_ks")),
+    pytest.param("t.webm", "vp9", marks=needs_encoder("libvpx-vp9")),
+    pytest.param("t.mkv", "vp9", marks=needs_encoder("libvpx-vp9")),
+])
 def test_alpha_capable_codecs_keep_transparency(tmp_path, name, codec):
     rgba = np.zeros((3, 48, 64, 4), np.uint8)
     rgba[..., :3] = clip_frames(3)
@@ -225,6 +236,15 @@ def test_video_codec_choice_and_errors(tmp_path):
         video_codec_for(Path("a.mp4"), 4)
     with pytest.raises(ValueError, match="unsupported output extension '.xyz'"):
         video_codec_for(Path("a.xyz"), 3)
+    assert has_encoder("libx264") and not has_encoder("no_such_encoder")
+
+
+def test_missing_encoder_is_a_clear_error(monkeypatch):
+    import binarize.matting.video as video
+
+    monkeypatch.setattr(video, "has_encoder", lambda name: name != "prores_ks")
+    with pytest.raises(ValueError, match="needs the 'prores_ks' encoder, which this PyAV/FFmpeg build lacks"):
+        video.video_codec_for(Path("a.mov"), 4)
 
 
 def test_audio_is_remuxed_into_mp4(tmp_path):
@@ -238,6 +258,7 @@ def test_audio_is_remuxed_into_mp4(tmp_path):
     assert audio_samples(tmp_path / "out.mp4") == audio_samples(tmp_path / "src.mp4")
 
 
+@needs_encoder("libvpx-vp9", "libopus")
 def test_audio_is_transcoded_when_the_container_refuses_the_codec(tmp_path):
     make_video(tmp_path / "src.mp4", audio="aac")
     writer = VideoWriter(tmp_path / "out.webm", 64, 48, NTSC, audio_path=tmp_path / "src.mp4")

@@ -280,6 +280,7 @@ def video_codec_for(path: Path, channels: int) -> tuple[str, str]:
 
     RGBA goes to ProRes 4444 (``prores_ks``, ``yuva444p10le``) in ``.mov`` and to VP9 with alpha
     (``libvpx-vp9``, ``yuva420p``) in ``.webm``/``.mkv``; ``.mp4``/``.avi`` cannot carry alpha.
+    An encoder missing from this PyAV/FFmpeg build is a ``ValueError`` naming it.
     """
     ext = path.suffix.lower()
     if ext not in VIDEO_EXTENSIONS:
@@ -289,16 +290,28 @@ def video_codec_for(path: Path, channels: int) -> tuple[str, str]:
         )
     if channels == 4:
         if ext == ".mov":
-            return "prores_ks", "yuva444p10le"
-        if ext in (".webm", ".mkv"):
-            return "libvpx-vp9", "yuva420p"
-        raise ValueError(
-            f"{str(path)!r}: {ext} cannot hold transparency; use .mov (ProRes 4444), .webm (VP9 with alpha), "
-            "a PNG sequence, or a background"
-        )
-    if ext == ".webm":
-        return "libvpx-vp9", "yuv420p"
-    return "libx264", "yuv420p"
+            choice = ("prores_ks", "yuva444p10le")
+        elif ext in (".webm", ".mkv"):
+            choice = ("libvpx-vp9", "yuva420p")
+        else:
+            raise ValueError(
+                f"{str(path)!r}: {ext} cannot hold transparency; use .mov (ProRes 4444), .webm (VP9 with alpha), "
+                "a PNG sequence, or a background"
+            )
+    else:
+        choice = ("libvpx-vp9", "yuv420p") if ext == ".webm" else ("libx264", "yuv420p")
+    if not has_encoder(choice[0]):
+        raise ValueError(f"{str(path)!r} needs the {choice[0]!r} encoder, which this PyAV/FFmpeg build lacks")
+    return choice
+
+
+def has_encoder(name: str) -> bool:
+    """True when this PyAV/FFmpeg build can encode with codec ``name``."""
+    try:
+        av.codec.Codec(name, "w")
+    except (av.codec.codec.UnknownCodecError, ValueError):
+        return False
+    return True
 
 
 _CODEC_OPTIONS = {
