@@ -137,11 +137,16 @@ def matting_model_names() -> List[str]:
 
 # --------------------------------------------------------------------------- inputs
 def synthetic_frame(width: int, height: int) -> torch.Tensor:
-    """A deterministic person-like RGB frame in [0, 1], shape [1, 3, H, W].
+    """A deterministic person-like RGB frame in [0, 1], shape [1, 3, H, W] (see ``synthetic_person``)."""
+    return synthetic_person(width, height)[0]
 
-    A textured indoor-like background (vertical gradient and a soft stripe pattern), a person made
-    of a head ellipse, a neck and a torso with rounded shoulders, and a darker hair cap; this gives
-    the matting decoder a realistic foreground/background boundary to build its masks on.
+
+def synthetic_person(width: int, height: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic person-like frame [1, 3, H, W] in [0, 1] and its person mask [1, 1, H, W].
+
+    A textured indoor-like background (colour gradients and soft stripes), a person made of a head
+    ellipse with a hair cap, a neck and a torso with sloping shoulders; this gives the matting
+    decoder a realistic foreground/background boundary to build its masks on.
     """
     ys = torch.linspace(0.0, 1.0, height).view(height, 1).expand(height, width)
     xs = torch.linspace(0.0, 1.0, width).view(1, width).expand(height, width)
@@ -161,7 +166,8 @@ def synthetic_frame(width: int, height: int) -> torch.Tensor:
     _paint(frame, torso, (0.20, 0.25, 0.45), xs, ys)
     _paint(frame, neck | head, (0.85, 0.65, 0.55), xs, ys)
     _paint(frame, hair, (0.15, 0.10, 0.08), xs, ys)
-    return frame.clamp(0.0, 1.0).unsqueeze(0)
+    person = (head | neck | torso).float()
+    return frame.clamp(0.0, 1.0).unsqueeze(0), person.view(1, 1, height, width)
 
 
 def _paint(frame: torch.Tensor, region: torch.Tensor, rgb: Sequence[float], xs: torch.Tensor, ys: torch.Tensor) -> None:
