@@ -54,9 +54,12 @@ def clip_frames(n: int = 8, w: int = 64, h: int = 48) -> np.ndarray:
 
 def make_video(
     path: Path, n: int = 8, w: int = 64, h: int = 48, rate: Fraction = NTSC, audio: Optional[str] = "aac",
-    frames: Optional[np.ndarray] = None,
+    frames: Optional[np.ndarray] = None, first_pts: int = 0,
 ) -> np.ndarray:
-    """Write an h264 clip (yuv444p, so odd sizes work) with an optional mono 16 kHz sine audio stream."""
+    """Write an h264 clip (yuv444p, so odd sizes work) with an optional mono 16 kHz sine audio stream.
+
+    ``first_pts`` delays the video by that many frames; the audio always starts at 0 and lasts to the end.
+    """
     frames = clip_frames(n, w, h) if frames is None else frames
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=rate, options={"crf": "10", "preset": "ultrafast"})
@@ -66,11 +69,11 @@ def make_video(
             stream.layout = "mono"
         for i, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = i
+            frame.pts = first_pts + i
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
         if stream is not None:
-            total = int(16000 * n / rate)
+            total = int(16000 * (first_pts + n) / rate)
             signal = (0.3 * np.sin(2 * np.pi * 440 * np.arange(total) / 16000)).astype(np.float32)[None]
             fmt = "s16" if audio.startswith("pcm_s16") else "fltp"
             if fmt == "s16":
@@ -268,6 +271,21 @@ def test_audio_is_transcoded_when_the_container_refuses_the_codec(tmp_path):
     assert ("audio", "opus") in streams and not writer._audio.remux
     # the same duration (opus runs at 48 kHz; the source at 16 kHz), up to codec padding
     assert abs(audio_samples(tmp_path / "out.webm") / 48000 - audio_samples(tmp_path / "src.mp4") / 16000) < 0.05
+
+
+def test_audio_before_a_late_first_video_frame_is_trimmed(tmp_path):
+    make_video(tmp_path / "late.mp4", n=8, rate=Fraction(30), first_pts=15)  # video starts at 0.5 s
+    source = open_source(tmp_path / "late.mp4")
+    assert source.start_time == pytest.approx(0.5)
+    writer = VideoWriter(tmp_path / "out.mp4", 64, 48, Fraction(30), audio_path=source.audio_path,
+                         audio_offset=source.start_time)
+    writer.write(np.stack(list(source)))
+    writer.commit()
+    # the output's audio covers the 8 video frames (8 / 30 s), not the source's 23 / 30 s, up to one AAC frame
+    assert audio_samples(tmp_path / "late.mp4") / 16000 == pytest.approx(23 / 30, abs=0.07)
+    assert audio_samples(tmp_path / "out.mp4") / 16000 == pytest.approx(8 / 30, abs=0.07)
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        assert [stream.start_time for stream in container.streams] == [0, 0]
 
 
 def test_png_sequence_writer_is_atomic_and_exact(tmp_path):

@@ -471,6 +471,8 @@ class AudioCopier:
             if start >= seconds:
                 return
             self._pending = None
+            if start + float((packet.duration or 0) * time_base) <= 0 < self._offset:
+                continue  # audio that ends before the first video frame is trimmed
             shift = round(self._offset / time_base) if time_base else 0
             if self.remux:
                 packet.pts = packet.pts - shift if packet.pts is not None else None
