@@ -115,6 +115,33 @@ static int clamp_threads(int n) { return n < 1 ? 1 : n; }
 /* Packing: fused  bias-add + sign + pack                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
+/* GCC/clang on x86 Linux: compile hot loops twice (AVX2 and baseline) and pick at load time */
+#if defined(BZ_X86) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(BZ_NO_CLONES)
+#define BZ_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define BZ_CLONES
+#endif
+
+/* one 64-channel word for np <= 64 pixels: 32-bit halves so the compare vectorises per lane */
+BZ_CLONES static void pack_block(const float *x, int64_t sc, int64_t sp, int64_t nc, int64_t np,
+                                 const float *bias, u64 *dst, int64_t dst_stride) {
+    uint32_t lo[64], hi[64];
+    for (int64_t i = 0; i < np; ++i) lo[i] = hi[i] = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+        const float *row = x + c * sc;
+        const float b = bias ? bias[c] : 0.0f;
+        const uint32_t bit = (uint32_t)1 << (c & 31);
+        uint32_t *acc = c < 32 ? lo : hi;
+        if (sp == 1) {
+            for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i] + b >= 0.0f) ? bit : 0u;
+        } else {
+            for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i * sp] + b >= 0.0f) ? bit : 0u;
+        }
+    }
+    for (int64_t i = 0; i < np; ++i) dst[i * dst_stride] = (u64)lo[i] | ((u64)hi[i] << 32);
+}
+
 /*
  * x: float tensor addressed as x[n*sn + c*sc + p*sp] (p = flattened pixel), C channels split in
  * G groups of CG; bias (nullable) per channel.  bit = (x + bias >= 0).  out: [N][P][G][NWG].
@@ -132,24 +159,12 @@ BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t 
         const int64_t n = job / nblk;
         const int64_t p0 = (job % nblk) * PBLK;
         const int64_t np = (P - p0) < PBLK ? (P - p0) : PBLK;
-        u64 acc[64];
         for (int64_t g = 0; g < G; ++g) {
             for (int64_t j = 0; j < NWG; ++j) {
                 const int64_t c0 = g * CG + j * 64;
                 const int64_t nc = (CG - j * 64) < 64 ? (CG - j * 64) : 64;
-                for (int64_t i = 0; i < np; ++i) acc[i] = 0;
-                for (int64_t c = 0; c < nc; ++c) {
-                    const float *row = x + n * sn + (c0 + c) * sc + p0 * sp;
-                    const float b = bias ? bias[c0 + c] : 0.0f;
-                    const u64 bit = (u64)1 << c;
-                    if (sp == 1) {
-                        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i] + b >= 0.0f) ? bit : 0;
-                    } else {
-                        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i * sp] + b >= 0.0f) ? bit : 0;
-                    }
-                }
-                u64 *dst = out + (n * P + p0) * row_words + g * NWG + j;
-                for (int64_t i = 0; i < np; ++i) dst[i * row_words] = acc[i];
+                pack_block(x + n * sn + c0 * sc + p0 * sp, sc, sp, nc, np, bias ? bias + c0 : NULL,
+                           out + (n * P + p0) * row_words + g * NWG + j, row_words);
             }
         }
     }
@@ -188,19 +203,51 @@ BZ_INLINE void append_bits(u64 *buf, int64_t pos, u64 v, int64_t nb) {
     if (r && r + nb > 64) buf[q + 1] |= v >> (64 - r);
 }
 
-/* packed im2col of one pixel: returns the number of valid taps */
+/* packed im2col of one pixel: returns the number of valid taps (all taps unless zero padding) */
 static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pix, u64 *dst) {
     const int64_t oh = pix / a->OW, ow = pix % a->OW;
     const int64_t row_words = a->G * a->NWG;
-    const int64_t CG = a->CG, NWG = a->NWG;
+    const int64_t CG = a->CG, NWG = a->NWG, LW = a->LW;
+    const int64_t ih0 = oh * a->SH - a->PH, iw0 = ow * a->SW - a->PW;
     const int64_t tail = CG - 64 * (NWG - 1);
+    const int interior = ih0 >= 0 && ih0 + (a->KH - 1) * a->DH < a->H && iw0 >= 0 &&
+                         iw0 + (a->KW - 1) * a->DW < a->W;
+    if (interior) {
+        const u64 *base = a->in + ((n * a->H + ih0) * a->W + iw0) * row_words + g * NWG;
+        const int64_t step_h = a->DH * a->W * row_words, step_w = a->DW * row_words;
+        if ((CG & 63) == 0) { /* whole words: plain copies */
+            u64 *d = dst;
+            for (int64_t kh = 0; kh < a->KH; ++kh)
+                for (int64_t kw = 0; kw < a->KW; ++kw, d += NWG) {
+                    const u64 *src = base + kh * step_h + kw * step_w;
+                    for (int64_t j = 0; j < NWG; ++j) d[j] = src[j];
+                }
+            return a->KH * a->KW;
+        }
+        for (int64_t j = 0; j < LW; ++j) dst[j] = 0;
+        int64_t pos = 0;
+        if (NWG == 1) { /* fewer than 64 channels: shift each tap's word into place */
+            for (int64_t kh = 0; kh < a->KH; ++kh)
+                for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG)
+                    append_bits(dst, pos, base[kh * step_h + kw * step_w], CG);
+            return a->KH * a->KW;
+        }
+        for (int64_t kh = 0; kh < a->KH; ++kh)
+            for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
+                const u64 *src = base + kh * step_h + kw * step_w;
+                for (int64_t j = 0; j < NWG; ++j)
+                    append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
+            }
+        return a->KH * a->KW;
+    }
+    /* border pixel: padded taps are zero bits (exact zero padding, corrected later) or +-1 */
     const u64 tail_mask = tail == 64 ? ~(u64)0 : (((u64)1 << tail) - 1);
     int64_t nvalid = 0, pos = 0;
-    memset(dst, 0, sizeof(u64) * a->LW);
+    for (int64_t j = 0; j < LW; ++j) dst[j] = 0;
     for (int64_t kh = 0; kh < a->KH; ++kh) {
-        const int64_t ih = oh * a->SH - a->PH + kh * a->DH;
+        const int64_t ih = ih0 + kh * a->DH;
         for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
-            const int64_t iw = ow * a->SW - a->PW + kw * a->DW;
+            const int64_t iw = iw0 + kw * a->DW;
             if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) {
                 if (a->pad_mode == 1) {
                     for (int64_t j = 0; j < NWG; ++j)
@@ -211,12 +258,8 @@ static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pi
             }
             ++nvalid;
             const u64 *src = a->in + ((n * a->H + ih) * a->W + iw) * row_words + g * NWG;
-            if ((pos & 63) == 0) {
-                memcpy(dst + (pos >> 6), src, sizeof(u64) * NWG);
-            } else {
-                for (int64_t j = 0; j < NWG; ++j)
-                    append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
-            }
+            for (int64_t j = 0; j < NWG; ++j)
+                append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
         }
     }
     return a->pad_mode == 0 ? nvalid : a->KH * a->KW;
@@ -237,97 +280,103 @@ static int32_t padding_correction(const conv_args *a, int64_t pix, const int32_t
     return corr;
 }
 
-/* ---- micro-kernels: popc[i][j] = popcount(A[i] XOR W[:, j]) for PB pixels x OB outputs ---- */
+/* ---- micro-kernels: P[j*ldp + i] = popcount(A[i] XOR W[:, j]) for npix <= PB pixels, OB outputs ---- */
 
 BZ_INLINE void mk_scalar_body(const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW,
-                              int32_t popc[PB][OB]) {
+                              int32_t *P, int64_t ldp) {
     for (int i = 0; i < npix; ++i) {
         int32_t acc[OB] = {0};
         const u64 *ai = A + i * lda;
         for (int64_t k = 0; k < LW; ++k) {
             const u64 av = ai[k];
             const u64 *wk = Wb + k * OB;
-            for (int j = 0; j < OB; ++j) acc[j] += __builtin_popcountll(av ^ wk[j]);
+            for (int j = 0; j < OB; ++j) acc[j] += (int32_t)__builtin_popcountll(av ^ wk[j]);
         }
-        for (int j = 0; j < OB; ++j) popc[i][j] = acc[j];
+        for (int j = 0; j < OB; ++j) P[j * ldp + i] = acc[j];
     }
 }
 
-static void mk_generic(const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW,
-                       int32_t popc[PB][OB]) {
-    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+static void mk_generic(const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW, int32_t *P,
+                       int64_t ldp) {
+    mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
 }
 
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("popcnt"))) static void mk_popcnt(const u64 *A, int64_t lda, int npix,
-                                                          const u64 *Wb, int64_t LW,
-                                                          int32_t popc[PB][OB]) {
-    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+                                                          const u64 *Wb, int64_t LW, int32_t *P,
+                                                          int64_t ldp) {
+    mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
 }
 
 /* AVX2: one vector = one 64-bit word of 4 output channels; bytes counted with a nibble LUT and
  * summed per 64-bit lane by VPSADBW, so no horizontal reduction is needed. */
-__attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t lda, int npix,
-                                                            const u64 *Wb, int64_t LW,
-                                                            int32_t popc[PB][OB]) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i zero = _mm256_setzero_si256();
-    if (npix == PB) {
-        __m256i s[PB][2];
-        for (int i = 0; i < PB; ++i) s[i][0] = s[i][1] = zero;
-        for (int64_t k0 = 0; k0 < LW; k0 += 31) {
-            const int64_t k1 = (k0 + 31) < LW ? (k0 + 31) : LW;
-            __m256i b00 = zero, b01 = zero, b10 = zero, b11 = zero;
-            __m256i b20 = zero, b21 = zero, b30 = zero, b31 = zero;
-            for (int64_t k = k0; k < k1; ++k) {
-                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB));
-                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB + 4));
-#define BZ_CNT(acc, av, wv)                                                                       \
+#define BZ_CNT(acc, av, wv)                                                                    \
     do {                                                                                       \
         const __m256i x_ = _mm256_xor_si256(av, wv);                                           \
         const __m256i lo_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(x_, low));               \
         const __m256i hi_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x_, 4), low)); \
         acc = _mm256_add_epi8(acc, _mm256_add_epi8(lo_, hi_));                                 \
     } while (0)
-                __m256i a0 = _mm256_set1_epi64x((long long)A[k]);
-                BZ_CNT(b00, a0, w0);
-                BZ_CNT(b01, a0, w1);
-                __m256i a1 = _mm256_set1_epi64x((long long)A[lda + k]);
-                BZ_CNT(b10, a1, w0);
-                BZ_CNT(b11, a1, w1);
-                __m256i a2 = _mm256_set1_epi64x((long long)A[2 * lda + k]);
-                BZ_CNT(b20, a2, w0);
-                BZ_CNT(b21, a2, w1);
-                __m256i a3 = _mm256_set1_epi64x((long long)A[3 * lda + k]);
-                BZ_CNT(b30, a3, w0);
-                BZ_CNT(b31, a3, w1);
-            }
-            s[0][0] = _mm256_add_epi64(s[0][0], _mm256_sad_epu8(b00, zero));
-            s[0][1] = _mm256_add_epi64(s[0][1], _mm256_sad_epu8(b01, zero));
-            s[1][0] = _mm256_add_epi64(s[1][0], _mm256_sad_epu8(b10, zero));
-            s[1][1] = _mm256_add_epi64(s[1][1], _mm256_sad_epu8(b11, zero));
-            s[2][0] = _mm256_add_epi64(s[2][0], _mm256_sad_epu8(b20, zero));
-            s[2][1] = _mm256_add_epi64(s[2][1], _mm256_sad_epu8(b21, zero));
-            s[3][0] = _mm256_add_epi64(s[3][0], _mm256_sad_epu8(b30, zero));
-            s[3][1] = _mm256_add_epi64(s[3][1], _mm256_sad_epu8(b31, zero));
-        }
-        for (int i = 0; i < PB; ++i) {
-            int64_t tmp[OB];
-            _mm256_storeu_si256((__m256i *)tmp, s[i][0]);
-            _mm256_storeu_si256((__m256i *)(tmp + 4), s[i][1]);
-            for (int j = 0; j < OB; ++j) popc[i][j] = (int32_t)tmp[j];
-        }
+
+__attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t lda, int npix,
+                                                            const u64 *Wb, int64_t LW, int32_t *P,
+                                                            int64_t ldp) {
+    if (npix != PB) {
+        mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
         return;
     }
-    mk_scalar_body(A, lda, npix, Wb, LW, popc);
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
+            s31 = zero;
+    for (int64_t k0 = 0; k0 < LW; k0 += 31) { /* bytes hold at most 31 * 8 = 248 */
+        const int64_t k1 = (k0 + 31) < LW ? (k0 + 31) : LW;
+        __m256i b00 = zero, b01 = zero, b10 = zero, b11 = zero;
+        __m256i b20 = zero, b21 = zero, b30 = zero, b31 = zero;
+        for (int64_t k = k0; k < k1; ++k) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(Wb + k * OB + 4));
+            const __m256i a0 = _mm256_set1_epi64x((long long)A[k]);
+            BZ_CNT(b00, a0, w0);
+            BZ_CNT(b01, a0, w1);
+            const __m256i a1 = _mm256_set1_epi64x((long long)A[lda + k]);
+            BZ_CNT(b10, a1, w0);
+            BZ_CNT(b11, a1, w1);
+            const __m256i a2 = _mm256_set1_epi64x((long long)A[2 * lda + k]);
+            BZ_CNT(b20, a2, w0);
+            BZ_CNT(b21, a2, w1);
+            const __m256i a3 = _mm256_set1_epi64x((long long)A[3 * lda + k]);
+            BZ_CNT(b30, a3, w0);
+            BZ_CNT(b31, a3, w1);
+        }
+        s00 = _mm256_add_epi64(s00, _mm256_sad_epu8(b00, zero));
+        s01 = _mm256_add_epi64(s01, _mm256_sad_epu8(b01, zero));
+        s10 = _mm256_add_epi64(s10, _mm256_sad_epu8(b10, zero));
+        s11 = _mm256_add_epi64(s11, _mm256_sad_epu8(b11, zero));
+        s20 = _mm256_add_epi64(s20, _mm256_sad_epu8(b20, zero));
+        s21 = _mm256_add_epi64(s21, _mm256_sad_epu8(b21, zero));
+        s30 = _mm256_add_epi64(s30, _mm256_sad_epu8(b30, zero));
+        s31 = _mm256_add_epi64(s31, _mm256_sad_epu8(b31, zero));
+    }
+    int64_t t[PB][OB];
+    _mm256_storeu_si256((__m256i *)t[0], s00);
+    _mm256_storeu_si256((__m256i *)(t[0] + 4), s01);
+    _mm256_storeu_si256((__m256i *)t[1], s10);
+    _mm256_storeu_si256((__m256i *)(t[1] + 4), s11);
+    _mm256_storeu_si256((__m256i *)t[2], s20);
+    _mm256_storeu_si256((__m256i *)(t[2] + 4), s21);
+    _mm256_storeu_si256((__m256i *)t[3], s30);
+    _mm256_storeu_si256((__m256i *)(t[3] + 4), s31);
+    for (int j = 0; j < OB; ++j)
+        for (int i = 0; i < PB; ++i) P[j * ldp + i] = (int32_t)t[i][j];
 }
 #undef BZ_CNT
 
 /* AVX-512 VPOPCNTDQ: one vector = one word of all 8 output channels */
 __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
-    const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW, int32_t popc[PB][OB]) {
+    const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW, int32_t *P, int64_t ldp) {
     __m512i s[PB];
     for (int i = 0; i < PB; ++i) s[i] = _mm512_setzero_si512();
     for (int64_t k = 0; k < LW; ++k) {
@@ -338,14 +387,14 @@ __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
         }
     }
     for (int i = 0; i < npix; ++i) {
-        int64_t tmp[OB];
-        _mm512_storeu_si512((void *)tmp, s[i]);
-        for (int j = 0; j < OB; ++j) popc[i][j] = (int32_t)tmp[j];
+        int64_t t[OB];
+        _mm512_storeu_si512((void *)t, s[i]);
+        for (int j = 0; j < OB; ++j) P[j * ldp + i] = (int32_t)t[j];
     }
 }
 #endif
 
-typedef void (*microkernel_fn)(const u64 *, int64_t, int, const u64 *, int64_t, int32_t[PB][OB]);
+typedef void (*microkernel_fn)(const u64 *, int64_t, int, const u64 *, int64_t, int32_t *, int64_t);
 
 static microkernel_fn select_microkernel(int kernel) {
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -361,52 +410,77 @@ static microkernel_fn select_microkernel(int kernel) {
 #endif
 }
 
-BZ_INLINE float apply_ops(const conv_args *a, int64_t oc, float y) {
+/* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops */
+BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
+                         int np, float *y) {
+    const float sc = a->scale ? a->scale[oc] : 1.0f;
+    const float sh = a->shift ? a->shift[oc] : 0.0f;
+    for (int i = 0; i < np; ++i) {
+        const float v = (float)(base[i] - 2 * popc[i]) * sc;
+        y[i] = v + sh;
+    }
     for (int q = 0; q < a->nops; ++q) {
-        const float *arg = a->op_args[q];
+        const float c = a->op_args[q] ? a->op_args[q][oc] : 0.0f;
         switch (a->ops[q]) {
-        case BZ_OP_ADD: y = y + arg[oc]; break;
-        case BZ_OP_MUL: y = y * arg[oc]; break;
-        case BZ_OP_PRELU: y = y >= 0.0f ? y : y * arg[oc]; break;
-        case BZ_OP_RELU: y = y > 0.0f ? y : 0.0f; break;
+        case BZ_OP_ADD: for (int i = 0; i < np; ++i) y[i] = y[i] + c; break;
+        case BZ_OP_MUL: for (int i = 0; i < np; ++i) y[i] = y[i] * c; break;
+        case BZ_OP_PRELU: for (int i = 0; i < np; ++i) y[i] = y[i] >= 0.0f ? y[i] : y[i] * c; break;
+        case BZ_OP_RELU: for (int i = 0; i < np; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f; break;
         default: break;
         }
     }
-    return y;
 }
 
-/* one tile: pixels idx[0..np) (flattened n*OH*OW + pixel) of group g */
-static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, const int64_t *idx, int np,
-                      u64 *A, int32_t *nvalid) {
+typedef struct {
+    u64 *A;          /* [TP][LW] im2col bits */
+    int32_t *P;      /* [OB][TP] popcounts */
+    int32_t base[TP];
+    int32_t nvalid[TP];
+    float y[TP];
+} tile_buffers;
+
+/* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
+static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t n, int64_t p0,
+                      const int64_t *idx, int np, tile_buffers *buf) {
     const int64_t OHW = a->OH * a->OW;
     const int64_t LW = a->LW;
     const int64_t taps = a->KH * a->KW;
-    for (int i = 0; i < np; ++i)
-        nvalid[i] = (int32_t)im2col_pixel(a, idx[i] / OHW, g, idx[i] % OHW, A + i * LW);
+    int any_border = 0;
+    for (int i = 0; i < np; ++i) {
+        const int64_t gi = idx ? idx[i] : n * OHW + p0 + i;
+        buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, gi % OHW, buf->A + i * LW);
+        buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
+        any_border |= buf->nvalid[i] != taps;
+    }
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
         const u64 *Wb = a->w + (g * nblocks + ob) * LW * OB;
         for (int i0 = 0; i0 < np; i0 += PB) {
             const int npix = (np - i0) < PB ? (np - i0) : PB;
-            int32_t popc[PB][OB];
-            mk(A + i0 * LW, LW, npix, Wb, LW, popc);
-            for (int j = 0; j < OB; ++j) {
-                const int64_t o = ob * OB + j;
-                if (o >= a->OG) break;
-                const int64_t oc = g * a->OG + o;
-                const float sc = a->scale ? a->scale[oc] : 1.0f;
-                const float sh = a->shift ? a->shift[oc] : 0.0f;
-                for (int i = 0; i < npix; ++i) {
-                    const int64_t gi = idx[i0 + i];
-                    const int64_t n = gi / OHW, pix = gi % OHW;
-                    int32_t corr = 0;
-                    if (a->pad_mode == 0 && nvalid[i0 + i] != taps)
-                        corr = padding_correction(a, pix, a->wpc + (g * a->OGP + o) * taps);
-                    const int32_t dot = nvalid[i0 + i] * (int32_t)a->CG - 2 * (popc[i][j] - corr);
-                    float y = (float)dot * sc;
-                    y = y + sh;
-                    y = apply_ops(a, oc, y);
-                    a->out[(n * a->O + oc) * OHW + pix] = y;
+            mk(buf->A + i0 * LW, LW, npix, Wb, LW, buf->P + i0, TP);
+        }
+        const int jmax = (a->OG - ob * OB) < OB ? (int)(a->OG - ob * OB) : OB;
+        for (int j = 0; j < jmax; ++j) {
+            const int64_t o = ob * OB + j;
+            const int64_t oc = g * a->OG + o;
+            int32_t *popc = buf->P + j * TP;
+            if (any_border) { /* add back the padded taps' weight popcounts */
+                const int32_t *wpc_o = a->wpc + (g * a->OGP + o) * taps;
+                for (int i = 0; i < np; ++i) {
+                    if (buf->nvalid[i] != taps) {
+                        const int64_t gi = idx ? idx[i] : n * OHW + p0 + i;
+                        popc[i] -= padding_correction(a, gi % OHW, wpc_o);
+                    }
+                }
+            }
+            epilogue_row(a, oc, popc, buf->base, np, buf->y);
+            if (!idx) {
+                float *dst = a->out + (n * a->O + oc) * OHW + p0;
+                memcpy(dst, buf->y, sizeof(float) * (size_t)np);
+            } else {
+                for (int i = 0; i < np; ++i) {
+                    const int64_t gi = idx[i];
+                    a->out[((gi / OHW) * a->O + oc) * OHW + gi % OHW] = buf->y[i];
                 }
             }
         }
@@ -416,24 +490,32 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, const in
 static void conv_run(const conv_args *a, int nthreads) {
     const microkernel_fn mk = select_microkernel(best_kernel());
     const int64_t OHW = a->OH * a->OW;
-    const int64_t total = a->positions ? a->npos : a->N * OHW;
-    const int64_t ntiles = (total + TP - 1) / TP;
+    /* dense: tiles never cross an image, so each output row segment is contiguous */
+    const int64_t tiles_per_image = (OHW + TP - 1) / TP;
+    const int64_t ntiles = a->positions ? (a->npos + TP - 1) / TP : a->N * tiles_per_image;
     const int64_t njobs = ntiles * a->G;
 #pragma omp parallel num_threads(clamp_threads(nthreads))
     {
-        u64 *A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
-        int32_t nvalid[TP];
-        int64_t idx[TP];
+        tile_buffers buf;
+        buf.A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
+        buf.P = (int32_t *)malloc(sizeof(int32_t) * (size_t)(OB * TP));
         int64_t job;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (job = 0; job < njobs; ++job) {
             const int64_t g = job / ntiles, t = job % ntiles;
-            const int64_t start = t * TP;
-            const int np = (int)((total - start) < TP ? (total - start) : TP);
-            for (int i = 0; i < np; ++i) idx[i] = a->positions ? a->positions[start + i] : start + i;
-            if (A) conv_tile(a, mk, g, idx, np, A, nvalid);
+            if (!buf.A || !buf.P) continue;
+            if (a->positions) {
+                const int64_t start = t * TP;
+                const int np = (int)((a->npos - start) < TP ? (a->npos - start) : TP);
+                conv_tile(a, mk, g, 0, 0, a->positions + start, np, &buf);
+            } else {
+                const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * TP;
+                const int np = (int)((OHW - p0) < TP ? (OHW - p0) : TP);
+                conv_tile(a, mk, g, n, p0, NULL, np, &buf);
+            }
         }
-        free(A);
+        free(buf.A);
+        free(buf.P);
     }
 }
 
