@@ -13,6 +13,21 @@ _LAZY = {
     "composite": "synthetic",
     "parse_size": "synthetic",
     "write_synthetic": "synthetic",
+    "VideoMatteDataset": "videomatte",
+    "VideoMatteTrainAugmentation": "videomatte",
+    "VideoMatteValidAugmentation": "videomatte",
+    "ImageMatteDataset": "imagematte",
+    "ImageMatteAugmentation": "imagematte",
+    "BackgroundImageDataset": "backgrounds",
+    "BackgroundVideoDataset": "backgrounds",
+    "BackgroundSource": "backgrounds",
+    "CocoPanopticDataset": "segmentation",
+    "SuperviselyPersonDataset": "segmentation",
+    "YouTubeVISDataset": "segmentation",
+    "SegmentationAugmentation": "segmentation",
+    "MotionAugmentation": "augment",
+    "TrainFrameSampler": "augment",
+    "ValidFrameSampler": "augment",
 }
 
 __all__ = list(_LAZY)

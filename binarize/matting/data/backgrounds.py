@@ -1,0 +1,127 @@
+"""Background datasets: still images and videos stored as frame folders (RVM's BackgroundImages and
+BackgroundVideos layouts), plus the random background source the matting datasets composite on.
+
+Layouts::
+
+    background_image_dir/NAME.jpg                 any image files
+    background_video_dir/CLIP/NNNN.jpg            one folder of frames per video
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from binarize.matting.data.imageio import list_images, list_subdirs
+
+__all__ = ["BackgroundImageDataset", "BackgroundVideoDataset", "BackgroundSource", "load_image"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _downsample_if_needed(image: Image.Image, short_side: Optional[int], resample: int) -> Image.Image:
+    """Shrink so the short side is ``short_side`` when it is larger (RVM's ``_downsample_if_needed``)."""
+    w, h = image.size
+    if short_side is not None and min(w, h) > short_side:
+        scale = short_side / min(w, h)
+        image = image.resize((max(1, int(scale * w)), max(1, int(scale * h))), resample)
+    return image
+
+
+def load_image(path: PathLike, mode: str = "RGB", short_side: Optional[int] = None) -> Tensor:
+    """Read an image as a float ``[C, H, W]`` tensor in [0, 1] (``mode`` RGB or L), shrunk to ``short_side``."""
+    try:
+        with Image.open(path) as image:
+            converted = image.convert(mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    resample = Image.NEAREST if mode == "1" else Image.BILINEAR
+    converted = _downsample_if_needed(converted, short_side, resample)
+    array = np.asarray(converted, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array)
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _require_nonempty(items: Sequence[Any], what: str, where: PathLike) -> None:
+    if not items:
+        raise ValueError(f"no {what} found in {where}")
+
+
+class BackgroundImageDataset(Dataset):
+    """Still background images; item ``i`` is a ``[3, H, W]`` tensor (short side at most ``short_side``)."""
+
+    def __init__(self, background_image_dir: PathLike, short_side: Optional[int] = None) -> None:
+        self.root = pathlib.Path(background_image_dir)
+        self.files = list_images(self.root)
+        _require_nonempty(self.files, "background images", self.root)
+        self.short_side = short_side
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return load_image(self.root / self.files[index], "RGB", self.short_side)
+
+
+class BackgroundVideoDataset(Dataset):
+    """Background videos as frame folders; item ``i`` is clip ``i``'s frames ``[T, 3, H, W]`` from ``start``.
+
+    ``frames(clip, offsets, start)`` reads any frames (indices wrap around the clip's length).
+    """
+
+    def __init__(self, background_video_dir: PathLike, seq_length: int = 1, short_side: Optional[int] = None) -> None:
+        self.root = pathlib.Path(background_video_dir)
+        self.clips = list_subdirs(self.root)
+        _require_nonempty(self.clips, "background video folders", self.root)
+        self.frame_names: List[List[str]] = [list_images(self.root / c) for c in self.clips]
+        empty = [c for c, names in zip(self.clips, self.frame_names) if not names]
+        if empty:
+            raise ValueError(f"background video folder {self.root / empty[0]} has no frames")
+        self.seq_length = seq_length
+        self.short_side = short_side
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def frames(self, clip: int, offsets: Sequence[int], start: int = 0) -> Tensor:
+        names = self.frame_names[clip]
+        return torch.stack([load_image(self.root / self.clips[clip] / names[(start + i) % len(names)], "RGB",
+                                       self.short_side) for i in offsets])
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.frames(index, range(self.seq_length))
+
+
+class BackgroundSource:
+    """Random backgrounds for a training sequence: with probability 0.5 a still image repeated over
+    the sequence, otherwise consecutive frames of a random video from a random start (RVM)."""
+
+    def __init__(self, background_image_dir: Optional[PathLike], background_video_dir: Optional[PathLike],
+                 short_side: Optional[int] = None, rng: Any = None) -> None:
+        if background_image_dir is None and background_video_dir is None:
+            raise ValueError("need background_image_dir or background_video_dir (or both)")
+        self.images = BackgroundImageDataset(background_image_dir, short_side) if background_image_dir else None
+        self.videos = BackgroundVideoDataset(background_video_dir, 1, short_side) if background_video_dir else None
+        self.rng = rng if rng is not None else random
+
+    def __len__(self) -> int:
+        return (len(self.images) if self.images else 0) + (len(self.videos) if self.videos else 0)
+
+    def sample(self, seq_length: int, seq_sampler: Callable[[int], Sequence[int]]) -> Tensor:
+        use_image = self.videos is None or (self.images is not None and self.rng.random() < 0.5)
+        if use_image:
+            image = self.images[self.rng.randrange(len(self.images))]
+            return image[None].expand(seq_length, -1, -1, -1).contiguous()
+        clip = self.rng.randrange(len(self.videos))
+        count = len(self.videos.frame_names[clip])
+        start = self.rng.randrange(max(1, count - seq_length))
+        return self.videos.frames(clip, seq_sampler(seq_length), start)
