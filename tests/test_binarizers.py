@@ -553,3 +553,17 @@ def test_step_binarizers_reaches_every_binarizer():
     assert float(model["b"][1].tau) == pytest.approx(0.99)
     with pytest.raises(ValueError, match="progress"):
         ops.step_binarizers(model, 2.0)
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE + WEIGHTS + ["xnor_activation", "irnet_weight", "rsign", "recu_weight",
+                                  "identity"])
+def test_inference_fast_path_gives_the_same_values(name):
+    kwargs = {"channels": 3} if name in ("rsign", "recu_weight") else {}
+    binarizer = ops.get_binarizer(name, **kwargs).eval()
+    x = torch.randn(3, 3, 4, 4)
+    x[0, 0, 0] = 0.0
+    with torch.no_grad():
+        fast = binarizer(x)
+    slow = binarizer(x.clone().requires_grad_(True))
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, slow.detach())

@@ -173,6 +173,11 @@ def test_script_and_trace(method):
     torch.testing.assert_close(scripted(x), expected)
     traced = torch.jit.trace(layer, x)
     torch.testing.assert_close(traced(x), expected)
+    # the trace keeps the straight-through gradients even though x did not require grad
+    x_eager, x_traced = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    layer(x_eager).square().sum().backward()
+    traced(x_traced).square().sum().backward()
+    torch.testing.assert_close(x_traced.grad, x_eager.grad)
     linear = _randomise(BinaryLinear(4, 3, method=method)).eval()
     tokens = torch.randn(2, 5, 4)
     torch.testing.assert_close(torch.jit.script(linear)(tokens), linear(tokens))
