@@ -211,3 +211,9 @@ def test_bundled_checkpoint_is_used_without_checkpoint(tmp_path, clip, capsys, m
     assert code == 0
     assert "bundled demo weights" in capsys.readouterr().err
     assert all(np.asarray(Image.open(p)).max() == 0 for p in (tmp_path / "fgr").iterdir())  # gain 0 was loaded
+
+
+def test_non_matting_model_exits_2(tmp_path, clip, capsys):
+    assert matte(clip, "-m", "bimobilenet", "-o", tmp_path / "c.mp4", "--no-progress") == 2
+    assert "'bimobilenet' is not a matting model" in capsys.readouterr().err
+    assert only_visible(tmp_path) == ["clip.mp4"]

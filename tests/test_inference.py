@@ -354,3 +354,14 @@ def test_reader_thread_error_propagates(tmp_path):
     with pytest.raises(ValueError, match=r"3.png' is 8x9 but the sequence is 8x8"):
         convert_video(MeanAlpha(), folder, output_alpha=tmp_path / "a.mp4", progress=False)
     assert only_visible(tmp_path) == ["frames"]
+
+
+class Classifier(torch.nn.Module):
+    def forward(self, x):
+        return x.mean()
+
+
+def test_a_model_without_the_matting_contract_is_refused(tmp_path, clip):
+    with pytest.raises(ValueError, match="'Classifier' is not a matting model"):
+        convert_video(Classifier(), clip, output_alpha=tmp_path / "a.mp4", progress=False)
+    assert only_visible(tmp_path) == ["clip.mp4"]

@@ -10,6 +10,7 @@ encoding run on three threads joined by bounded queues.
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -244,6 +245,21 @@ def _model_device_dtype(model: torch.nn.Module) -> Tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.float32
 
 
+def _check_matting_model(model: torch.nn.Module) -> None:
+    """Refuse models whose ``forward`` cannot take ``downsample_ratio`` (e.g. a classifier) with a clear error."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return  # e.g. a scripted model without a Python signature: trust it
+    kinds = {p.kind for p in parameters}
+    if "downsample_ratio" not in {p.name for p in parameters} and inspect.Parameter.VAR_KEYWORD not in kinds:
+        name = getattr(model, "model_name", type(model).__name__)
+        raise ValueError(
+            f"model {name!r} is not a matting model: its forward takes no downsample_ratio "
+            "(expected fgr, pha, *rec = model(src, *rec, downsample_ratio=r))"
+        )
+
+
 def _check_model_output(fgr: Any, pha: Any, src: torch.Tensor) -> None:
     b, t, _, h, w = src.shape
     if not (isinstance(pha, torch.Tensor) and tuple(pha.shape) == (b, t, 1, h, w)):
@@ -325,6 +341,7 @@ def _run(
     downsample_ratio: Optional[float], seq_chunk: int, device: Any, dtype: Optional[torch.dtype],
     progress: bool, bit_rate: Optional[int],
 ) -> ConversionResult:
+    _check_matting_model(model)
     if device is not None:
         model.to(device)
     model_device, model_dtype = _model_device_dtype(model)
