@@ -204,7 +204,8 @@ BZ_INLINE void append_bits(u64 *buf, int64_t pos, u64 v, int64_t nb) {
 }
 
 /* packed im2col of one pixel: returns the number of valid taps (all taps unless zero padding) */
-static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pix, u64 *dst) {
+static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pix, u64 *dst,
+                            int32_t *invalid_taps) {
     const int64_t oh = pix / a->OW, ow = pix % a->OW;
     const int64_t row_words = a->G * a->NWG;
     const int64_t CG = a->CG, NWG = a->NWG, LW = a->LW;
@@ -249,6 +250,7 @@ static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pi
         for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
             const int64_t iw = iw0 + kw * a->DW;
             if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) {
+                invalid_taps[kh * a->KW + kw - nvalid] = (int32_t)(kh * a->KW + kw);
                 if (a->pad_mode == 1) {
                     for (int64_t j = 0; j < NWG; ++j)
                         append_bits(dst, pos + 64 * j, j == NWG - 1 ? tail_mask : ~(u64)0,
@@ -263,21 +265,6 @@ static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pi
         }
     }
     return a->pad_mode == 0 ? nvalid : a->KH * a->KW;
-}
-
-/* sum of the weight popcounts of the padded taps of one output pixel (zero padding only) */
-static int32_t padding_correction(const conv_args *a, int64_t pix, const int32_t *wpc_o) {
-    const int64_t oh = pix / a->OW, ow = pix % a->OW;
-    int32_t corr = 0;
-    int64_t t = 0;
-    for (int64_t kh = 0; kh < a->KH; ++kh) {
-        const int64_t ih = oh * a->SH - a->PH + kh * a->DH;
-        for (int64_t kw = 0; kw < a->KW; ++kw, ++t) {
-            const int64_t iw = ow * a->SW - a->PW + kw * a->DW;
-            if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) corr += wpc_o[t];
-        }
-    }
-    return corr;
 }
 
 /* ---- micro-kernels: P[j*ldp + i] = popcount(A[i] XOR W[:, j]) for npix <= PB pixels, OB outputs ---- */
@@ -434,6 +421,7 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
 typedef struct {
     u64 *A;          /* [TP][LW] im2col bits */
     int32_t *P;      /* [OB][TP] popcounts */
+    int32_t *inv;    /* [TP][KH*KW] padded taps of border pixels */
     int32_t base[TP];
     int32_t nvalid[TP];
     float y[TP];
@@ -448,7 +436,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
     int any_border = 0;
     for (int i = 0; i < np; ++i) {
         const int64_t gi = idx ? idx[i] : n * OHW + p0 + i;
-        buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, gi % OHW, buf->A + i * LW);
+        buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, gi % OHW, buf->A + i * LW,
+                                               buf->inv + i * taps);
         buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
         any_border |= buf->nvalid[i] != taps;
     }
@@ -464,13 +453,11 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
             const int64_t o = ob * OB + j;
             const int64_t oc = g * a->OG + o;
             int32_t *popc = buf->P + j * TP;
-            if (any_border) { /* add back the padded taps' weight popcounts */
+            if (any_border && a->pad_mode == 0) { /* add back the padded taps' weight popcounts */
                 const int32_t *wpc_o = a->wpc + (g * a->OGP + o) * taps;
                 for (int i = 0; i < np; ++i) {
-                    if (buf->nvalid[i] != taps) {
-                        const int64_t gi = idx ? idx[i] : n * OHW + p0 + i;
-                        popc[i] -= padding_correction(a, gi % OHW, wpc_o);
-                    }
+                    const int32_t *inv = buf->inv + i * taps;
+                    for (int32_t q = 0; q < taps - buf->nvalid[i]; ++q) popc[i] -= wpc_o[inv[q]];
                 }
             }
             epilogue_row(a, oc, popc, buf->base, np, buf->y);
@@ -499,11 +486,12 @@ static void conv_run(const conv_args *a, int nthreads) {
         tile_buffers buf;
         buf.A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
         buf.P = (int32_t *)malloc(sizeof(int32_t) * (size_t)(OB * TP));
+        buf.inv = (int32_t *)malloc(sizeof(int32_t) * (size_t)(TP * a->KH * a->KW));
         int64_t job;
 #pragma omp for schedule(dynamic, 4)
         for (job = 0; job < njobs; ++job) {
             const int64_t g = job / ntiles, t = job % ntiles;
-            if (!buf.A || !buf.P) continue;
+            if (!buf.A || !buf.P || !buf.inv) continue;
             if (a->positions) {
                 const int64_t start = t * TP;
                 const int np = (int)((a->npos - start) < TP ? (a->npos - start) : TP);
@@ -516,6 +504,7 @@ static void conv_run(const conv_args *a, int nthreads) {
         }
         free(buf.A);
         free(buf.P);
+        free(buf.inv);
     }
 }
 
