@@ -28,6 +28,7 @@ __all__ = [
     "affine",
     "random_affine_params",
     "resized_crop",
+    "target_crop_box",
     "random_resized_crop_params",
     "adjust_brightness",
     "adjust_contrast",
@@ -167,6 +168,20 @@ def random_resized_crop_params(rng: Rng, height: int, width: int, scale: Tuple[f
     else:
         h, w = height, width
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def target_crop_box(rng: Rng, height: int, width: int, size: Size, scale: Tuple[float, float] = (1.0, 1.0),
+                    ratio: Tuple[float, float] = (1.0, 1.0)) -> Tuple[int, int, int, int]:
+    """A crop box for an output of ``size``: its aspect ratio is the output's times a factor from ``ratio``
+    and its area a fraction ``scale`` of the image (RVM's crops, whose targets are square). With
+    ``scale == ratio == (1, 1)`` it is the deterministic largest centred crop of the output's aspect."""
+    out_h, out_w = to_size(size)
+    target = out_w / out_h
+    if tuple(scale) == (1.0, 1.0) and tuple(ratio) == (1.0, 1.0):
+        ch, cw = (height, min(width, round(height * target))) if width / height >= target \
+            else (min(height, round(width / target)), width)
+        return (height - ch) // 2, (width - cw) // 2, max(ch, 1), max(cw, 1)
+    return random_resized_crop_params(rng, height, width, scale, (ratio[0] * target, ratio[1] * target))
 
 
 def resized_crop(frames: Tensor, box: Tuple[int, int, int, int], size: Size, mode: str = "bilinear") -> Tensor:
@@ -365,13 +380,7 @@ class MotionAugmentation:
 
     def _crop(self, *clips: Tensor) -> List[Tensor]:
         h, w = clips[0].shape[-2:]
-        box = random_resized_crop_params(self.rng, h, w, scale=(1.0, 1.0), ratio=self.aspect_ratio_range)
-        if self.aspect_ratio_range != (1.0, 1.0) or (h, w) == self.size:
-            return [resized_crop(c, box, self.size) for c in clips]
-        # deterministic crop to the target aspect ratio, centred
-        target = self.size[1] / self.size[0]
-        ch, cw = (h, min(w, round(h * target))) if w / h >= target else (min(h, round(w / target)), w)
-        box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+        box = target_crop_box(self.rng, h, w, self.size, (1.0, 1.0), self.aspect_ratio_range)
         return [resized_crop(c, box, self.size) for c in clips]
 
     def _noise(self, *clips: Tensor) -> List[Tensor]:

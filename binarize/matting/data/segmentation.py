@@ -32,9 +32,9 @@ from binarize.matting.data.augment import (
     adjust_saturation,
     affine,
     random_affine_params,
-    random_resized_crop_params,
     resized_crop,
     rgb_to_grayscale,
+    target_crop_box,
     to_size,
 )
 from binarize.matting.data.backgrounds import load_image
@@ -61,7 +61,8 @@ class SegmentationAugmentation:
 
     Presets follow RVM: ``coco_train`` (affine +-20 deg, shift 0.1, shear 10; crop area 0.5-1, ratio
     0.7-1.3; flip; jitter 0.1), ``youtubevis_train`` (crop area 0.8-1, ratio 0.9-1.1; jitter 0.3/0.15;
-    grayscale 0.05; flip) and ``valid`` (a centre square crop, resized). Masks are resampled with
+    grayscale 0.05; flip) and ``valid`` (the largest centred crop of the output's aspect, resized).
+    Crop ratios are relative to the output's aspect ratio (RVM's outputs are square). Masks are resampled with
     nearest neighbours, except for YouTubeVIS whose masks RVM resizes bilinearly.
     """
 
@@ -99,7 +100,7 @@ class SegmentationAugmentation:
                                           self.affine_shear)
             img = affine(img, [params] * len(img))
             seg = affine(seg, [params] * len(seg), mode="nearest")
-        box = random_resized_crop_params(rng, h, w, self.crop_scale, self.crop_ratio)
+        box = target_crop_box(rng, h, w, self.size, self.crop_scale, self.crop_ratio)
         img = resized_crop(img, box, self.size)
         seg = resized_crop(seg, box, self.size, mode=self.seg_mode)
         if rng.random() < self.prob_hflip:
