@@ -37,7 +37,8 @@ def _weights():
         st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
         st.tuples(st.integers(1, 4), st.integers(2, 6)),
     )
-    return shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-2, 2, width=32))).map(torch.from_numpy)
+    elements = st.one_of(st.floats(-2, 2, width=32), st.sampled_from([0.0, 1.0, -1.0, 1e6, -1e6]))
+    return shapes.flatmap(lambda s: arrays(np.float32, s, elements=elements)).map(torch.from_numpy)
 
 
 def _forward_backward(binarizer, x, grad=None):

@@ -434,6 +434,7 @@ class ReCUWeight(Binarizer):
     folding it into the weight is the same for a linear layer). Backward: identity STE through
     sign, zero outside the clamp, through the standardisation; alpha gets its own gradient; Q is
     detached. ``tau`` (buffer) follows ``recu_tau_schedule`` via ``step``; starts at tau_min.
+    ``alpha`` starts at 1 (the official code draws it from U(0, 1); a BatchNorm usually follows).
     """
 
     kind = "weight"
@@ -454,7 +455,7 @@ class ReCUWeight(Binarizer):
         self.tau.fill_(recu_tau_schedule(progress, self.tau_min, self.tau_max))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if w.shape[0] != self.channels:
+        if not torch.jit.is_tracing() and w.shape[0] != self.channels:
             raise ValueError(f"ReCU binarizer built for {self.channels} output channels, got weight of shape {w.shape}")
         dims = list(range(1, w.dim()))
         centred = w - w.mean(dim=dims, keepdim=True)
