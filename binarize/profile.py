@@ -106,6 +106,8 @@ class LayerCost:
     flops: int
     bops: int
     density: float = 1.0
+    unused_params: int = 0
+    masked: bool = False
 
     @property
     def sparse_flops(self) -> float:
@@ -147,6 +149,7 @@ class ProfileReport:
     fp_params: int
     layers: List[LayerCost] = field(default_factory=list)
     input_shapes: List[List[int]] = field(default_factory=list)
+    unused_params: int = 0
     binarizer_flops: int = 0
     unsupported_ops: Dict[str, int] = field(default_factory=dict)
     mask_densities: Dict[str, float] = field(default_factory=dict)
@@ -160,6 +163,16 @@ class ProfileReport:
     @property
     def sparse_ops(self) -> float:
         return self.sparse_flops + self.sparse_bops / BINARY_OPS_PER_WORD
+
+    @property
+    def masked_flops(self) -> int:
+        """Dense FLOPs of the layers that run inside a mask (the part sparsity can save)."""
+        return sum(layer.flops for layer in self.layers if layer.masked)
+
+    @property
+    def masked_bops(self) -> int:
+        """Dense BOPs of the layers that run inside a mask."""
+        return sum(layer.bops for layer in self.layers if layer.masked)
 
     @property
     def params(self) -> int:
@@ -188,7 +201,8 @@ class ProfileReport:
             "sparse_flops": self.sparse_flops, "sparse_bops": self.sparse_bops, "sparse_ops": self.sparse_ops,
             "binary_params": self.binary_params, "fp_params": self.fp_params, "params": self.params,
             "storage_bytes": self.storage_bytes, "fp32_storage_bytes": self.fp32_storage_bytes,
-            "binarizer_flops": self.binarizer_flops,
+            "masked_flops": self.masked_flops, "masked_bops": self.masked_bops,
+            "unused_params": self.unused_params, "binarizer_flops": self.binarizer_flops,
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -223,7 +237,9 @@ class ProfileReport:
         lines += [
             f"OPs = FLOPs + BOPs/64: {format_count(self.ops)} dense, {format_count(self.sparse_ops)} sparse "
             f"(sparse FLOPs {format_count(self.sparse_flops)}, sparse BOPs {format_count(self.sparse_bops)})",
-            f"storage: {self.storage_bytes / 1e6:.3f} MB (fp32: {self.fp32_storage_bytes / 1e6:.3f} MB)",
+            f"storage: {self.storage_bytes / 1e6:.3f} MB (fp32: {self.fp32_storage_bytes / 1e6:.3f} MB)"
+            + (f"; {self.unused_params} parameters never read by the forward are not counted"
+               if self.unused_params else ""),
         ]
         if self.latency_s is not None:
             lines.append(f"measured latency: {self.latency_s * 1e3:.1f} ms per forward (median)")
@@ -290,14 +306,24 @@ def _shape_hint(model: nn.Module, inputs: Tuple[Any, ...]) -> str:
     return ""
 
 
-def _run_fvcore(wrapper: _Call, inputs: Tuple[Any, ...]) -> Any:
-    from fvcore.nn import FlopCountAnalysis
+def _run_fvcore(wrapper: _Call, inputs: Tuple[Any, ...]) -> Tuple[Any, Optional[torch._C.Graph]]:
+    """Run fvcore's analysis; also return the traced graph (None if it could not be captured)."""
+    from fvcore.nn import FlopCountAnalysis, jit_analysis
 
     analysis = FlopCountAnalysis(wrapper, wrapper.tensors())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     logger = logging.getLogger("fvcore.nn.jit_analysis")
     previous = logger.level
     logger.setLevel(logging.ERROR)
+    tracer = getattr(jit_analysis, "_get_scoped_trace_graph", None)
+    captured: Dict[str, Any] = {}
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        captured["graph"] = tracer(*args, **kwargs)
+        return captured["graph"]
+
+    if tracer is not None:  # keep the graph fvcore traces anyway: it tells which parameters are read
+        jit_analysis._get_scoped_trace_graph = capture
     try:
         analysis.by_module_and_operator()
     except Exception as exc:  # noqa: BLE001 - any forward failure becomes one clear line
@@ -309,7 +335,30 @@ def _run_fvcore(wrapper: _Call, inputs: Tuple[Any, ...]) -> Any:
         ) from exc
     finally:
         logger.setLevel(previous)
-    return analysis
+        if tracer is not None:
+            jit_analysis._get_scoped_trace_graph = tracer
+    return analysis, captured.get("graph")
+
+
+def _read_parameters(graph: Optional[Any], wrapper: _Call) -> Optional[set]:
+    """ids of the parameters the traced forward reads, or None when that cannot be told.
+
+    ``torch.jit`` traces a module with its inputs followed by its unique state (parameters and
+    buffers, deduplicated by identity, in ``state_dict`` order) as graph inputs; a graph input
+    without uses is a tensor the forward never reads.
+    """
+    if graph is None:
+        return None
+    try:
+        from torch.jit._trace import _unique_state_dict
+    except ImportError:
+        return None
+    state = list(_unique_state_dict(wrapper, keep_vars=True).values())
+    graph_inputs = list(graph.inputs())
+    offset = len(wrapper.tensors())
+    if len(graph_inputs) != offset + len(state):
+        return None
+    return {id(t) for t, value in zip(state, graph_inputs[offset:]) if value.uses()}
 
 
 def _own_counts(counts: Dict[str, Counter]) -> Dict[str, Counter]:
@@ -341,17 +390,19 @@ def _ancestors(name: str) -> List[str]:
 
 
 class _MacRecorder:
-    """Forward hooks adding up the MACs of every call of every binary layer."""
+    """Forward hooks adding up the MACs of every call of every binary layer, and noting which
+    modules ran at all."""
 
     def __init__(self, model: nn.Module) -> None:
         self.macs: Dict[int, int] = Counter()
-        self._handles = [
-            m.register_forward_hook(self._hook) for m in _unique_modules(model) if is_binary_layer(m)
-        ]
+        self.called: set = set()
+        self._handles = [m.register_forward_hook(self._hook) for m in _unique_modules(model)]
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        out = output if isinstance(output, torch.Tensor) else _flatten_tensors(output)[0]
-        self.macs[id(module)] += layer_macs(tuple(module.weight.shape), tuple(out.shape))
+        self.called.add(id(module))
+        if is_binary_layer(module):
+            out = output if isinstance(output, torch.Tensor) else _flatten_tensors(output)[0]
+            self.macs[id(module)] += layer_macs(tuple(module.weight.shape), tuple(out.shape))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -375,19 +426,48 @@ def _unique_modules(model: nn.Module) -> List[nn.Module]:
 
 
 # --------------------------------------------------------------------------- parameters
-def _parameter_split(module: nn.Module, seen: set) -> Tuple[int, int]:
-    """(binary, fp) element counts of the module's own parameters not counted yet."""
-    binary = fp = 0
+def _dead_parameters(model: nn.Module, used: Optional[set], called: set) -> set:
+    """ids of parameters that need no storage because the forward never reads them.
+
+    A parameter is dead when its module ran without reading it, or when its module did not run
+    (e.g. a refiner used only when downsampling) but no instance of the same class that did run
+    read the parameter of that name (e.g. an official checkpoint's vestigial threshold). The
+    parameters of modules that did not run are otherwise live: other calls need them.
+    """
+    if used is None:
+        return set()
+    read_by_class: Dict[Tuple[type, str], bool] = {}
+    for module in _unique_modules(model):
+        if id(module) in called:
+            for name, param in module.named_parameters(recurse=False):
+                key = (type(module), name)
+                read_by_class[key] = read_by_class.get(key, False) or id(param) in used
+    dead = set()
+    for module in _unique_modules(model):
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in used:
+                continue
+            if id(module) in called or read_by_class.get((type(module), name)) is False:
+                dead.add(id(param))
+    return dead
+
+
+def _parameter_split(module: nn.Module, seen: set, dead: set) -> Tuple[int, int, int]:
+    """(binary, fp, unused) element counts of the module's own parameters not counted yet;
+    ``dead`` parameters (never read, see ``_dead_parameters``) are counted as unused."""
+    binary = fp = unused = 0
     weight = getattr(module, "weight", None) if has_binary_weight(module) else None
     for param in module.parameters(recurse=False):
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if param is weight:
+        if id(param) in dead:
+            unused += param.numel()
+        elif param is weight:
             binary += param.numel()
         else:
             fp += param.numel()
-    return binary, fp
+    return binary, fp, unused
 
 
 def _densities(model: nn.Module, names: Dict[int, str], assume: Optional[float]) -> Dict[str, float]:
@@ -429,14 +509,16 @@ def profile(
     recorder = _MacRecorder(model)
     try:
         with _eval_mode(model), torch.no_grad():
-            analysis = _run_fvcore(wrapper, inputs)
+            analysis, graph = _run_fvcore(wrapper, inputs)
     finally:
         recorder.remove()
-    return _build_report(model, wrapper, analysis, recorder, assume_density)
+    used = _read_parameters(graph, wrapper)
+    return _build_report(model, wrapper, analysis, recorder, assume_density, used)
 
 
 def _build_report(
-    model: nn.Module, wrapper: _Call, analysis: Any, recorder: _MacRecorder, assume_density: Optional[float]
+    model: nn.Module, wrapper: _Call, analysis: Any, recorder: _MacRecorder, assume_density: Optional[float],
+    used: Optional[set],
 ) -> ProfileReport:
     counts = analysis.by_module_and_operator()
     own = _own_counts(counts)
@@ -445,6 +527,7 @@ def _build_report(
     densities = _densities(model, names, assume_density)
     binarizer_scopes = {name for name, m in modules.items() if is_binarizer(m)}
     seen_params: set = set()
+    dead = _dead_parameters(model, used, recorder.called)
     layers: List[LayerCost] = []
     totals = Counter()
     binarizer_flops = 0
@@ -455,8 +538,10 @@ def _build_report(
             totals["flops"] += sum(ops.values())
             continue
         lineage = _ancestors(name)
-        density = next((densities[n] for n in lineage if n in densities), 1.0)
-        binary_params, fp_params = _parameter_split(module, seen_params)
+        mask_owner = next((n for n in lineage if n in densities), None)
+        density = densities[mask_owner] if mask_owner is not None else 1.0
+        binary_params, fp_params, unused = _parameter_split(module, seen_params, dead)
+        totals["unused"] += unused
         if any(n in binarizer_scopes for n in lineage):
             binarizer_flops += sum(ops.values())
             flops = bops = 0
@@ -471,16 +556,17 @@ def _build_report(
         totals["sparse_bops"] += bops * density
         totals["binary"] += binary_params
         totals["fp"] += fp_params
-        if flops or bops or binary_params or fp_params:
+        if flops or bops or binary_params or fp_params or unused:
             layers.append(LayerCost(
                 name, type(module).__name__, _bits(module, "input_bits"), _bits(module, "weight_bits"),
-                binary_params, fp_params, int(flops), int(bops), density,
+                binary_params, fp_params, int(flops), int(bops), density, unused, mask_owner is not None,
             ))
     unsupported = analysis.unsupported_ops()
     return ProfileReport(
         flops=int(totals["flops"]), bops=int(totals["bops"]),
         sparse_flops=float(totals["sparse_flops"]), sparse_bops=float(totals["sparse_bops"]),
-        binary_params=int(totals["binary"]), fp_params=int(totals["fp"]), layers=layers,
+        binary_params=int(totals["binary"]), fp_params=int(totals["fp"]), unused_params=int(totals["unused"]),
+        layers=layers,
         input_shapes=[list(t.shape) for t in wrapper.tensors()], binarizer_flops=int(binarizer_flops),
         unsupported_ops=dict(unsupported), mask_densities=densities,
         model_name=str(getattr(model, "model_name", type(model).__name__)),
