@@ -148,3 +148,26 @@ def test_cli(official_cases, tmp_path, capsys):
     assert "| all | 4 |" in out and (tmp_path / "pred_summary.csv").exists()
     assert main(["evaluate", "--pred-dir", str(tmp_path / "nope"), "--true-dir", str(tmp_path)]) == 2
     assert "prediction directory not found" in capsys.readouterr().err
+
+
+def test_synthetic_benchmark_round_trip(tmp_path):
+    """`binarize data synth`'s evaluation layout: perfect predictions score 0, a blurred alpha does not."""
+    from scipy import ndimage
+
+    from binarize.matting.data import write_synthetic
+    from binarize.matting.data.imageio import list_images, read_gray
+
+    out = write_synthetic(tmp_path / "syn", clips=1, frames=3, size=(32, 24), seed=1, eval_clips=2, progress=False)
+    truth = out / "videomatte_32x24"
+    perfect = evaluate(truth, truth, write=False, progress=False)
+    assert perfect.metrics == M.METRICS
+    assert all(v == 0.0 for v in perfect.summary().values())
+    for clip in ("0000", "0001"):
+        src = truth / "videomatte_static" / clip
+        dst = tmp_path / "pred" / "videomatte_static" / clip / "pha"
+        dst.mkdir(parents=True)
+        for name in list_images(src / "pha"):
+            save_gray(dst / name, ndimage.uniform_filter(read_gray(src / "pha" / name), 3))
+    blurred = evaluate(tmp_path / "pred", truth, write=False, progress=False)
+    assert blurred.metrics == M.ALPHA_METRICS  # the prediction has no fgr folders
+    assert blurred.summary()["pha_mad"] > 0 and blurred.summary()["pha_grad"] > 0

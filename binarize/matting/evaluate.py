@@ -208,10 +208,10 @@ def _evaluate_clip(pred_root: pathlib.Path, true_root: pathlib.Path, dataset: st
 
 
 def _resolve_metrics(metrics: Optional[Sequence[str]], protocol: str, pred_root: pathlib.Path,
-                     clips: List[Tuple[str, str]]) -> Tuple[str, ...]:
+                     true_root: pathlib.Path, clips: List[Tuple[str, str]]) -> Tuple[str, ...]:
     if metrics is None:
         chosen = tuple(PROTOCOLS[protocol]["metrics"])  # type: ignore[arg-type]
-        has_fgr = all((_clip_dir(pred_root, d, c) / "fgr").is_dir() for d, c in clips)
+        has_fgr = all((_clip_dir(root, d, c) / "fgr").is_dir() for d, c in clips for root in (pred_root, true_root))
         return chosen if has_fgr else tuple(m for m in chosen if m not in FOREGROUND_METRICS)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -229,7 +229,7 @@ def evaluate(pred_dir: PathLike, true_dir: PathLike, metrics: Optional[Sequence[
     Args:
         pred_dir, true_dir: benchmark roots (e.g. ``.../videomatte_512x288``) with the same layout.
         metrics: subset of ``binarize.matting.metrics.METRICS``; default: the protocol's metrics
-            (foreground ones only if every predicted clip has an ``fgr`` folder).
+            (foreground ones only if every clip has an ``fgr`` folder in both trees).
         protocol: ``"lr"`` (evaluate_lr.py: all seven metrics, min-max normalised Grad) or ``"hr"``
             (evaluate_hr.py: MAD, MSE, un-normalised Grad, dtSSD, fgr MSE).
         output_dir: where ``write`` puts ``NAME_summary.csv``, ``NAME_clips.csv``, ``NAME_frames.csv`` and
@@ -246,7 +246,7 @@ def evaluate(pred_dir: PathLike, true_dir: PathLike, metrics: Optional[Sequence[
     if not true_root.is_dir():
         raise FileNotFoundError(f"ground-truth directory not found: {true_root}")
     clips = find_clips(pred_root)
-    chosen = _resolve_metrics(metrics, protocol, pred_root, clips)
+    chosen = _resolve_metrics(metrics, protocol, pred_root, true_root, clips)
     grad_normalize = bool(PROTOCOLS[protocol]["grad_normalize"])
     total = sum(len(list_images(_clip_dir(pred_root, d, c) / "pha")) for d, c in clips)
 
