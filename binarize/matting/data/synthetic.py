@@ -163,7 +163,7 @@ def _splat(points_y: np.ndarray, points_x: np.ndarray, shape: Tuple[int, int]) -
                            (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
         yy, xx = y0 + dy, x0 + dx
         ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        np.add.at(acc, yy[ok] * w + xx[ok], weight[ok])
+        acc += np.bincount(yy[ok] * w + xx[ok], weights=weight[ok], minlength=h * w)
     return acc.reshape(h, w).astype(np.float32)
 
 
@@ -313,12 +313,21 @@ def _random_scene(rng: np.random.Generator, width: int, height: int, moving: boo
     )
 
 
-def _background(scene: _Scene, t: int, ys: np.ndarray, xs: np.ndarray, texture: _Canvas) -> np.ndarray:
-    colour = texture.crop(*_pan(scene, t))
-    blob_center = scene.blob_start + scene.blob_velocity * t
-    d = np.hypot((ys - float(blob_center[0]))[:, None], (xs - float(blob_center[1]))[None, :]) - scene.blob_radius
-    blob = _soft_edge(d, scene.blob_radius * 0.6)
-    return np.clip(colour * (1 - blob) + scene.blob_colour[:, None, None] * blob, 0, 1)
+def _background(scene: _Scene, t: int, texture: _Canvas, out: np.ndarray) -> None:
+    """Render background frame ``t`` into ``out [3, H, W]``: the panned texture and the distractor blob."""
+    np.clip(texture.crop(*_pan(scene, t)), 0, 1, out=out)
+    height, width = out.shape[1:]
+    cy, cx = scene.blob_start + scene.blob_velocity * t
+    reach = scene.blob_radius * 1.3 + 1  # the soft edge ends 0.3 radius outside
+    top, bottom = max(0, int(cy - reach)), min(height, int(cy + reach) + 1)
+    left, right = max(0, int(cx - reach)), min(width, int(cx + reach) + 1)
+    if top >= bottom or left >= right:
+        return
+    ys = np.arange(top, bottom, dtype=np.float32) - float(cy)
+    xs = np.arange(left, right, dtype=np.float32) - float(cx)
+    blob = _soft_edge(np.hypot(ys[:, None], xs[None, :]) - scene.blob_radius, scene.blob_radius * 0.6)
+    region = out[:, top:bottom, left:right]
+    region += (scene.blob_colour[:, None, None] - region) * blob
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -389,11 +398,14 @@ class SyntheticMatting(Dataset):
             body_colour, layers = _actor_layers(actor, t, ys, xs, actor_texture)
             premult, alpha = _over(layers)
             # un-premultiply where visible; elsewhere the foreground is the body's own texture
-            fgr[t] = np.where(alpha > 1e-6, premult / np.maximum(alpha, 1e-6), body_colour)
-            pha[t, 0] = alpha
-            bgr[t] = _background(scene, t, ys, xs, scene_texture)
-        np.clip(fgr, 0, 1, out=fgr)
-        np.clip(pha, 0, 1, out=pha)
+            np.copyto(fgr[t], body_colour)
+            np.divide(premult, alpha, out=fgr[t], where=alpha > 1e-6)
+            np.clip(fgr[t], 0, 1, out=fgr[t])
+            np.clip(alpha, 0, 1, out=pha[t, 0])
+            if t > 0 and not moving:
+                bgr[t] = bgr[0]  # a still background: render it once
+            else:
+                _background(scene, t, scene_texture, bgr[t])
         return fgr, pha, bgr
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor, Tensor]:
