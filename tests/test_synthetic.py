@@ -131,3 +131,12 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path / "e"), "--size", "big"]) == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_transform_applies_to_items():
+    from binarize.matting.data import MotionAugmentation
+
+    ds = SyntheticMatting(clips=1, frames=3, size=(40, 24), seed=0, transform=MotionAugmentation.valid((12, 12)))
+    fgr, pha, bgr = ds[0]
+    assert fgr.shape == (3, 3, 12, 12) and pha.shape == (3, 1, 12, 12) and bgr.shape == (3, 3, 12, 12)
+    assert ds.generate(0)[1].shape == (3, 1, 24, 40)

@@ -16,7 +16,7 @@ import os
 import pathlib
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -344,12 +344,15 @@ class SyntheticMatting(Dataset):
         background: ``"static"`` (still textured image), ``"moving"`` (panning texture and a moving
             distractor) or ``"mixed"`` (each clip picks one at random).
         split: name mixed into the seed so that e.g. ``"train"`` and ``"eval"`` clips differ.
+        transform: optional ``(fgr, pha, bgr) -> (fgr, pha, bgr)`` applied to each item (e.g.
+            ``MotionAugmentation.videomatte_train((h, w))``); ``generate`` is never transformed.
 
     Items are ``(fgr [T, 3, H, W], pha [T, 1, H, W], bgr [T, 3, H, W])`` float32 tensors in [0, 1].
     """
 
     def __init__(self, clips: int = 8, frames: int = 16, size: SizeLike = (512, 288), seed: int = 0,
-                 background: str = "mixed", split: str = "train") -> None:
+                 background: str = "mixed", split: str = "train",
+                 transform: Optional[Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]] = None) -> None:
         if int(clips) < 1:
             raise ValueError(f"clips must be >= 1, got {clips}")
         if int(frames) < 1:
@@ -362,6 +365,7 @@ class SyntheticMatting(Dataset):
         self.seed = int(seed)
         self.background = background
         self.split = split
+        self.transform = transform
 
     def __len__(self) -> int:
         return self.clips
@@ -412,7 +416,8 @@ class SyntheticMatting(Dataset):
         if index < 0:
             index += self.clips
         fgr, pha, bgr = self.generate(index)
-        return torch.from_numpy(fgr), torch.from_numpy(pha), torch.from_numpy(bgr)
+        sample = torch.from_numpy(fgr), torch.from_numpy(pha), torch.from_numpy(bgr)
+        return self.transform(*sample) if self.transform is not None else sample
 
     @staticmethod
     def composite(fgr: Tensor, pha: Tensor, bgr: Tensor) -> Tensor:
