@@ -245,3 +245,89 @@ def test_measure_latency_median_with_fake_timer() -> None:
     assert latency == 2.0 and model.training
     with pytest.raises(ValueError, match="runs"):
         measure_latency(model, torch.randn(1, 2), runs=0)
+
+
+class Vestigial(nn.Module):
+    """Carries a parameter its forward never reads (like official BiMatting's channel_threshold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.spare = nn.Parameter(torch.zeros(7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class WithIdleParts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = Vestigial()
+        self.idle = Vestigial()  # not called in this forward: its conv still needs storage
+        self.extra = nn.Linear(3, 3)  # not called either: kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_parameters_never_read_are_not_counted() -> None:
+    report = profile(WithIdleParts(), torch.randn(1, 2, 4, 4))
+    assert report.unused_params == 14  # both `spare`s: no Vestigial that ran read its `spare`
+    assert report.fp_params == 6 + 6 + 12
+    assert report.storage_bytes == 4 * 24
+    assert "14 parameters never read" in report.table()
+    rows = {row.name: row for row in report.layers}
+    assert rows["used"].unused_params == 7 and rows["idle.conv"].fp_params == 6
+
+
+# --------------------------------------------------------------------------- the zoo (issue 3, section 4)
+@pytest.fixture(scope="module")
+def zoo_reports() -> dict:
+    """BiMatting and RVM profiled at the paper's 512x288 on the built-in synthetic frame."""
+    import binarize.models.rvm  # noqa: F401  (registers rvm_mobilenetv3)
+    from binarize.cli.profile import synthetic_frame
+    from binarize.models import create_model
+
+    torch.manual_seed(0)
+    src = synthetic_frame(512, 288)
+    reports = {}
+    for name in ("bimatting", "rvm_mobilenetv3"):
+        model = create_model(name).eval()
+        reports[name] = profile(model, (src, None, None, None, None), downsample_ratio=1.0)
+    return reports
+
+
+def _g(value: float, digits: int = 2) -> float:
+    return round(value / 1e9, digits)
+
+
+def test_zoo_parameter_and_storage_counts(zoo_reports: dict) -> None:
+    bim, rvm = zoo_reports["bimatting"], zoo_reports["rvm_mobilenetv3"]
+    assert (bim.binary_params, bim.fp_params) == (4_217_584, 38_525)
+    assert bim.unused_params == 9184  # the official checkpoint's vestigial channel_threshold
+    assert (rvm.binary_params, rvm.fp_params) == (0, 3_748_633)
+    assert bim.storage_bytes == 4_217_584 / 8 + 4 * 38_525
+    assert round(bim.compare(rvm).storage, 1) == 22.0
+
+
+def test_zoo_computation_counts(zoo_reports: dict) -> None:
+    bim, rvm = zoo_reports["bimatting"], zoo_reports["rvm_mobilenetv3"]
+    assert _g(rvm.flops) == 4.57 and rvm.bops == 0
+    assert _g(bim.bops) == 6.93 and _g(bim.masked_bops) == 2.98
+    conv_rows = [row for row in bim.layers if row.layer_type == "Conv2d"]
+    assert _g(sum(r.flops for r in conv_rows)) == 0.40
+    assert _g(sum(r.flops for r in conv_rows if r.masked)) == 0.34
+    assert _g(bim.flops - sum(r.flops for r in conv_rows), 3) == 0.075  # BatchNorm, upsampling, pooling
+    assert _g(bim.ops) == 0.59
+    assert round(bim.compare(rvm).computation, 1) == 7.8
+
+
+def test_zoo_sparsity_closes_the_gap(zoo_reports: dict) -> None:
+    bim, rvm = zoo_reports["bimatting"], zoo_reports["rvm_mobilenetv3"]
+    masked_ops = bim.masked_flops + bim.masked_bops / 64
+    assert len(bim.mask_densities) == 10 and all(0.0 <= d <= 1.0 for d in bim.mask_densities.values())
+    # sparse OPs = dense OPs - (1 - density) * masked OPs; solve for the paper's 12.4x
+    density = 1 - (bim.ops - rvm.ops / 12.4) / masked_ops
+    assert 0.42 <= density <= 0.47  # "about 44% of positions"
+    expected = bim.ops - (1 - 0.44) * masked_ops
+    assert rvm.ops / expected == pytest.approx(12.6, abs=0.05)

@@ -77,7 +77,11 @@ def parse_resolution(text: str) -> Tuple[int, int]:
 
 # --------------------------------------------------------------------------- model building
 def build_model(spec: str, *, resolution: Tuple[int, int], checkpoint: Optional[str] = None) -> nn.Module:
-    """Build ``timm:NAME`` / ``torchvision:NAME`` (random weights, never downloaded) or a zoo model."""
+    """Build ``timm:NAME`` / ``torchvision:NAME`` (random weights, never downloaded) or a zoo model.
+
+    The random initialisation is seeded so that reports (mask densities included) are reproducible.
+    """
+    torch.manual_seed(0)
     if spec.startswith("timm:"):
         if checkpoint:
             raise CLIError("--checkpoint applies to zoo models only")
@@ -112,26 +116,21 @@ def _build_torchvision(name: str) -> nn.Module:
         raise CLIError(f"unknown torchvision model {name!r}") from exc
 
 
-def is_matting_model(model: nn.Module) -> bool:
-    """Zoo matting models follow ``fgr, pha, *rec = model(src, *rec, downsample_ratio=...)``."""
-    if getattr(model, "is_matting", False):
-        return True
-    name = str(getattr(model, "model_name", ""))
+def is_matting_name(name: str) -> bool:
+    """Zoo matting models: BiMatting and the RVM family (full precision and binarized baselines)."""
     return name == "bimatting" or name.startswith("rvm_")
 
 
-def matting_model_names() -> List[str]:
-    """Zoo models that are matting models, the full-precision baseline first."""
-    from binarize.models import create_model, list_models
+def is_matting_model(model: nn.Module) -> bool:
+    """Zoo matting models follow ``fgr, pha, *rec = model(src, *rec, downsample_ratio=...)``."""
+    return bool(getattr(model, "is_matting", False)) or is_matting_name(str(getattr(model, "model_name", "")))
 
-    names = []
-    for name in list_models():
-        if name == "bimatting" or name.startswith("rvm_"):
-            names.append(name)
-        elif name not in ("bimobilenet",):
-            model = create_model(name)
-            if is_matting_model(model):
-                names.append(name)
+
+def matting_model_names() -> List[str]:
+    """Zoo matting models, the full-precision baseline first, then BiMatting, then the rest."""
+    from binarize.models import list_models
+
+    names = [name for name in list_models() if is_matting_name(name)]
     return sorted(names, key=lambda n: (n != MATTING_BASELINE, n != "bimatting", n))
 
 
@@ -250,6 +249,7 @@ def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
     resolution = args.resolution or ((512, 288) if is_matting_model(model) else (224, 224))
     external = spec.startswith(("timm:", "torchvision:"))
     method = args.method or ("reactnet" if external else None)
+    vs_model = build_model(args.vs, resolution=resolution) if args.vs else None  # fail fast on a bad name
     entries: List[Entry] = []
     baseline: Optional[str] = None
     if external and args.vs is None:
@@ -258,8 +258,7 @@ def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
     if method:
         model = _convert(model, method, args)
     entries.append(profile_entry(model, _label(spec, method), args, resolution))
-    if args.vs:
-        vs_model = build_model(args.vs, resolution=resolution)
+    if vs_model is not None:
         entries.append(profile_entry(vs_model, args.vs, args, resolution))
         baseline = args.vs
     return entries, baseline
@@ -280,8 +279,6 @@ def _times(value: float) -> str:
 
 def summary_table(entries: List[Entry], baseline: Optional[str]) -> str:
     """The paper-style table: parameters, storage, FLOPs, BOPs, OPs dense/sparse, savings."""
-    from binarize.profile import format_count
-
     base = next((e.report for e in entries if e.label == baseline), None)
     header = ["model", "params bin", "params fp", "storage MB", "FLOPs G", "BOPs G", "OPs G", "OPs G sparse"]
     measured = any(e.report.latency_s is not None for e in entries)
@@ -292,7 +289,7 @@ def summary_table(entries: List[Entry], baseline: Optional[str]) -> str:
     rows = [header]
     for entry in entries:
         r = entry.report
-        row = [entry.label, format_count(r.binary_params), format_count(r.fp_params), _mb(r.storage_bytes),
+        row = [entry.label, f"{r.binary_params:,}", f"{r.fp_params:,}", _mb(r.storage_bytes),
                _giga(r.flops), _giga(r.bops), _giga(r.ops), _giga(r.sparse_ops)]
         if measured:
             row.append("-" if r.latency_s is None else f"{r.latency_s * 1e3:.1f}")
@@ -316,9 +313,27 @@ def savings_lines(entries: List[Entry], baseline: Optional[str]) -> List[str]:
         if entry is base:
             continue
         lines.append(f"{entry.label} vs {base.label}: {entry.report.compare(base.report)}")
-        if entry.report.mask_densities:
-            values = list(entry.report.mask_densities.values())
-            lines.append(f"  masked modules: {len(values)}, mean mask density {sum(values) / len(values):.3f}")
+    return lines
+
+
+def mask_lines(entries: List[Entry], args: argparse.Namespace) -> List[str]:
+    """Where the sparse figures come from: masked share of the dense cost and the densities used."""
+    lines = []
+    source = (f"assumed density {args.density}" if args.density is not None
+              else f"densities measured on {args.input or 'the built-in synthetic frame'}")
+    for entry in entries:
+        r = entry.report
+        if not r.mask_densities:
+            continue
+        values = list(r.mask_densities.values())
+        lines.append(
+            f"{entry.label}: masked branches hold {_giga(r.masked_bops)} G of {_giga(r.bops)} G BOPs and "
+            f"{_giga(r.masked_flops)} G of {_giga(r.flops)} G FLOPs; {len(values)} masked modules, "
+            f"mean density {sum(values) / len(values):.3f} ({source})"
+        )
+        if args.density is None and not args.checkpoint:
+            lines.append("  note: random weights give arbitrary masks; pass --checkpoint for trained densities "
+                         "or --density to assume one (the paper's operating point is about 0.44)")
     return lines
 
 
@@ -352,6 +367,6 @@ def run(args: argparse.Namespace) -> int:
             print(entry.report.table())
             print()
     print(summary_table(entries, baseline))
-    for line in savings_lines(entries, baseline):
+    for line in savings_lines(entries, baseline) + mask_lines(entries, args):
         print(line)
     return 0
