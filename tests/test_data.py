@@ -24,6 +24,8 @@ from binarize.matting.data import (
     VideoMatteDataset,
     VideoMatteTrainAugmentation,
     YouTubeVISDataset,
+    build_segmentation_datasets,
+    build_train_dataset,
     write_synthetic,
 )
 from binarize.matting.data import augment as A
@@ -172,7 +174,7 @@ def test_rle_round_trip(h, w, data):
     assert np.array_equal(decode_rle({"size": [h, w], "counts": _encode_rle_string(counts)}), mask)
 
 
-def test_coco_panoptic(tmp_path):
+def _write_coco(tmp_path):
     ids = np.zeros((H, W), np.int64)
     ids[:4] = 5  # person
     ids[4:6] = 300  # tie (id needs the G channel)
@@ -186,6 +188,10 @@ def test_coco_panoptic(tmp_path):
         {"file_name": "img2.png", "segments_info": [{"id": 7, "category_id": 3}]},
     ]}
     (tmp_path / "ann.json").write_text(json.dumps(anns))
+
+
+def test_coco_panoptic(tmp_path):
+    _write_coco(tmp_path)
     ds = CocoPanopticDataset(tmp_path / "img", tmp_path / "ann", tmp_path / "ann.json", size=(H, W))
     assert len(ds) == 1  # the image without a person is skipped
     img, seg = ds[0]
@@ -212,7 +218,7 @@ def test_supervisely_person(tmp_path):
         SuperviselyPersonDataset(tmp_path / "img", tmp_path / "seg")
 
 
-def test_youtubevis(tmp_path):
+def _write_youtubevis(tmp_path):
     masks = []
     for t in range(3):
         m = np.zeros((H, W), bool)
@@ -232,6 +238,11 @@ def test_youtubevis(tmp_path):
         ],
     }
     (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return masks
+
+
+def test_youtubevis(tmp_path):
+    masks = _write_youtubevis(tmp_path)
     ds = YouTubeVISDataset(tmp_path / "videos", tmp_path / "ann.json", size=(H, W), seq_length=2)
     assert len(ds) == 3  # video 2 has no person
     img, seg = ds[1]  # frames 1, 2
@@ -327,3 +338,26 @@ def test_pause_freezes_frames():
         (out,) = aug._pause(clip)
         values = out[:, 0, 0, 0].tolist()
         assert values == sorted(values) and set(values) <= set(range(8)) and values[0] == 0
+
+
+def test_builders(layout):
+    random.seed(0)
+    paths = {"videomatte": layout / "vm", "imagematte": [layout / "d646", layout / "aim"],
+             "background_images": layout / "bgi", "background_videos": layout / "bgv"}
+    for name in ("videomatte", "imagematte"):
+        fgr, pha, bgr = build_train_dataset(name, paths, size=8, seq_length=3)[0]
+        assert fgr.shape == (3, 3, 8, 8) and pha.shape == (3, 1, 8, 8) and bgr.shape == (3, 3, 8, 8)
+    with pytest.raises(ValueError, match="needs paths.videomatte"):
+        build_train_dataset("videomatte", {"background_images": layout / "bgi"}, size=8, seq_length=3)
+    _write_coco(layout / "coco")
+    _write_youtubevis(layout / "vis")
+    seg_paths = {"youtubevis": {"videodir": layout / "vis" / "videos", "annfile": layout / "vis" / "ann.json"},
+                 "coco_panoptic": {"imgdir": layout / "coco" / "img", "anndir": layout / "coco" / "ann",
+                                   "annfile": layout / "coco" / "ann.json"}}
+    video_set, image_set = build_segmentation_datasets(seg_paths, size=8, seq_length=2)
+    img, seg = video_set[0]
+    assert img.shape == (2, 3, 8, 8) and seg.shape == (2, 1, 8, 8)
+    img, seg = image_set[0]
+    assert img.shape == (1, 3, 8, 8) and seg.shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match="coco_panoptic or paths.spd"):
+        build_segmentation_datasets({"youtubevis": seg_paths["youtubevis"]}, size=8, seq_length=2)

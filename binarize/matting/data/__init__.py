@@ -28,6 +28,8 @@ _LAZY = {
     "MotionAugmentation": "augment",
     "TrainFrameSampler": "augment",
     "ValidFrameSampler": "augment",
+    "build_train_dataset": "builders",
+    "build_segmentation_datasets": "builders",
 }
 
 __all__ = list(_LAZY)
