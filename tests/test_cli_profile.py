@@ -98,3 +98,67 @@ def test_synthetic_frame_is_deterministic_and_person_like() -> None:
     fg = frame[0, :, person[0, 0] > 0].mean(1)
     bg = frame[0, :, person[0, 0] == 0].mean(1)
     assert (fg - bg).abs().max() > 0.15  # the figure stands out from the background
+
+
+# --------------------------------------------------------------------------- zoo matting models
+@pytest.fixture
+def zoo() -> None:
+    import binarize.models.rvm  # noqa: F401  (registers rvm_mobilenetv3)
+
+
+def _library_report(name: str, width: int, height: int, **kwargs):
+    from binarize.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name)
+    return profile(model, (synthetic_frame(width, height), None, None, None, None), downsample_ratio=1.0, **kwargs)
+
+
+def test_bimatting_vs_rvm_json(capsys, zoo) -> None:
+    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "128x72", "--vs", "rvm_mobilenetv3", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["baseline"] == "rvm_mobilenetv3"
+    bim, rvm = data["models"]
+    assert (bim["model"], rvm["model"]) == ("bimatting", "rvm_mobilenetv3")
+    assert (bim["binary_params"], bim["fp_params"], rvm["fp_params"]) == (4_217_584, 38_525, 3_748_633)
+    expected = _library_report("bimatting", 128, 72)
+    assert bim["bops"] == expected.bops and bim["flops"] == expected.flops
+    assert bim["sparse_ops"] == pytest.approx(expected.sparse_ops)  # same seed, same frame, same masks
+    assert bim["savings_vs_baseline"]["storage"] == pytest.approx(22.0, abs=0.05)
+    assert len(bim["mask_densities"]) == 10
+
+
+def test_bimatting_text_with_density_and_input_file(capsys, zoo, tmp_path) -> None:
+    from PIL import Image
+
+    image = (synthetic_frame(64, 36)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    path = tmp_path / "frame.png"
+    Image.fromarray(image).save(path)
+    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "128x72", "--vs", "rvm_mobilenetv3",
+                           "--input", str(path), "--density", "0.44")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[2].split()[:3] == ["bimatting", "4,217,584", "38,525"]
+    assert "bimatting vs rvm_mobilenetv3: computation saving" in out and "storage saving 22.0x" in out
+    assert "assumed density 0.44" in out and "masked branches hold" in out
+    expected = _library_report("bimatting", 128, 72, assume_density=0.44)
+    assert f"{expected.sparse_ops / 1e9:.3f}" in lines[2].split()
+
+
+def test_missing_input_image(capsys, zoo) -> None:
+    code, _, err = run_cli(capsys, "bimatting", "--resolution", "64x64", "--input", "/nonexistent/frame.png")
+    assert code == 2 and "input image not found: /nonexistent/frame.png" in err
+
+
+def test_all_matting_one_row_per_zoo_model(capsys, zoo) -> None:
+    from binarize.cli.profile import matting_model_names
+
+    names = matting_model_names()
+    assert names[:2] == ["rvm_mobilenetv3", "bimatting"]
+    code, out, _ = run_cli(capsys, "--all-matting", "--resolution", "64x64", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert [m["model"] for m in data["models"]] == names and data["baseline"] == "rvm_mobilenetv3"
+    code, out, err = run_cli(capsys, "--all-matting", "bimatting")
+    assert code == 2 and "takes no MODEL" in err
