@@ -53,6 +53,7 @@ class ClipResult:
     values: Dict[str, List[float]] = field(default_factory=dict)
 
     def mean(self, metric: str) -> float:
+        """The clip's mean of ``metric`` over its frames."""
         return float(np.mean(self.values[metric])) if self.values[metric] else float("nan")
 
 
@@ -75,6 +76,7 @@ class EvaluationResult:
     protocol: str = "lr"
 
     def datasets(self) -> List[str]:
+        """Names of the datasets (e.g. videomatte_motion, videomatte_static) in the results."""
         return sorted({c.dataset for c in self.clips})
 
     def summary(self, dataset: Optional[str] = None) -> Dict[str, float]:
@@ -88,14 +90,17 @@ class EvaluationResult:
                  **{m: c.mean(m) for m in self.metrics}} for c in self.clips]
 
     def clips_csv(self) -> str:
+        """CSV text: one row per clip with its mean of each metric."""
         return _csv(["dataset", "clip", "frames", *self.metrics], self.rows())
 
     def frames_csv(self) -> str:
+        """CSV text: one row per frame with every metric."""
         rows = [{"dataset": c.dataset, "clip": c.clip, "frame": name, **{m: c.values[m][i] for m in self.metrics}}
                 for c in self.clips for i, name in enumerate(c.frames)]
         return _csv(["dataset", "clip", "frame", *self.metrics], rows)
 
     def summary_csv(self) -> str:
+        """CSV text: the official score over all clips, then per dataset when there are several."""
         rows = [{"dataset": "all", "clips": len(self.clips), **self.summary()}]
         if len(self.datasets()) > 1:
             for name in self.datasets():

@@ -104,6 +104,7 @@ def random_easing(rng: Rng = random) -> Callable[[float], float]:
 
 
 def lerp(a: float, b: float, percentage: float) -> float:
+    """Linear interpolation from ``a`` (0) to ``b`` (1)."""
     return a * (1 - percentage) + b * percentage
 
 
@@ -206,15 +207,18 @@ def rgb_to_grayscale(img: Tensor) -> Tensor:
 
 
 def adjust_brightness(img: Tensor, factor: float) -> Tensor:
+    """Scale intensities by ``factor`` (clipped to [0, 1])."""
     return (img * factor).clamp(0, 1)
 
 
 def adjust_contrast(img: Tensor, factor: float) -> Tensor:
+    """Blend with the image's mean grey level: 0 gives flat grey, 1 the image, > 1 more contrast."""
     mean = rgb_to_grayscale(img)[..., :1, :, :].mean(dim=(-3, -2, -1), keepdim=True)
     return (img * factor + mean * (1 - factor)).clamp(0, 1)
 
 
 def adjust_saturation(img: Tensor, factor: float) -> Tensor:
+    """Blend with the grayscale image: 0 gives grey, 1 the image, > 1 more saturated."""
     return (img * factor + rgb_to_grayscale(img) * (1 - factor)).clamp(0, 1)
 
 
@@ -306,10 +310,12 @@ class MotionAugmentation:
     # presets (RVM's VideoMatteTrainAugmentation / ImageMatteAugmentation / valid)
     @classmethod
     def videomatte_train(cls, size: Size, **kw) -> MotionAugmentation:
+        """RVM's VideoMatte training probabilities."""
         return cls(size, 0.3, 0.3, 0.1, 0.3, 0.02, 0.1, 0.02, 0.5, 0.03, **kw)
 
     @classmethod
     def imagematte_train(cls, size: Size, **kw) -> MotionAugmentation:
+        """RVM's ImageMatte training probabilities (still mattes need the motion affine)."""
         return cls(size, 0.95, 0.3, 0.05, 0.3, 0.03, 0.05, 0.02, 0.5, 0.03, **kw)
 
     @classmethod

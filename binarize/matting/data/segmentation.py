@@ -81,15 +81,18 @@ class SegmentationAugmentation:
 
     @classmethod
     def coco_train(cls, size: Any, **kw) -> SegmentationAugmentation:
+        """RVM's COCO / Supervisely Person training augmentation."""
         return cls(size, 20.0, 0.1, 10.0, (0.5, 1.0), (0.7, 1.3), (0.1, 0.1, 0.1, 0.1), 0.0, 0.5, **kw)
 
     @classmethod
     def youtubevis_train(cls, size: Any, **kw) -> SegmentationAugmentation:
+        """RVM's YouTubeVIS training augmentation."""
         return cls(size, 0.0, 0.0, 0.0, (0.8, 1.0), (0.9, 1.1), (0.3, 0.3, 0.3, 0.15), 0.05, 0.5,
                    seg_mode="bilinear", **kw)
 
     @classmethod
     def valid(cls, size: Any, **kw) -> SegmentationAugmentation:
+        """No randomness: the largest centred crop of the output's aspect, resized."""
         return cls(size, **kw)
 
     def __call__(self, img: Tensor, seg: Tensor) -> Tuple[Tensor, Tensor]:
