@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
@@ -313,3 +315,15 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if "binarize_report" in model.__dict__:
         del model.__dict__["binarize_report"]
     return model
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``binarize.convert`` binds this *module* as the package attribute ``convert``,
+    shadowing the lazily exported function; calling the module calls the function, so
+    ``binarize.convert(model)`` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -25,7 +25,9 @@ import contextlib
 import logging
 import math
 import statistics
+import sys
 import time
+import types
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -594,3 +596,15 @@ def measure_latency(
             model(*inputs, **forward_kwargs)
             times.append(timer() - start)
     return statistics.median(times[warmup:])
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``binarize.profile`` binds this *module* as the package attribute ``profile``,
+    shadowing the lazily exported function; calling the module calls the function, so
+    ``binarize.profile(model, x)`` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return profile(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -331,3 +331,13 @@ def test_convert_unconvert_round_trip_property(widths: list, keep_first: bool, k
     assert all(type(m) is nn.Linear for m in restored)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value)
+
+
+def test_package_level_call_works_after_submodule_import() -> None:
+    import binarize
+    import binarize.convert as convert_module
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    converted, report = binarize.convert(model, "bnn", return_report=True)  # whichever object is bound
+    assert convert_module(model, "bnn").binarize_report.num_replaced == report.num_replaced == 1
+    assert isinstance(binarize.unconvert(converted)[1], nn.Conv2d)

@@ -331,3 +331,12 @@ def test_zoo_sparsity_closes_the_gap(zoo_reports: dict) -> None:
     assert 0.42 <= density <= 0.47  # "about 44% of positions"
     expected = bim.ops - (1 - 0.44) * masked_ops
     assert rvm.ops / expected == pytest.approx(12.6, abs=0.05)
+
+
+def test_package_level_profile_works_after_submodule_import() -> None:
+    import binarize
+    import binarize.profile as profile_module
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    x = torch.randn(1, 3, 5, 5)
+    assert binarize.profile(model, x).flops == profile_module(model, x).flops == 4 * 27 * 9
