@@ -269,7 +269,30 @@ def test_affine_identity_translation_rotation():
     square = torch.zeros(1, 1, 9, 9)
     square[0, 0, 4, 6] = 1  # right of the centre
     turned = A.affine(square, [(90.0, (0.0, 0.0), 1.0, (0.0, 0.0))])
-    assert turned[0, 0, 2, 4] == pytest.approx(1.0, abs=1e-5)  # counter-clockwise: now above the centre
+    assert turned[0, 0, 6, 4] == pytest.approx(1.0, abs=1e-5)  # clockwise on screen: now below the centre
+
+
+@pytest.mark.parametrize("params", [(12.0, (3.0, -2.0), 1.1, (4.0, 0.0)), (-7.0, (0.0, 5.0), 0.9, (-3.0, 2.0))])
+def test_affine_matches_torchvision(params):
+    """RVM calls torchvision's F.affine; ours must mean the same transform for the same parameters."""
+    TF = pytest.importorskip("torchvision.transforms.functional")
+    x = torch.rand(2, 3, 16, 20)
+    angle, translate, scale, shear = params
+    expected = TF.affine(x, angle=angle, translate=list(translate), scale=scale, shear=list(shear),
+                         interpolation=TF.InterpolationMode.BILINEAR)
+    assert torch.allclose(A.affine(x, [params] * 2), expected, atol=1e-5)
+
+
+def test_colour_ops_match_torchvision():
+    TF = pytest.importorskip("torchvision.transforms.functional")
+    x = torch.rand(2, 3, 10, 12)
+    for f in (-0.3, 0.1, 0.45):
+        assert torch.allclose(A.adjust_hue(x, f), TF.adjust_hue(x, f), atol=1e-5)
+    for f in (0.5, 1.7):
+        assert torch.allclose(A.adjust_sharpness(x, f), TF.adjust_sharpness(x, f), atol=1e-6)
+        assert torch.allclose(A.adjust_saturation(x, f), TF.adjust_saturation(x, f), atol=1e-3)
+        assert torch.allclose(A.adjust_contrast(x, f), TF.adjust_contrast(x, f), atol=1e-3)
+    assert torch.allclose(A.gaussian_blur(x, 7, 2.0), TF.gaussian_blur(x, 7, 2.0), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(A.EASINGS))

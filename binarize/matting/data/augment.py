@@ -8,8 +8,9 @@ This is our own torch-only implementation (no torchvision, no easing_functions);
 ``[T, C, H, W]`` float tensors in [0, 1]. Randomness comes from a ``random.Random`` (default: the
 ``random`` module, which DataLoader reseeds per worker), so a seeded generator reproduces a sample.
 
-Conventions: angles in degrees, positive turns counter-clockwise on screen; translations in pixels;
-shear in degrees along x; areas revealed by an affine move are filled with 0 (as torchvision's).
+Conventions are torchvision's ``F.affine`` (which RVM calls): angles in degrees, positive turns
+clockwise on screen (x right, y down); translations in pixels; shears in degrees; areas revealed by
+an affine move are filled with 0.
 """
 from __future__ import annotations
 
@@ -117,10 +118,13 @@ def _progress(t: int, frames: int) -> float:
 def _affine_theta(angle: float, translate: Tuple[float, float], scale: float, shear: Tuple[float, float],
                   height: int, width: int) -> Tensor:
     """``affine_grid`` matrix (output -> input, normalised coordinates) of a centred affine transform."""
-    a, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
-    rotation = torch.tensor([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]], dtype=torch.float64)
-    shearing = torch.tensor([[1.0, math.tan(sx)], [math.tan(sy), 1.0]], dtype=torch.float64)
-    forward = rotation @ shearing * scale  # acts on centred pixel coordinates (x, y)
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    # rotation-scale-shear R(rot) S(scale) SHy(sy) SHx(sx) on centred pixel coordinates (x right, y down),
+    # the matrix torchvision's F.affine uses, so RVM's parameter ranges mean the same here
+    forward = torch.tensor([
+        [math.cos(rot - sy) / math.cos(sy), -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)],
+        [math.sin(rot - sy) / math.cos(sy), -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)],
+    ], dtype=torch.float64) * scale
     inverse = torch.linalg.inv(forward)
     d = torch.diag(torch.tensor([width / 2, height / 2], dtype=torch.float64))
     d_inv = torch.diag(torch.tensor([2 / width, 2 / height], dtype=torch.float64))
