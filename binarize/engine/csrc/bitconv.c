@@ -49,7 +49,7 @@ typedef uint64_t u64;
 
 #define OB 8   /* output channels interleaved in the packed weights */
 #define PB 4   /* pixels per micro-kernel call */
-#define TP 32  /* pixels per tile (one im2col buffer) */
+#define TP 64  /* pixels per tile (one im2col buffer) */
 
 /* epilogue ops applied after y = dot * scale[o] + shift[o] */
 enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4 };
@@ -204,9 +204,8 @@ BZ_INLINE void append_bits(u64 *buf, int64_t pos, u64 v, int64_t nb) {
 }
 
 /* packed im2col of one pixel: returns the number of valid taps (all taps unless zero padding) */
-static int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t pix, u64 *dst,
-                            int32_t *invalid_taps) {
-    const int64_t oh = pix / a->OW, ow = pix % a->OW;
+BZ_INLINE int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t oh, int64_t ow,
+                               u64 *dst, int32_t *invalid_taps) {
     const int64_t row_words = a->G * a->NWG;
     const int64_t CG = a->CG, NWG = a->NWG, LW = a->LW;
     const int64_t ih0 = oh * a->SH - a->PH, iw0 = ow * a->SW - a->PW;
@@ -431,22 +430,40 @@ typedef struct {
 static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
     const int64_t OHW = a->OH * a->OW;
-    const int64_t LW = a->LW;
     const int64_t taps = a->KH * a->KW;
+    const int64_t row_words = a->G * a->NWG;
+    /* a dense 1x1 / stride 1 / unpadded conv reads the packed input in place: no im2col */
+    const int direct = !idx && taps == 1 && a->SH == 1 && a->SW == 1 && a->PH == 0 && a->PW == 0;
+    const u64 *A = buf->A;
+    int64_t lda = a->LW;
     int any_border = 0;
-    for (int i = 0; i < np; ++i) {
-        const int64_t gi = idx ? idx[i] : n * OHW + p0 + i;
-        buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, gi % OHW, buf->A + i * LW,
-                                               buf->inv + i * taps);
-        buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
-        any_border |= buf->nvalid[i] != taps;
+    if (direct) {
+        A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
+        lda = row_words;
+        for (int i = 0; i < np; ++i) buf->base[i] = (int32_t)a->CG;
+    } else if (!idx) {
+        int64_t oh = p0 / a->OW, ow = p0 % a->OW;
+        for (int i = 0; i < np; ++i) {
+            buf->nvalid[i] = (int32_t)im2col_pixel(a, n, g, oh, ow, buf->A + i * lda, buf->inv + i * taps);
+            buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
+            any_border |= buf->nvalid[i] != taps;
+            if (++ow == a->OW) { ow = 0; ++oh; }
+        }
+    } else {
+        for (int i = 0; i < np; ++i) {
+            const int64_t gi = idx[i], pix = gi % OHW;
+            buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, pix / a->OW, pix % a->OW,
+                                                   buf->A + i * lda, buf->inv + i * taps);
+            buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
+            any_border |= buf->nvalid[i] != taps;
+        }
     }
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
-        const u64 *Wb = a->w + (g * nblocks + ob) * LW * OB;
+        const u64 *Wb = a->w + (g * nblocks + ob) * a->LW * OB;
         for (int i0 = 0; i0 < np; i0 += PB) {
             const int npix = (np - i0) < PB ? (np - i0) : PB;
-            mk(buf->A + i0 * LW, LW, npix, Wb, LW, buf->P + i0, TP);
+            mk(A + i0 * lda, lda, npix, Wb, a->LW, buf->P + i0, TP);
         }
         const int jmax = (a->OG - ob * OB) < OB ? (int)(a->OG - ob * OB) : OB;
         for (int j = 0; j < jmax; ++j) {
@@ -460,11 +477,10 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
                     for (int32_t q = 0; q < taps - buf->nvalid[i]; ++q) popc[i] -= wpc_o[inv[q]];
                 }
             }
-            epilogue_row(a, oc, popc, buf->base, np, buf->y);
             if (!idx) {
-                float *dst = a->out + (n * a->O + oc) * OHW + p0;
-                memcpy(dst, buf->y, sizeof(float) * (size_t)np);
+                epilogue_row(a, oc, popc, buf->base, np, a->out + (n * a->O + oc) * OHW + p0);
             } else {
+                epilogue_row(a, oc, popc, buf->base, np, buf->y);
                 for (int i = 0; i < np; ++i) {
                     const int64_t gi = idx[i];
                     a->out[((gi / OHW) * a->O + oc) * OHW + gi % OHW] = buf->y[i];
