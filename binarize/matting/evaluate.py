@@ -13,7 +13,8 @@ Aggregation (official): the official script writes one row per clip and one colu
 into a spreadsheet whose score is ``AVERAGE`` over frame columns of ``AVERAGE`` over clip rows. So a
 score is the mean over frame indices of the mean over the clips that have that frame; with clips of
 equal length (the official sets) this equals the mean over clips of each clip's mean over frames.
-The official sheet only reads frame columns up to ``ZZ`` (700 frames); we use every frame.
+Two spreadsheet artefacts are not reproduced: the sheet averages only the frame columns of the first
+clip's length and at most up to column ``ZZ`` (700 frames); we use every frame index.
 """
 from __future__ import annotations
 
