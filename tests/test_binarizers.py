@@ -314,7 +314,8 @@ def _standardise(w64):
 def test_irnet_weight_libra_pb(w, progress):
     if w[0].numel() < 2:
         w = torch.cat([w, w + 1], dim=1)  # standardisation needs two elements per channel
-    w = w + torch.linspace(0, 0.3, w.numel()).reshape(w.shape)  # never a constant channel
+    # never a constant channel, and a spread comparable to the magnitude (float32-conditioned)
+    w = w + torch.linspace(0, 0.3, w.numel()).reshape(w.shape) * (1 + w.abs().max())
     binarizer = ops.get_binarizer("irnet_weight")
     binarizer.step(progress)
     k, t = ede_schedule(progress)
@@ -360,7 +361,8 @@ def test_recu_tau_schedule():
 def test_recu_weight(w, progress):
     if w[0].numel() < 2:
         w = torch.cat([w, w + 1], dim=1)
-    w = w + torch.linspace(0, 0.3, w.numel()).reshape(w.shape)  # never a constant channel
+    # never a constant channel, and a spread comparable to the magnitude (float32-conditioned)
+    w = w + torch.linspace(0, 0.3, w.numel()).reshape(w.shape) * (1 + w.abs().max())
     binarizer = ops.get_binarizer("recu_weight", channels=w.shape[0])
     binarizer.step(progress)
     with torch.no_grad():
