@@ -313,6 +313,38 @@ def test_sparse_masked_branch_matches_dense_and_skips_outside_the_mask():
     assert torch.count_nonzero(raw * (mask == 0)) == 0
 
 
+def _output_branch(cin: int, cout: int, k: int) -> list:
+    """OutputBlock-style branch: binary conv, BN, ReLU, then a full-precision conv, BN, ReLU."""
+    return [*shifted_binary_conv(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, k, 1, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def test_full_precision_conv_folding_and_sparse_second_conv():
+    pair = _randomize_stats(SparseAssistedPair(MaskedBranch(*_output_branch(19, 8, 3)),
+                                               nn.Sequential(*_output_branch(19, 8, 1))))
+    x = torch.randn(2, 19, 14, 11)
+    mask = torch.zeros(2, 1, 14, 11)
+    mask[0, :, 3:6, 2:9] = 0.7
+    mask[1, :, :2, 8:] = 1.0
+    with torch.no_grad():
+        expected = pair(x, mask)
+    deployed = deploy(pair)
+    report = deploy_report(deployed)
+    assert report.fused["dense.5"] == ["dense.6", "dense.7"]  # BN and ReLU folded into the fp conv
+    assert report.fused["sparse.5"] == ["sparse.6", "sparse.7"]
+    torch.testing.assert_close(deployed(x, mask), expected, rtol=1e-4, atol=1e-4)
+    # the fp 3x3 conv's sparse path computes exactly the listed positions
+    folded = deployed.sparse[5].forward
+    feature = torch.randn(2, 8, 14, 11)
+    dense = folded(feature)
+    positions = torch.tensor([0, 13, 150, 153, 307])
+    sparse = folded(feature, positions=positions)
+    flat_sparse = sparse.permute(0, 2, 3, 1).reshape(-1, 8)
+    torch.testing.assert_close(flat_sparse[positions], dense.permute(0, 2, 3, 1).reshape(-1, 8)[positions],
+                               rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(flat_sparse) == torch.count_nonzero(flat_sparse[positions])
+
+
 def test_deploy_converted_timm_resnet18():
     timm = pytest.importorskip("timm")
     import binarize

@@ -189,20 +189,121 @@ def _install_conv(layer: BinaryConv2d, name: str, report: DeployReport, options:
     return True
 
 
+class FoldedConv2dForward:
+    """Forward of a full-precision ``nn.Conv2d`` with the BatchNorm (and ReLU) after it folded in.
+
+    ``w' = w * gamma / sigma``, ``b' = (b - mean) * gamma / sigma + beta``; unpadded 1x1 convs run as
+    one matrix product.  ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs
+    by gathering their windows (the rest are 0): the sparse path of masked branches.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool) -> None:
+        weight = conv.weight.detach().float()
+        bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        if bn is not None:
+            scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+            weight = weight * scale.view(-1, 1, 1, 1)
+            bias = (bias - bn.running_mean.detach().float()) * scale + bn.bias.detach().float()
+        self.weight, self.bias, self.relu = weight.contiguous(), bias.contiguous(), relu
+        self.stride, self.padding = tuple(conv.stride), conv.padding
+        self.dilation, self.groups = tuple(conv.dilation), conv.groups
+        self.padding_mode = conv.padding_mode
+        self.explicit_padding = [int(p) for p in conv._reversed_padding_repeated_twice]
+        self.pointwise = (conv.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
+                          and not any(self.explicit_padding))
+        self.matrix = weight.reshape(weight.shape[0], -1).contiguous()
+
+    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if positions is not None and x.dim() == 4 and self.groups == 1 and self.stride == (1, 1):
+            y = self._sparse(x, positions)
+        elif self.pointwise and x.dim() == 4:
+            n, c, h, w = x.shape
+            y = torch.matmul(self.matrix.to(x.dtype), x.reshape(n, c, h * w)).add_(self.bias.view(1, -1, 1))
+            y = y.reshape(n, -1, h, w)
+        else:
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self.explicit_padding, mode=self.padding_mode)
+                y = F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            else:
+                y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y.clamp_min_(0) if self.relu else y
+
+    def _sparse(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out_channels, _, kh, kw = self.weight.shape
+        left, right, top, bottom = self.explicit_padding
+        oh = h + top + bottom - self.dilation[0] * (kh - 1)
+        ow = w + left + right - self.dilation[1] * (kw - 1)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        padded = F.pad(x, self.explicit_padding, mode=mode) if any(self.explicit_padding) else x
+        hp, wp = padded.shape[-2:]
+        batch, pixel = positions // (oh * ow), positions % (oh * ow)
+        rows, cols = pixel // ow, pixel % ow
+        taps_h = torch.arange(kh) * self.dilation[0]
+        taps_w = torch.arange(kw) * self.dilation[1]
+        window = (taps_h.view(-1, 1) * wp + taps_w.view(1, -1)).reshape(-1)
+        index = (batch * hp * wp + rows * wp + cols).view(-1, 1) + window.view(1, -1)
+        flat = padded.transpose(0, 1).reshape(c, -1)
+        gathered = flat[:, index]  # [C, P, taps]
+        columns = gathered.permute(1, 0, 2).reshape(positions.numel(), c * kh * kw)
+        values = torch.addmm(self.bias.to(x.dtype), columns, self.matrix.to(x.dtype).t())
+        out = x.new_zeros(n, out_channels, oh * ow)
+        out[batch, :, pixel] = values
+        return out.view(n, out_channels, oh, ow)
+
+
+def _dilate(active: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grow a boolean [N, 1, H, W] map by ``radius`` pixels (square window), by shifted ORs."""
+    for _ in range(radius):
+        grown = active.clone()
+        grown[..., 1:, :] |= active[..., :-1, :]
+        grown[..., :-1, :] |= active[..., 1:, :]
+        wide = grown.clone()
+        wide[..., :, 1:] |= grown[..., :, :-1]
+        wide[..., :, :-1] |= grown[..., :, 1:]
+        active = wide
+    return active
+
+
+def _install_folded(conv: nn.Conv2d, name: str, report: DeployReport, consumed: set, tail: Sequence[_Site],
+                    prefix: str) -> None:
+    """Fold a following eval BatchNorm (and a ReLU after it) into a full-precision conv's forward."""
+    bn, relu, fused = None, False, []
+    chain = list(tail)
+    if chain and isinstance(chain[0].module, nn.BatchNorm2d) and not chain[0].module.training and \
+            chain[0].module.num_features == conv.out_channels and chain[0].module.running_mean is not None \
+            and chain[0].module.affine:
+        bn = chain.pop(0).module
+        fused.append(tail[0])
+    if chain and isinstance(chain[0].module, nn.ReLU):
+        relu = True
+        fused.append(chain[0])
+    if not fused and not (conv.kernel_size == (1, 1)):
+        return
+    conv.forward = FoldedConv2dForward(conv, bn, relu)
+    for site in fused:
+        consumed.discard(id(site.module))
+        site.module.forward = Passthrough()
+        report.fused.setdefault(name, []).append(prefix + site.name)
+
+
 class SparseMaskedForward:
-    """Forward of a deployed ``MaskedBranch``: ``body(x) * mask`` computing the binary conv only
-    where the (dilated) mask is non-zero; everything after it runs on the resulting map."""
+    """Forward of a deployed ``MaskedBranch``: ``body(x) * mask`` where every convolution of the body
+    (the packed binary conv and folded full-precision ones) computes only the positions inside the
+    mask, grown by the receptive field of the convolutions after it; the rest runs on the maps."""
 
     def __init__(self, branch: MaskedBranch, conv_index: int) -> None:
         self.branch = branch
         self.conv_index = conv_index
+        children = list(branch)
+        self.radius_after: Dict[int, int] = {}
         radius = 0
-        for module in list(branch)[conv_index + 1:]:
+        for index in range(len(children) - 1, conv_index - 1, -1):
+            module = children[index]
             if isinstance(module, nn.Conv2d):
+                self.radius_after[index] = radius
                 dilation = module.dilation[0] if isinstance(module.dilation, tuple) else module.dilation
-                kernel = max(module.kernel_size)
-                radius += (kernel // 2) * dilation
-        self.radius = radius
+                radius += (max(module.kernel_size) // 2) * dilation
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         branch = self.branch
@@ -210,22 +311,25 @@ class SparseMaskedForward:
         children = list(branch)
         for module in children[: self.conv_index]:
             x = module(x)
-        conv = children[self.conv_index]
-        impl = conv.__dict__.get("_impl")
         active = mask != 0
-        if active.dim() != 4 or active.shape[0] != x.shape[0] or active.shape[-2:] != x.shape[-2:] or \
-                tuple(conv.stride) != (1, 1) or not isinstance(impl, PackedConv2d):
-            y = conv(x)  # shapes we cannot map to positions: dense
-        else:
+        usable = active.dim() == 4 and active.shape[0] == x.shape[0] and active.shape[-2:] == x.shape[-2:]
+        if usable:
             active = active.any(dim=1, keepdim=True)
-            if self.radius:
-                size = 2 * self.radius + 1
-                active = F.max_pool2d(active.float(), size, stride=1, padding=self.radius) > 0
-            positions = torch.nonzero(active.reshape(-1)).reshape(-1)
-            y = impl(x, positions=positions)
-        for module in children[self.conv_index + 1:]:
-            y = module(y)
-        return y * mask
+        positions: Dict[int, torch.Tensor] = {}
+        for index in range(self.conv_index, len(children)):
+            module = children[index]
+            impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.forward
+            sparse_ok = (usable and index in self.radius_after and tuple(module.stride) == (1, 1)
+                         and isinstance(impl, (PackedConv2d, FoldedConv2dForward)))
+            if sparse_ok:
+                radius = self.radius_after[index]
+                if radius not in positions:
+                    grown = _dilate(active, radius) if radius else active
+                    positions[radius] = torch.nonzero(grown.reshape(-1)).reshape(-1)
+                x = impl(x, positions=positions[radius])
+            else:
+                x = module(x)
+        return x * mask
 
 
 def _install_sparse(branch: MaskedBranch, name: str, report: DeployReport) -> None:
@@ -252,7 +356,7 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
     done: set = set()
     if fuse:
         for container_name, container in list(model.named_modules()):
-            if not any(isinstance(child, BinaryConv2d) for child in container.children()):
+            if not any(isinstance(child, nn.Conv2d) for child in container.children()):
                 continue
             sites = _container_sites(container)
             if sites is None:
@@ -260,6 +364,11 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
             prefix = f"{container_name}." if container_name else ""
             for site in sites:
                 layer = site.module
+                if type(layer) is nn.Conv2d and id(layer) not in done and id(layer) in single_use:
+                    done.add(id(layer))
+                    _install_folded(layer, names[id(layer)], report, single_use,
+                                    _fusable_tail(site, single_use), prefix)
+                    continue
                 if not isinstance(layer, BinaryConv2d) or id(layer) in done or id(layer) not in single_use:
                     continue
                 done.add(id(layer))
