@@ -384,3 +384,18 @@ def test_builders(layout):
     assert img.shape == (1, 3, 8, 8) and seg.shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match="coco_panoptic or paths.spd"):
         build_segmentation_datasets({"youtubevis": seg_paths["youtubevis"]}, size=8, seq_length=2)
+
+
+def test_datasets_pickle_for_spawned_workers(layout):
+    import pickle
+
+    ds = VideoMatteDataset(layout / "vm", layout / "bgi", layout / "bgv", size=8, seq_length=2,
+                           seq_sampler=TrainFrameSampler(), transform=VideoMatteTrainAugmentation(8))
+    clone = pickle.loads(pickle.dumps(ds))
+    random.seed(5)
+    a = clone[0]
+    random.seed(5)
+    b = ds[0]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    pickle.dumps(SegmentationAugmentation.coco_train(8))

@@ -309,7 +309,13 @@ class MotionAugmentation:
         self.prob_pause = prob_pause
         self.static_affine = static_affine
         self.aspect_ratio_range = aspect_ratio_range
-        self.rng: Rng = rng if rng is not None else random
+        self.rng: Optional[random.Random] = rng
+
+    @property
+    def random(self) -> Any:
+        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
+        instance, so that it pickles for spawned DataLoader workers)."""
+        return self.rng if self.rng is not None else random
 
     # presets (RVM's VideoMatteTrainAugmentation / ImageMatteAugmentation / valid)
     @classmethod
@@ -331,7 +337,7 @@ class MotionAugmentation:
         return cls(size, **kw)
 
     def __call__(self, fgr: Tensor, pha: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        rng = self.rng
+        rng = self.random
         if rng.random() < self.prob_fgr_affine:
             fgr, pha = self._motion_affine(fgr, pha)
         if rng.random() < self.prob_bgr_affine / 2:
@@ -370,14 +376,14 @@ class MotionAugmentation:
 
     def _static_affine(self, *clips: Tensor, scale: Tuple[float, float]) -> List[Tensor]:
         h, w = clips[0].shape[-2:]
-        params = random_affine_params(self.rng, h, w, degrees=10, translate=0.1, scale=scale, shear=5)
+        params = random_affine_params(self.random, h, w, degrees=10, translate=0.1, scale=scale, shear=5)
         return [affine(c, [params] * len(c)) for c in clips]
 
     def _motion_affine(self, *clips: Tensor) -> List[Tensor]:
         h, w = clips[0].shape[-2:]
-        start = random_affine_params(self.rng, h, w)
-        end = random_affine_params(self.rng, h, w)
-        easing = random_easing(self.rng)
+        start = random_affine_params(self.random, h, w)
+        end = random_affine_params(self.random, h, w)
+        easing = random_easing(self.random)
         frames = len(clips[0])
         params = []
         for t in range(frames):
@@ -390,29 +396,29 @@ class MotionAugmentation:
 
     def _crop(self, *clips: Tensor) -> List[Tensor]:
         h, w = clips[0].shape[-2:]
-        box = target_crop_box(self.rng, h, w, self.size, (1.0, 1.0), self.aspect_ratio_range)
+        box = target_crop_box(self.random, h, w, self.size, (1.0, 1.0), self.aspect_ratio_range)
         return [resized_crop(c, box, self.size) for c in clips]
 
     def _noise(self, *clips: Tensor) -> List[Tensor]:
-        grain = self.rng.random() * 3 + 1
-        monochrome = self.rng.random() < 0.5
-        generator = torch.Generator().manual_seed(self.rng.randrange(2**62))
+        grain = self.random.random() * 3 + 1
+        monochrome = self.random.random() < 0.5
+        generator = torch.Generator().manual_seed(self.random.randrange(2**62))
         out = []
         for clip in clips:
             t, c, h, w = clip.shape
             noise = torch.randn((t, 1 if monochrome else c, max(1, round(h / grain)), max(1, round(w / grain))),
                                 generator=generator)
-            noise = noise * (self.rng.random() * 0.2 / grain)
+            noise = noise * (self.random.random() * 0.2 / grain)
             if grain != 1:
                 noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
             out.append((clip + noise.to(clip.dtype)).clamp(0, 1))
         return out
 
     def _color_jitter(self, clip: Tensor) -> Tensor:
-        draws = [self.rng.gauss(0, 0.1) for _ in range(8)]
+        draws = [self.random.gauss(0, 0.1) for _ in range(8)]
         bright_a, bright_b, contrast_a, contrast_b, sat_a, sat_b, hue_a, hue_b = draws
-        strength = self.rng.random() * 0.2
-        easing = random_easing(self.rng)
+        strength = self.random.random() * 0.2
+        easing = random_easing(self.random)
         frames = []
         for t in range(len(clip)):
             p = easing(_progress(t, len(clip))) * strength
@@ -424,8 +430,8 @@ class MotionAugmentation:
         return torch.stack(frames)
 
     def _blur(self, *clips: Tensor) -> List[Tensor]:
-        start, end = self.rng.random() * 10, self.rng.random() * 10
-        easing = random_easing(self.rng)
+        start, end = self.random.random() * 10, self.random.random() * 10
+        easing = random_easing(self.random)
         frames = len(clips[0])
         out = [c.clone() for c in clips]
         for t in range(frames):
@@ -441,8 +447,8 @@ class MotionAugmentation:
         frames = len(clips[0])
         if frames < 2:
             return list(clips)
-        start = self.rng.randrange(frames - 1)
-        length = self.rng.randrange(frames - start)
+        start = self.random.randrange(frames - 1)
+        length = self.random.randrange(frames - start)
         out = [c.clone() for c in clips]
         for clip in out:
             clip[start + 1:start + length] = clip[start]
@@ -455,13 +461,19 @@ class TrainFrameSampler:
 
     def __init__(self, speeds: Sequence[float] = (0.5, 1, 2, 3, 4, 5), rng: Optional[random.Random] = None):
         self.speeds = tuple(speeds)
-        self.rng: Rng = rng if rng is not None else random
+        self.rng: Optional[random.Random] = rng
+
+    @property
+    def random(self) -> Any:
+        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
+        instance, so that it pickles for spawned DataLoader workers)."""
+        return self.rng if self.rng is not None else random
 
     def __call__(self, seq_length: int) -> List[int]:
-        speed = self.rng.choice(self.speeds)
-        shift = self.rng.randrange(seq_length)
+        speed = self.random.choice(self.speeds)
+        shift = self.random.randrange(seq_length)
         frames = [int(f * speed) + shift for f in range(seq_length)]
-        if self.rng.random() < 0.5:
+        if self.random.random() < 0.5:
             frames = frames[::-1]
         return frames
 

@@ -111,17 +111,23 @@ class BackgroundSource:
             raise ValueError("need background_image_dir or background_video_dir (or both)")
         self.images = BackgroundImageDataset(background_image_dir, short_side) if background_image_dir else None
         self.videos = BackgroundVideoDataset(background_video_dir, 1, short_side) if background_video_dir else None
-        self.rng = rng if rng is not None else random
+        self.rng: Optional[random.Random] = rng
+
+    @property
+    def random(self) -> Any:
+        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
+        instance, so that it pickles for spawned DataLoader workers)."""
+        return self.rng if self.rng is not None else random
 
     def __len__(self) -> int:
         return (len(self.images) if self.images else 0) + (len(self.videos) if self.videos else 0)
 
     def sample(self, seq_length: int, seq_sampler: Callable[[int], Sequence[int]]) -> Tensor:
-        use_image = self.videos is None or (self.images is not None and self.rng.random() < 0.5)
+        use_image = self.videos is None or (self.images is not None and self.random.random() < 0.5)
         if use_image:
-            image = self.images[self.rng.randrange(len(self.images))]
+            image = self.images[self.random.randrange(len(self.images))]
             return image[None].expand(seq_length, -1, -1, -1).contiguous()
-        clip = self.rng.randrange(len(self.videos))
+        clip = self.random.randrange(len(self.videos))
         count = len(self.videos.frame_names[clip])
-        start = self.rng.randrange(max(1, count - seq_length))
+        start = self.random.randrange(max(1, count - seq_length))
         return self.videos.frames(clip, seq_sampler(seq_length), start)

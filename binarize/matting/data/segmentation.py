@@ -77,7 +77,13 @@ class SegmentationAugmentation:
         self.jitter = jitter
         self.prob_grayscale, self.prob_hflip = prob_grayscale, prob_hflip
         self.seg_mode = seg_mode
-        self.rng = rng if rng is not None else random
+        self.rng: Optional[random.Random] = rng
+
+    @property
+    def random(self) -> Any:
+        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
+        instance, so that it pickles for spawned DataLoader workers)."""
+        return self.rng if self.rng is not None else random
 
     @classmethod
     def coco_train(cls, size: Any, **kw) -> SegmentationAugmentation:
@@ -96,7 +102,7 @@ class SegmentationAugmentation:
         return cls(size, **kw)
 
     def __call__(self, img: Tensor, seg: Tensor) -> Tuple[Tensor, Tensor]:
-        rng = self.rng
+        rng = self.random
         h, w = img.shape[-2:]
         if self.affine_degrees or self.affine_translate or self.affine_shear:
             params = random_affine_params(rng, h, w, self.affine_degrees, self.affine_translate, (1.0, 1.0),
@@ -118,18 +124,18 @@ class SegmentationAugmentation:
         brightness, contrast, saturation, hue = self.jitter
         ops: List[Callable[[Tensor], Tensor]] = []
         if brightness:
-            f = self.rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
+            f = self.random.uniform(max(0.0, 1 - brightness), 1 + brightness)
             ops.append(lambda x: adjust_brightness(x, f))
         if contrast:
-            c = self.rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
+            c = self.random.uniform(max(0.0, 1 - contrast), 1 + contrast)
             ops.append(lambda x: adjust_contrast(x, c))
         if saturation:
-            s = self.rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
+            s = self.random.uniform(max(0.0, 1 - saturation), 1 + saturation)
             ops.append(lambda x: adjust_saturation(x, s))
         if hue:
-            shift = self.rng.uniform(-hue, hue)
+            shift = self.random.uniform(-hue, hue)
             ops.append(lambda x: adjust_hue(x, shift))
-        self.rng.shuffle(ops)
+        self.random.shuffle(ops)
         for op in ops:
             img = op(img)
         return img
