@@ -399,3 +399,30 @@ def test_datasets_pickle_for_spawned_workers(layout):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     pickle.dumps(SegmentationAugmentation.coco_train(8))
+
+
+def _write_video(path, values, size=(32, 24)):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for v in values:
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), v, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_background_video_files(layout):
+    _write_video(layout / "bgv" / "movie.mp4", [40, 80, 120, 160, 200])
+    (layout / "bgv" / "notes.txt").write_text("not a video")
+    videos = BackgroundVideoDataset(layout / "bgv", seq_length=3, short_side=12)
+    assert videos.clips == ["clip", "movie.mp4"]
+    assert videos.frame_count(1) == 5
+    frames = videos.frames(1, [0, 1, 2], start=3)  # frames 3, 4, 0 (wraps around)
+    assert frames.shape == (3, 3, 12, 16)
+    np.testing.assert_allclose(frames.mean(dim=(1, 2, 3)).numpy(), np.array([160, 200, 40]) / 255, atol=6 / 255)
+    (layout / "bgv" / "broken.mp4").write_bytes(b"\x00" * 64)
+    broken = BackgroundVideoDataset(layout / "bgv")
+    with pytest.raises(ValueError, match="cannot read background video .*broken.mp4"):
+        broken.frames(broken.clips.index("broken.mp4"), [0])

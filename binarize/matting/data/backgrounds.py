@@ -4,7 +4,8 @@ BackgroundVideos layouts), plus the random background source the matting dataset
 Layouts::
 
     background_image_dir/NAME.jpg                 any image files
-    background_video_dir/CLIP/NNNN.jpg            one folder of frames per video
+    background_video_dir/CLIP/NNNN.jpg            one folder of frames per video (RVM's layout)
+    background_video_dir/NAME.mp4                 or video files (decoded with PyAV)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from binarize.matting.data.imageio import list_images, list_subdirs
 
-__all__ = ["BackgroundImageDataset", "BackgroundVideoDataset", "BackgroundSource", "load_image"]
+__all__ = ["BackgroundImageDataset", "BackgroundVideoDataset", "BackgroundSource", "load_image", "VIDEO_EXTENSIONS"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,30 +73,98 @@ class BackgroundImageDataset(Dataset):
         return load_image(self.root / self.files[index], "RGB", self.short_side)
 
 
-class BackgroundVideoDataset(Dataset):
-    """Background videos as frame folders; item ``i`` is clip ``i``'s frames ``[T, 3, H, W]`` from ``start``.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
-    ``frames(clip, offsets, start)`` reads any frames (indices wrap around the clip's length).
+
+def _video_error(path: PathLike, exc: Exception) -> ValueError:
+    return ValueError(f"cannot read background video {path}: {exc}")
+
+
+def _count_video_frames(path: PathLike) -> int:
+    """Frames in a video file: the container's count, or a full decode when it has none."""
+    import av  # PyAV only when video files are used
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(stream))
+    except (av.FFmpegError, IndexError) as exc:
+        raise _video_error(path, exc) from None
+
+
+def _decode_video_frames(path: PathLike, wanted: Sequence[int]) -> dict:
+    """Decode the frames of index ``wanted`` (decoding from the start up to the last one) as RGB arrays."""
+    import av
+
+    wanted_set, last, out = set(wanted), max(wanted), {}
+    try:
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if index in wanted_set:
+                    out[index] = frame.to_ndarray(format="rgb24")
+                if index >= last:
+                    break
+    except (av.FFmpegError, IndexError) as exc:
+        raise _video_error(path, exc) from None
+    missing = wanted_set - set(out)
+    if missing:
+        raise _video_error(path, RuntimeError(f"frame {min(missing)} could not be decoded"))
+    return out
+
+
+class BackgroundVideoDataset(Dataset):
+    """Background videos: frame folders (RVM's layout) or video files (decoded with PyAV, lazily imported).
+
+    Item ``i`` is video ``i``'s first ``seq_length`` frames ``[T, 3, H, W]``; ``frames(clip, offsets,
+    start)`` reads any frames (indices wrap around the video's length). Video files are decoded from
+    their start up to the last frame needed, so long videos are better stored as frame folders.
     """
 
     def __init__(self, background_video_dir: PathLike, seq_length: int = 1, short_side: Optional[int] = None) -> None:
         self.root = pathlib.Path(background_video_dir)
-        self.clips = list_subdirs(self.root)
-        _require_nonempty(self.clips, "background video folders", self.root)
-        self.frame_names: List[List[str]] = [list_images(self.root / c) for c in self.clips]
-        empty = [c for c, names in zip(self.clips, self.frame_names) if not names]
+        folders = list_subdirs(self.root)
+        files = sorted(p.name for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        self.clips = folders + files
+        _require_nonempty(self.clips, "background videos (frame folders or video files)", self.root)
+        self.frame_names: List[Optional[List[str]]] = [list_images(self.root / c) for c in folders] + [None] * len(files)
+        empty = [c for c, names in zip(self.clips, self.frame_names) if names is not None and not names]
         if empty:
             raise ValueError(f"background video folder {self.root / empty[0]} has no frames")
         self.seq_length = seq_length
         self.short_side = short_side
+        self._counts: dict = {}
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def frames(self, clip: int, offsets: Sequence[int], start: int = 0) -> Tensor:
+    def frame_count(self, clip: int) -> int:
+        """Number of frames of video ``clip``."""
         names = self.frame_names[clip]
-        return torch.stack([load_image(self.root / self.clips[clip] / names[(start + i) % len(names)], "RGB",
-                                       self.short_side) for i in offsets])
+        if names is not None:
+            return len(names)
+        if clip not in self._counts:
+            count = _count_video_frames(self.root / self.clips[clip])
+            if count == 0:
+                raise ValueError(f"background video {self.root / self.clips[clip]} has no frames")
+            self._counts[clip] = count
+        return self._counts[clip]
+
+    def frames(self, clip: int, offsets: Sequence[int], start: int = 0) -> Tensor:
+        """Frames ``(start + offset) % length`` of video ``clip`` as ``[len(offsets), 3, H, W]``."""
+        count = self.frame_count(clip)
+        indices = [(start + i) % count for i in offsets]
+        names = self.frame_names[clip]
+        path = self.root / self.clips[clip]
+        if names is not None:
+            return torch.stack([load_image(path / names[i], "RGB", self.short_side) for i in indices])
+        decoded = _decode_video_frames(path, indices)
+        images = []
+        for i in indices:
+            image = _downsample_if_needed(Image.fromarray(decoded[i]), self.short_side, Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return torch.stack(images)
 
     def __getitem__(self, index: int) -> Tensor:
         return self.frames(index, range(self.seq_length))
@@ -128,6 +197,6 @@ class BackgroundSource:
             image = self.images[self.random.randrange(len(self.images))]
             return image[None].expand(seq_length, -1, -1, -1).contiguous()
         clip = self.random.randrange(len(self.videos))
-        count = len(self.videos.frame_names[clip])
+        count = self.videos.frame_count(clip)
         start = self.random.randrange(max(1, count - seq_length))
         return self.videos.frames(clip, seq_sampler(seq_length), start)
