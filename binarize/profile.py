@@ -434,7 +434,9 @@ def _dead_parameters(model: nn.Module, used: Optional[set], called: set) -> set:
     A parameter is dead when its module ran without reading it, or when its module did not run
     (e.g. a refiner used only when downsampling) but no instance of the same class that did run
     read the parameter of that name (e.g. an official checkpoint's vestigial threshold). The
-    parameters of modules that did not run are otherwise live: other calls need them.
+    parameters of modules that did not run are otherwise live: other calls need them. A layer
+    running another implementation (the packed engine reads packed copies) keeps all its
+    parameters, and a binary weight is always live (its sign bits are what is stored).
     """
     if used is None:
         return set()
@@ -446,12 +448,20 @@ def _dead_parameters(model: nn.Module, used: Optional[set], called: set) -> set:
                 read_by_class[key] = read_by_class.get(key, False) or id(param) in used
     dead = set()
     for module in _unique_modules(model):
+        if _runs_elsewhere(module):
+            continue
         for name, param in module.named_parameters(recurse=False):
-            if id(param) in used:
+            if id(param) in used or (name == "weight" and has_binary_weight(module)):
                 continue
             if id(module) in called or read_by_class.get((type(module), name)) is False:
                 dead.add(id(param))
     return dead
+
+
+def _runs_elsewhere(module: nn.Module) -> bool:
+    """A layer whose forward is delegated to another implementation (``deploy``)."""
+    implementation = getattr(module, "implementation", None)
+    return isinstance(implementation, str) and implementation != "simulated"
 
 
 def _parameter_split(module: nn.Module, seen: set, dead: set) -> Tuple[int, int, int]:

@@ -340,3 +340,17 @@ def test_package_level_profile_works_after_submodule_import() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     x = torch.randn(1, 3, 5, 5)
     assert binarize.profile(model, x).flops == profile_module(model, x).flops == 4 * 27 * 9
+
+
+def test_layer_on_another_implementation_counts_like_the_simulated_one() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BinaryConv2d(8, 8, 3, padding=1, method="reactnet"))
+    x = torch.randn(1, 3, 6, 6)
+    simulated = profile(model, x)
+    layer = model[1]
+    frozen = torch.sign(layer.weight.detach()).clone()  # an engine reads its own packed copy
+    layer.set_implementation(lambda t: F.conv2d(torch.sign(t), frozen, padding=1), name="packed")
+    deployed = profile(model, x)
+    assert deployed.bops == simulated.bops == 8 * 8 * 9 * 36  # from the hook, not from traced ops
+    assert deployed.flops == simulated.flops
+    assert (deployed.binary_params, deployed.fp_params) == (simulated.binary_params, simulated.fp_params)
+    assert deployed.unused_params == 0

@@ -277,13 +277,13 @@ def _times(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.1f}x"
 
 
-def summary_table(entries: List[Entry], baseline: Optional[str]) -> str:
+def summary_table(entries: List[Entry], baseline: Optional[str], engine: str = "simulated") -> str:
     """The paper-style table: parameters, storage, FLOPs, BOPs, OPs dense/sparse, savings."""
     base = next((e.report for e in entries if e.label == baseline), None)
     header = ["model", "params bin", "params fp", "storage MB", "FLOPs G", "BOPs G", "OPs G", "OPs G sparse"]
     measured = any(e.report.latency_s is not None for e in entries)
     if measured:
-        header.append("latency ms")
+        header.append(f"latency ms ({engine})")
     if base is not None:
         header += ["comp. saving", "comp. saving sparse", "storage saving"]
     rows = [header]
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"== {entry.label}")
             print(entry.report.table())
             print()
-    print(summary_table(entries, baseline))
+    print(summary_table(entries, baseline, args.engine))
     for line in savings_lines(entries, baseline) + mask_lines(entries, args):
         print(line)
     return 0
