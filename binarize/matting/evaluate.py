@@ -268,8 +268,11 @@ def evaluate(pred_dir: PathLike, true_dir: PathLike, metrics: Optional[Sequence[
             return _evaluate_clip(pred_root, true_root, pair[0], pair[1], chosen, grad_normalize, tick)
 
         if num_workers > 1 and len(clips) > 1:
-            with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            pool = ThreadPoolExecutor(max_workers=num_workers)
+            try:
                 results = list(pool.map(work, clips))
+            finally:  # on the first error, drop the clips not started yet instead of finishing them
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             results = [work(pair) for pair in clips]
 
