@@ -423,6 +423,7 @@ typedef struct {
     int32_t *inv;    /* [TP][KH*KW] padded taps of border pixels */
     int32_t base[TP];
     int32_t nvalid[TP];
+    int32_t border[TP]; /* tile pixels with padded taps */
     float y[TP];
 } tile_buffers;
 
@@ -436,7 +437,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
     const int direct = !idx && taps == 1 && a->SH == 1 && a->SW == 1 && a->PH == 0 && a->PW == 0;
     const u64 *A = buf->A;
     int64_t lda = a->LW;
-    int any_border = 0;
+    int nborder = 0;
     if (direct) {
         A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
         lda = row_words;
@@ -446,7 +447,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
         for (int i = 0; i < np; ++i) {
             buf->nvalid[i] = (int32_t)im2col_pixel(a, n, g, oh, ow, buf->A + i * lda, buf->inv + i * taps);
             buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
-            any_border |= buf->nvalid[i] != taps;
+            if (buf->nvalid[i] != taps) buf->border[nborder++] = i;
             if (++ow == a->OW) { ow = 0; ++oh; }
         }
     } else {
@@ -455,7 +456,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
             buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, pix / a->OW, pix % a->OW,
                                                    buf->A + i * lda, buf->inv + i * taps);
             buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
-            any_border |= buf->nvalid[i] != taps;
+            if (buf->nvalid[i] != taps) buf->border[nborder++] = i;
         }
     }
     const int64_t nblocks = a->OGP / OB;
@@ -470,9 +471,10 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
             const int64_t o = ob * OB + j;
             const int64_t oc = g * a->OG + o;
             int32_t *popc = buf->P + j * TP;
-            if (any_border && a->pad_mode == 0) { /* add back the padded taps' weight popcounts */
+            if (nborder && a->pad_mode == 0) { /* add back the padded taps' weight popcounts */
                 const int32_t *wpc_o = a->wpc + (g * a->OGP + o) * taps;
-                for (int i = 0; i < np; ++i) {
+                for (int b = 0; b < nborder; ++b) {
+                    const int i = buf->border[b];
                     const int32_t *inv = buf->inv + i * taps;
                     for (int32_t q = 0; q < taps - buf->nvalid[i]; ++q) popc[i] -= wpc_o[inv[q]];
                 }
