@@ -115,14 +115,14 @@ def _library_report(name: str, width: int, height: int, **kwargs):
 
 
 def test_bimatting_vs_rvm_json(capsys, zoo) -> None:
-    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "128x72", "--vs", "rvm_mobilenetv3", "--json")
+    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "96x64", "--vs", "rvm_mobilenetv3", "--json")
     assert code == 0
     data = json.loads(out)
     assert data["baseline"] == "rvm_mobilenetv3"
     bim, rvm = data["models"]
     assert (bim["model"], rvm["model"]) == ("bimatting", "rvm_mobilenetv3")
     assert (bim["binary_params"], bim["fp_params"], rvm["fp_params"]) == (4_217_584, 38_525, 3_748_633)
-    expected = _library_report("bimatting", 128, 72)
+    expected = _library_report("bimatting", 96, 64)
     assert bim["bops"] == expected.bops and bim["flops"] == expected.flops
     assert bim["sparse_ops"] == pytest.approx(expected.sparse_ops)  # same seed, same frame, same masks
     assert bim["savings_vs_baseline"]["storage"] == pytest.approx(22.0, abs=0.05)
@@ -135,14 +135,12 @@ def test_bimatting_text_with_density_and_input_file(capsys, zoo, tmp_path) -> No
     image = (synthetic_frame(64, 36)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
     path = tmp_path / "frame.png"
     Image.fromarray(image).save(path)
-    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "128x72", "--vs", "rvm_mobilenetv3",
-                           "--input", str(path), "--density", "0.44")
+    code, out, _ = run_cli(capsys, "bimatting", "--resolution", "64x64", "--input", str(path), "--density", "0.44")
     assert code == 0
     lines = out.splitlines()
     assert lines[2].split()[:3] == ["bimatting", "4,217,584", "38,525"]
-    assert "bimatting vs rvm_mobilenetv3: computation saving" in out and "storage saving 22.0x" in out
     assert "assumed density 0.44" in out and "masked branches hold" in out
-    expected = _library_report("bimatting", 128, 72, assume_density=0.44)
+    expected = _library_report("bimatting", 64, 64, assume_density=0.44)
     assert f"{expected.sparse_ops / 1e9:.3f}" in lines[2].split()
 
 
