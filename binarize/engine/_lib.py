@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Optional
 
-KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4}
+KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
 _ABI_VERSION = 3
 

@@ -48,7 +48,8 @@
 typedef uint64_t u64;
 
 #define OB 8   /* output channels interleaved in the packed weights */
-#define PB 4   /* pixels per micro-kernel call */
+#define PB 4   /* pixels per micro-kernel call (5 for the hybrid AVX2 + POPCNT kernel) */
+#define PB_MAX 5
 #define TP 64  /* pixels per tile (one im2col buffer) */
 
 /* epilogue ops applied after y = dot * scale[o] + shift[o] */
@@ -56,7 +57,7 @@ enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4 };
 #define BZ_MAX_OPS 8
 
 enum { BZ_KERNEL_AUTO = 0, BZ_KERNEL_GENERIC = 1, BZ_KERNEL_POPCNT = 2, BZ_KERNEL_AVX2 = 3,
-       BZ_KERNEL_AVX512 = 4 };
+       BZ_KERNEL_AVX512 = 4, BZ_KERNEL_AVX2_HYBRID = 5 };
 
 static int g_forced_kernel = BZ_KERNEL_AUTO;
 
@@ -70,7 +71,9 @@ static int cpu_has(int kernel) {
     switch (kernel) {
     case BZ_KERNEL_GENERIC: return 1;
     case BZ_KERNEL_POPCNT: return __builtin_cpu_supports("popcnt");
-    case BZ_KERNEL_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case BZ_KERNEL_AVX2:
+    case BZ_KERNEL_AVX2_HYBRID:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     case BZ_KERNEL_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
     default: return 0;
@@ -83,7 +86,7 @@ static int cpu_has(int kernel) {
 static int best_kernel(void) {
     if (g_forced_kernel != BZ_KERNEL_AUTO && cpu_has(g_forced_kernel)) return g_forced_kernel;
     if (cpu_has(BZ_KERNEL_AVX512)) return BZ_KERNEL_AVX512;
-    if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2;
+    if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2_HYBRID;
     if (cpu_has(BZ_KERNEL_POPCNT)) return BZ_KERNEL_POPCNT;
     return BZ_KERNEL_GENERIC;
 }
@@ -358,6 +361,79 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t
     for (int j = 0; j < OB; ++j)
         for (int i = 0; i < PB; ++i) P[j * ldp + i] = (int32_t)t[i][j];
 }
+
+/* AVX2 for four pixels while the scalar POPCNT units count a fifth: the two kinds of units work
+ * in parallel, so five pixels cost little more than four */
+__attribute__((target("avx2,popcnt"))) static void mk_avx2_hybrid(const u64 *A, int64_t lda, int npix,
+                                                                   const u64 *Wb, int64_t LW, int32_t *P,
+                                                                   int64_t ldp) {
+    if (npix != 5) {
+        if (npix == 4) mk_avx2(A, lda, npix, Wb, LW, P, ldp);
+        else mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
+        return;
+    }
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
+            s31 = zero;
+    uint64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0, c7 = 0;
+    const u64 *a4 = A + 4 * lda;
+    for (int64_t k0 = 0; k0 < LW; k0 += 31) {
+        const int64_t k1 = (k0 + 31) < LW ? (k0 + 31) : LW;
+        __m256i b00 = zero, b01 = zero, b10 = zero, b11 = zero;
+        __m256i b20 = zero, b21 = zero, b30 = zero, b31 = zero;
+        for (int64_t k = k0; k < k1; ++k) {
+            const u64 *wk = Wb + k * OB;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wk);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wk + 4));
+            const u64 v = a4[k];
+            const __m256i a0 = _mm256_set1_epi64x((long long)A[k]);
+            BZ_CNT(b00, a0, w0);
+            BZ_CNT(b01, a0, w1);
+            c0 += (uint64_t)__builtin_popcountll(v ^ wk[0]);
+            c1 += (uint64_t)__builtin_popcountll(v ^ wk[1]);
+            const __m256i a1 = _mm256_set1_epi64x((long long)A[lda + k]);
+            BZ_CNT(b10, a1, w0);
+            BZ_CNT(b11, a1, w1);
+            c2 += (uint64_t)__builtin_popcountll(v ^ wk[2]);
+            c3 += (uint64_t)__builtin_popcountll(v ^ wk[3]);
+            const __m256i a2 = _mm256_set1_epi64x((long long)A[2 * lda + k]);
+            BZ_CNT(b20, a2, w0);
+            BZ_CNT(b21, a2, w1);
+            c4 += (uint64_t)__builtin_popcountll(v ^ wk[4]);
+            c5 += (uint64_t)__builtin_popcountll(v ^ wk[5]);
+            const __m256i a3 = _mm256_set1_epi64x((long long)A[3 * lda + k]);
+            BZ_CNT(b30, a3, w0);
+            BZ_CNT(b31, a3, w1);
+            c6 += (uint64_t)__builtin_popcountll(v ^ wk[6]);
+            c7 += (uint64_t)__builtin_popcountll(v ^ wk[7]);
+        }
+        s00 = _mm256_add_epi64(s00, _mm256_sad_epu8(b00, zero));
+        s01 = _mm256_add_epi64(s01, _mm256_sad_epu8(b01, zero));
+        s10 = _mm256_add_epi64(s10, _mm256_sad_epu8(b10, zero));
+        s11 = _mm256_add_epi64(s11, _mm256_sad_epu8(b11, zero));
+        s20 = _mm256_add_epi64(s20, _mm256_sad_epu8(b20, zero));
+        s21 = _mm256_add_epi64(s21, _mm256_sad_epu8(b21, zero));
+        s30 = _mm256_add_epi64(s30, _mm256_sad_epu8(b30, zero));
+        s31 = _mm256_add_epi64(s31, _mm256_sad_epu8(b31, zero));
+    }
+    int64_t t[4][OB];
+    _mm256_storeu_si256((__m256i *)t[0], s00);
+    _mm256_storeu_si256((__m256i *)(t[0] + 4), s01);
+    _mm256_storeu_si256((__m256i *)t[1], s10);
+    _mm256_storeu_si256((__m256i *)(t[1] + 4), s11);
+    _mm256_storeu_si256((__m256i *)t[2], s20);
+    _mm256_storeu_si256((__m256i *)(t[2] + 4), s21);
+    _mm256_storeu_si256((__m256i *)t[3], s30);
+    _mm256_storeu_si256((__m256i *)(t[3] + 4), s31);
+    for (int j = 0; j < OB; ++j)
+        for (int i = 0; i < 4; ++i) P[j * ldp + i] = (int32_t)t[i][j];
+    P[0 * ldp + 4] = (int32_t)c0; P[1 * ldp + 4] = (int32_t)c1; P[2 * ldp + 4] = (int32_t)c2;
+    P[3 * ldp + 4] = (int32_t)c3; P[4 * ldp + 4] = (int32_t)c4; P[5 * ldp + 4] = (int32_t)c5;
+    P[6 * ldp + 4] = (int32_t)c6; P[7 * ldp + 4] = (int32_t)c7;
+}
 #undef BZ_CNT
 
 /* AVX-512 VPOPCNTDQ: one vector = one word of all 8 output channels */
@@ -387,6 +463,7 @@ static microkernel_fn select_microkernel(int kernel) {
     switch (kernel) {
     case BZ_KERNEL_AVX512: return mk_avx512;
     case BZ_KERNEL_AVX2: return mk_avx2;
+    case BZ_KERNEL_AVX2_HYBRID: return mk_avx2_hybrid;
     case BZ_KERNEL_POPCNT: return mk_popcnt;
     default: return mk_generic;
     }
@@ -428,7 +505,7 @@ typedef struct {
 } tile_buffers;
 
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
-static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t n, int64_t p0,
+static void conv_tile(const conv_args *a, microkernel_fn mk, int pb, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
     const int64_t OHW = a->OH * a->OW;
     const int64_t taps = a->KH * a->KW;
@@ -462,8 +539,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
         const u64 *Wb = a->w + (g * nblocks + ob) * a->LW * OB;
-        for (int i0 = 0; i0 < np; i0 += PB) {
-            const int npix = (np - i0) < PB ? (np - i0) : PB;
+        for (int i0 = 0; i0 < np; i0 += pb) {
+            const int npix = (np - i0) < pb ? (np - i0) : pb;
             mk(A + i0 * lda, lda, npix, Wb, a->LW, buf->P + i0, TP);
         }
         const int jmax = (a->OG - ob * OB) < OB ? (int)(a->OG - ob * OB) : OB;
@@ -493,7 +570,9 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int64_t g, int64_t 
 }
 
 static void conv_run(const conv_args *a, int nthreads) {
-    const microkernel_fn mk = select_microkernel(best_kernel());
+    const int kernel = best_kernel();
+    const microkernel_fn mk = select_microkernel(kernel);
+    const int pb = kernel == BZ_KERNEL_AVX2_HYBRID ? 5 : PB;
     const int64_t OHW = a->OH * a->OW;
     /* dense: tiles never cross an image, so each output row segment is contiguous */
     const int64_t tiles_per_image = (OHW + TP - 1) / TP;
@@ -513,11 +592,11 @@ static void conv_run(const conv_args *a, int nthreads) {
             if (a->positions) {
                 const int64_t start = t * TP;
                 const int np = (int)((a->npos - start) < TP ? (a->npos - start) : TP);
-                conv_tile(a, mk, g, 0, 0, a->positions + start, np, &buf);
+                conv_tile(a, mk, pb, g, 0, 0, a->positions + start, np, &buf);
             } else {
                 const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * TP;
                 const int np = (int)((OHW - p0) < TP ? (OHW - p0) : TP);
-                conv_tile(a, mk, g, n, p0, NULL, np, &buf);
+                conv_tile(a, mk, pb, g, n, p0, NULL, np, &buf);
             }
         }
         free(buf.A);
