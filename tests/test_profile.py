@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from binarize.convert import convert
 from binarize.nn import BinaryConv2d, BinaryLinear
@@ -354,3 +356,28 @@ def test_layer_on_another_implementation_counts_like_the_simulated_one() -> None
     assert deployed.flops == simulated.flops
     assert (deployed.binary_params, deployed.fp_params) == (simulated.binary_params, simulated.fp_params)
     assert deployed.unused_params == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.integers(1, 3), in_per_group=st.integers(1, 3), out_per_group=st.integers(1, 3),
+    kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+    size=st.integers(5, 9), batch=st.integers(1, 2), method=st.sampled_from(["bnn", "reactnet", "xnor"]),
+)
+def test_binary_conv_bops_equal_fvcore_conv_macs(groups, in_per_group, out_per_group, kernel, stride, padding,
+                                                dilation, size, batch, method) -> None:
+    conv = nn.Conv2d(groups * in_per_group, groups * out_per_group, kernel, stride, padding, dilation, groups)
+    x = torch.randn(batch, groups * in_per_group, size, size + 1)
+    binary = BinaryConv2d.from_float(conv, method=method)
+    report = profile(binary, x)
+    assert report.bops == fvcore_counts(conv, x).total() and report.flops == 0
+    assert report.binary_params == conv.weight.numel()
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.lists(st.integers(1, 4), min_size=1, max_size=3), features=st.integers(1, 6), out=st.integers(1, 6))
+def test_binary_linear_bops_equal_fvcore_linear_macs(rows, features, out) -> None:
+    linear = nn.Linear(features, out)
+    x = torch.randn(*rows, features)
+    report = profile(BinaryLinear.from_float(linear, method="bnn"), x)
+    assert report.bops == fvcore_counts(linear, x).total() and report.flops == 0
