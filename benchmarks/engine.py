@@ -16,6 +16,7 @@ and report the best and the median round.  Writes the plot with ``--plot``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -112,8 +113,9 @@ def bench_layers(model: torch.nn.Module, rounds: int) -> List[dict]:
         weight = torch.randn_like(layer.weight)
         packed = PackedConv2d(layer)
         times = interleaved({
-            "fp32": lambda: F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups),
-            "packed": lambda: packed(x),
+            "fp32": functools.partial(F.conv2d, x, weight, None, layer.stride, layer.padding, layer.dilation,
+                                      layer.groups),
+            "packed": functools.partial(packed, x),
         }, rounds)
         fp_best, fp_med = best_and_median(times["fp32"])
         pk_best, pk_med = best_and_median(times["packed"])

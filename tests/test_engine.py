@@ -415,3 +415,26 @@ def test_bad_inputs_give_clear_errors():
         deploy(nn.Identity(), backend="gpu")
     with pytest.raises(ValueError, match="epilogue op"):
         Epilogue(ops=[("sigmoid", None)])
+
+
+def test_deployed_bimatting_through_convert_video(tmp_path):
+    """A deployed model is a drop-in for convert_video: same alpha as the simulated model."""
+    import numpy as np
+    from PIL import Image
+
+    from binarize.matting.inference import convert_video
+    from binarize.models import create_model
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    g = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray(g.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(frames / f"{index:04d}.png")
+    model = _randomize_stats(create_model("bimatting"))
+    outputs = {}
+    for name, candidate in (("simulated", model), ("packed", deploy(model))):
+        convert_video(candidate, frames, output_alpha=tmp_path / name, output_type="png_sequence", progress=False)
+        outputs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i:04d}.png"), dtype=np.int64)
+                                  for i in range(2)])
+    assert outputs["packed"].shape == outputs["simulated"].shape
+    assert np.abs(outputs["packed"] - outputs["simulated"]).mean() < 0.5  # 8-bit alpha levels

@@ -117,20 +117,24 @@ class Epilogue:
         """The same arithmetic as the C epilogue, on a float tensor of dot products."""
         shape = [1] * dot.dim()
         shape[channel_dim] = -1
+
+        def vec(value: torch.Tensor) -> torch.Tensor:
+            return value.to(dot.device).view(shape)
+
         y = dot
         if self.scale is not None:
-            y = y * self.scale.view(shape)
+            y = y * vec(self.scale)
         if self.shift is not None:
-            y = y + self.shift.view(shape)
+            y = y + vec(self.shift)
         for name, arg in self.ops:
             if name == "add":
-                y = y + arg.view(shape)
+                y = y + vec(arg)
             elif name == "mul":
-                y = y * arg.view(shape)
+                y = y * vec(arg)
             elif name == "prelu":
-                y = torch.where(y >= 0, y, y * arg.view(shape))
+                y = torch.where(y >= 0, y, y * vec(arg))
             else:
-                y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype))
+                y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y
 
     def __getstate__(self) -> dict:
@@ -232,12 +236,16 @@ def binary_conv2d(
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
     epilogue = epilogue or Epilogue()
     if out is None:
-        out = (torch.zeros if positions is not None else torch.empty)(n, weights.out_channels, oh, ow)
+        allocate = torch.zeros if positions is not None else torch.empty
+        out = allocate(n, weights.out_channels, oh, ow, device=x.device)
     elif out.shape != (n, weights.out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, weights.out_channels, oh, ow)}")
-    use_c = backend == "c" or (backend == "auto" and _lib.library() is not None)
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+    if backend == "c" and x.device.type != "cpu":
+        raise ValueError(f"the C kernels run on the CPU; the input is on {x.device}")
+    # the kernels read CPU memory; tensors on other devices take the (same-result) torch path
+    use_c = x.device.type == "cpu" and (backend == "c" or (backend == "auto" and _lib.library() is not None))
     args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out)
     if use_c:
         return _conv_c(*args, num_threads=_num_threads(num_threads))
@@ -279,12 +287,12 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
                 out) -> torch.Tensor:
     x = x.float()
     if input_bias is not None:
-        x = x + _vector(input_bias).view(1, -1, 1, 1)
+        x = x + _vector(input_bias).to(x.device).view(1, -1, 1, 1)
     signs = torch.where(x >= 0, 1.0, -1.0)
     if pad_value != 0:
         signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
         padding = (0, 0)
-    dot = F.conv2d(signs, weights.signs, None, stride, padding, dilation, weights.groups).round_()
+    dot = F.conv2d(signs, weights.signs.to(signs.device), None, stride, padding, dilation, weights.groups).round_()
     y = epilogue.apply_torch(dot)
     if positions is None:
         out.copy_(y)
@@ -292,7 +300,7 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
         flat_out = out.view(out.shape[0], out.shape[1], -1)
         flat_y = y.reshape(y.shape[0], y.shape[1], -1)
         ohw = flat_y.shape[2]
-        positions = positions.to(torch.int64)
+        positions = positions.to(device=out.device, dtype=torch.int64)
         batch, pixel = positions // ohw, positions % ohw
         flat_out[batch, :, pixel] = flat_y[batch, :, pixel]
     return out

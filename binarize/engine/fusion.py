@@ -214,7 +214,14 @@ class FoldedConv2dForward:
         self.matrix = weight.reshape(weight.shape[0], -1).contiguous()
         self.tap_major = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
+    def _follow(self, device: torch.device) -> None:
+        """Keep the folded parameters on the input's device (moved once, not per call)."""
+        if self.weight.device != device:
+            for name in ("weight", "bias", "matrix", "tap_major"):
+                setattr(self, name, getattr(self, name).to(device))
+
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._follow(x.device)
         if positions is not None and x.dim() == 4 and self.groups == 1 and self.stride == (1, 1):
             y = self._sparse(x, positions)
         elif self.pointwise and x.dim() == 4:
@@ -243,8 +250,8 @@ class FoldedConv2dForward:
         hp, wp = padded.shape[-2:]
         batch, pixel = positions // (oh * ow), positions % (oh * ow)
         rows, cols = pixel // ow, pixel % ow
-        taps_h = torch.arange(kh) * self.dilation[0]
-        taps_w = torch.arange(kw) * self.dilation[1]
+        taps_h = torch.arange(kh, device=x.device) * self.dilation[0]
+        taps_w = torch.arange(kw, device=x.device) * self.dilation[1]
         window = (taps_h.view(-1, 1) * wp + taps_w.view(1, -1)).reshape(-1)
         index = (batch * hp * wp + rows * wp + cols).view(-1, 1) + window.view(1, -1)
         # channels-last rows, so each gathered window tap is one contiguous run of C floats

@@ -219,10 +219,10 @@ class PackedConv2d:
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
                           backend=self.backend)
         if self.spec.sample_scale:
-            shifted = x if self.spec.bias is None else x + self.spec.bias.view(1, -1, 1, 1)
+            shifted = x if self.spec.bias is None else x + self.spec.bias.to(x.device).view(1, -1, 1, 1)
             y = y * shifted.float().abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
             if self.bias is not None:
-                y = y + self.bias.view(1, -1, 1, 1)
+                y = y + self.bias.to(y.device).view(1, -1, 1, 1)
         if self.torch_post is not None:
             y = self.torch_post(y)
         y = y if y.dtype == dtype else y.to(dtype)
@@ -263,7 +263,7 @@ class PackedLinear:
             scale = x.float().abs().mean(dim=list(range(1, x.dim())), keepdim=True)
             y = y * scale
             if self.bias is not None:
-                y = y + self.bias
+                y = y + self.bias.to(y.device)
         if self.torch_post is not None:
             y = self.torch_post(y)
         return y if y.dtype == dtype else y.to(dtype)
