@@ -434,17 +434,19 @@ class _MattingJob:
                 fgr, pha, *rec = self.model(src, *rec, downsample_ratio=self.downsample_ratio)
                 _check_model_output(fgr, pha, src)
                 bgr = self.static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, self.device, self.dtype)
-                if not self.pipeline.put(self.write_q, _render(self.outputs, fgr[0], pha[0], bgr)):
+                if not self.pipeline.put(self.write_q, (fgr[0], pha[0], bgr)):
                     break
                 frames += src.shape[1]
                 bar.update(src.shape[1])
         return frames
 
     def _write(self) -> None:
-        """Writer thread: encode rendered frames; finish the files unless the job was cancelled."""
+        """Writer thread: render and encode the model's outputs; finish the files unless cancelled."""
         while (item := self.pipeline.get(self.write_q)) is not _END:
+            with torch.inference_mode():  # composite + uint8 here, overlapping the next model call
+                frames = _render(self.outputs, *item)
             for out in self.outputs:
-                out.writer.write(item[out.name])
+                out.writer.write(frames[out.name])
         if self.pipeline.stop.is_set():
             return  # cancelled: the main thread aborts the writers
         for out in self.outputs:
