@@ -74,6 +74,8 @@ def test_measure_adds_latency(capsys) -> None:
     (["timm:resnet18", "--method", "nope", "--resolution", "32x32"], "available methods"),
     ([], "give a MODEL"),
     (["timm:resnet18", "--density", "2"], "--density"),
+    (["timm:resnet18", "--downsample-ratio", "0"], "--downsample-ratio"),
+    (["timm:regnetx_002", "--resolution", "32x32", "--input", "x.png"], "matting models only"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, needle) -> None:
     code, out, err = run_cli(capsys, *argv)
@@ -159,4 +161,6 @@ def test_all_matting_one_row_per_zoo_model(capsys, zoo) -> None:
     data = json.loads(out)
     assert [m["model"] for m in data["models"]] == names and data["baseline"] == "rvm_mobilenetv3"
     code, out, err = run_cli(capsys, "--all-matting", "bimatting")
+    assert code == 2 and "takes no MODEL" in err
+    code, out, err = run_cli(capsys, "--all-matting", "--method", "bnn")
     assert code == 2 and "takes no MODEL" in err

@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--all-matting", action="store_true", help="one row per zoo matting model")
     parser.add_argument("--input", default=None, help="image for matting models (default: a synthetic frame)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for a zoo model")
-    parser.add_argument("--downsample-ratio", type=float, default=1.0, help="matting models' downsample_ratio")
+    parser.add_argument("--downsample-ratio", type=float, default=None,
+                        help="matting models' downsample_ratio (default 1.0)")
     parser.add_argument("--density", type=float, default=None,
                         help="assume this mask density instead of measuring it (e.g. 0.44)")
     parser.add_argument("--no-keep-first", action="store_true", help="binarize the first conv too")
@@ -197,7 +198,10 @@ def example_call(model: nn.Module, args: argparse.Namespace, resolution: Tuple[i
     width, height = resolution
     if is_matting_model(model):
         src = load_frame(args.input, width, height) if args.input else synthetic_frame(width, height)
-        return (src, None, None, None, None), {"downsample_ratio": args.downsample_ratio}
+        ratio = 1.0 if args.downsample_ratio is None else args.downsample_ratio
+        return (src, None, None, None, None), {"downsample_ratio": ratio}
+    if args.input or args.downsample_ratio is not None:
+        raise CLIError(f"--input and --downsample-ratio apply to matting models only, not {type(model).__name__}")
     generator = torch.Generator().manual_seed(0)
     return (torch.randn(1, 3, height, width, generator=generator),), {}
 
@@ -236,8 +240,8 @@ def _label(spec: str, method: Optional[str]) -> str:
 def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
     """Profile what the arguments ask for; returns the entries and the baseline's label."""
     if args.all_matting:
-        if args.model or args.vs:
-            raise CLIError("--all-matting takes no MODEL and no --vs")
+        if args.model or args.vs or args.checkpoint or args.method:
+            raise CLIError("--all-matting takes no MODEL, --vs, --checkpoint or --method")
         resolution = args.resolution or (512, 288)
         names = matting_model_names()
         entries = [profile_entry(build_model(n, resolution=resolution), n, args, resolution) for n in names]
@@ -357,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--runs must be >= 1, got {args.runs}")
     if args.density is not None and not 0.0 <= args.density <= 1.0:
         raise CLIError(f"--density must be in [0, 1], got {args.density}")
+    if args.downsample_ratio is not None and not 0.0 < args.downsample_ratio <= 1.0:
+        raise CLIError(f"--downsample-ratio must be in (0, 1], got {args.downsample_ratio}")
     entries, baseline = collect(args)
     if args.json:
         print(json.dumps(to_json(entries, baseline, args.layers), indent=2, default=float))
