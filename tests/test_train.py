@@ -5,6 +5,7 @@ import csv
 import hashlib
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 from typing import List, Optional
@@ -291,8 +292,15 @@ def test_two_process_gloo_ddp_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "launch.py"), "train", "--config", str(tmp_path / "tiny.yaml"), "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     out = tmp_path / "ddp"
     ckpt = load_checkpoint_file(out / "last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
