@@ -273,6 +273,27 @@ def test_audio_is_transcoded_when_the_container_refuses_the_codec(tmp_path):
     assert abs(audio_samples(tmp_path / "out.webm") / 48000 - audio_samples(tmp_path / "src.mp4") / 16000) < 0.05
 
 
+def test_audio_falls_back_to_transcoding_when_the_muxer_refuses_the_copy(tmp_path, monkeypatch):
+    import binarize.matting.video as video
+
+    class RefusingCopier(video.AudioCopier):
+        def __init__(self, source, output, offset, remux):
+            super().__init__(source, output, offset, remux)
+            if remux:  # as if the container's header refused the remuxed stream
+                raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    monkeypatch.setattr(video, "AudioCopier", RefusingCopier)
+    make_video(tmp_path / "src.mp4", audio="aac")
+    writer = VideoWriter(tmp_path / "out.mp4", 64, 48, NTSC, audio_path=tmp_path / "src.mp4")
+    writer.write(clip_frames(8))
+    writer.commit()
+    assert not writer._audio.remux
+    assert ("audio", "aac") in read_video(tmp_path / "out.mp4")[2]
+    assert audio_samples(tmp_path / "out.mp4") / 16000 == pytest.approx(audio_samples(tmp_path / "src.mp4") / 16000,
+                                                                        abs=0.07)
+    assert only_visible(tmp_path) == ["out.mp4", "src.mp4"]
+
+
 def test_audio_before_a_late_first_video_frame_is_trimmed(tmp_path):
     make_video(tmp_path / "late.mp4", n=8, rate=Fraction(30), first_pts=15)  # video starts at 0.5 s
     source = open_source(tmp_path / "late.mp4")

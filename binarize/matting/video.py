@@ -353,8 +353,11 @@ class VideoWriter(FrameWriter):
         self._pad = (height % 2, width % 2) if self.codec == "libx264" else (0, 0)
         self._open(audio_path, audio_offset, bit_rate, remux=True)
 
-    def _open(self, audio_path: Optional[PathLike], audio_offset: float, bit_rate: Optional[int], remux: bool):
+    def _open(
+        self, audio_path: Optional[PathLike], audio_offset: float, bit_rate: Optional[int], remux: bool
+    ) -> None:
         self._container = av.open(str(self._tmp), "w")
+        self._audio: Optional[AudioCopier] = None
         try:
             options = dict(_CODEC_OPTIONS.get(self.codec, {}))
             if bit_rate:
@@ -370,6 +373,8 @@ class VideoWriter(FrameWriter):
             self._audio = AudioCopier(audio_path, self._container, audio_offset, remux) if audio_path else None
             self._container.start_encoding()
         except av.FFmpegError as exc:
+            if self._audio is not None:
+                self._audio.close()
             self._container.close()
             self._tmp.unlink(missing_ok=True)
             if remux and audio_path:  # the container refused the copied audio stream: transcode instead
