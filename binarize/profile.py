@@ -224,7 +224,8 @@ class ProfileReport:
         rows: List[Sequence[str]] = [header]
         if layers:
             for layer in self.layers:
-                bits = f"{layer.input_bits or '-'}/{layer.weight_bits or '-'}"
+                declared = layer.input_bits is not None or layer.weight_bits is not None
+                bits = f"{layer.input_bits or 32}/{layer.weight_bits or 32}" if declared else "fp"
                 rows.append((
                     layer.name or "<root>", layer.layer_type, bits, format_count(layer.binary_params),
                     format_count(layer.fp_params), format_count(layer.flops), format_count(layer.bops),

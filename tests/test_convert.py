@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -341,3 +342,21 @@ def test_package_level_call_works_after_submodule_import() -> None:
     converted, report = binarize.convert(model, "bnn", return_report=True)  # whichever object is bound
     assert convert_module(model, "bnn").binarize_report.num_replaced == report.num_replaced == 1
     assert isinstance(binarize.unconvert(converted)[1], nn.Conv2d)
+
+
+def test_method_object_and_string_padding() -> None:
+    from binarize.ops import Method
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, padding="same", padding_mode="reflect"),
+                          nn.Conv2d(4, 4, 3, padding="same"), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    converted, report = convert(model, Method("my_sign", "sign", "sign"), return_report=True)
+    assert report.method == "my_sign" and [r.name for r in report.replaced] == ["1", "2"]
+    x = torch.randn(1, 3, 8, 8)
+    # with sign binarizers and no scale the layer is exactly conv(sign(pad(x)), sign(W)) + b
+    h = model[0](x)
+    padded = F.pad(h, (1, 1, 1, 1), mode="reflect")
+    expected = F.conv2d(torch.sign(padded), torch.sign(model[1].weight), model[1].bias)
+    assert torch.allclose(converted[1](h), expected, atol=1e-5)
+    assert converted(x).shape == (1, 2)
+    with pytest.raises(ValueError, match="method must be"):
+        convert(model, 42)
