@@ -227,6 +227,9 @@ def test_compare_and_table_and_dict() -> None:
     header_width = len(lines[0])
     assert lines[1] == "-" * header_width
     assert " M" in text and " K" in text and "OPs = FLOPs + BOPs/64" in text
+    row = next(line for line in lines if line.startswith("layer1.0.conv1 "))
+    assert row.split()[1:3] == ["BinaryConv2d", "1/1"]
+    assert next(line for line in lines if line.startswith("conv1 ")).split()[1:3] == ["Conv2d", "fp"]
     data = json.loads(json.dumps(report.to_dict()))
     assert data["bops"] == report.bops and data["ops"] == pytest.approx(report.ops)
     assert len(data["layers"]) == len(report.layers)
