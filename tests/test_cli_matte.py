@@ -14,7 +14,7 @@ from test_video import NTSC, make_video, only_visible, read_video
 
 from binarize.cli.main import main
 from binarize.matting.video import open_source
-from binarize.models import register_model
+from binarize.models import register_model, registry
 
 CALLS: list = []
 
@@ -31,9 +31,16 @@ class _RecordingMatting(torch.nn.Module):
         return src * self.gain, src.mean(dim=2, keepdim=True), *rec
 
 
-@register_model("_test_cli_matting")
 def _test_cli_matting(**kwargs):
     return _RecordingMatting()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered_test_model():
+    """Register the recording model only while this module's tests run, so other tests never see it."""
+    register_model("_test_cli_matting")(_test_cli_matting)
+    yield
+    registry._MODELS.pop("_test_cli_matting", None)
 
 
 @pytest.fixture
