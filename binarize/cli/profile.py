@@ -243,8 +243,11 @@ def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
         if args.model or args.vs or args.checkpoint or args.method:
             raise CLIError("--all-matting takes no MODEL, --vs, --checkpoint or --method")
         resolution = args.resolution or (512, 288)
+        from tqdm import tqdm
+
         names = matting_model_names()
-        entries = [profile_entry(build_model(n, resolution=resolution), n, args, resolution) for n in names]
+        entries = [profile_entry(build_model(n, resolution=resolution), n, args, resolution)
+                   for n in tqdm(names, desc="profiling matting models", unit="model", disable=None)]
         return entries, MATTING_BASELINE if MATTING_BASELINE in names else None
     if not args.model:
         raise CLIError("give a MODEL (timm:NAME, torchvision:NAME or a zoo model) or --all-matting")
