@@ -384,3 +384,25 @@ def test_binary_linear_bops_equal_fvcore_linear_macs(rows, features, out) -> Non
     x = torch.randn(*rows, features)
     report = profile(BinaryLinear.from_float(linear, method="bnn"), x)
     assert report.bops == fvcore_counts(linear, x).total() and report.flops == 0
+
+
+class PooledScaleSign(nn.Module):
+    """A binarizer (declares bits and kind) whose scale uses an op fvcore counts (adaptive pooling)."""
+
+    bits = 1
+    kind = "activation"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x) * F.adaptive_avg_pool2d(x.abs(), 1)
+
+
+def test_ops_inside_binarizers_are_reported_apart() -> None:
+    from binarize.ops import SignSTE
+
+    layer = BinaryConv2d(4, 6, 3, padding=1, input_binarizer=PooledScaleSign(),
+                         weight_binarizer=SignSTE(kind="weight"), method=None)
+    x = torch.randn(2, 4, 5, 5)
+    assert fvcore_counts(layer, x).total("input_binarizer") == x.numel()  # fvcore does count it
+    report = profile(layer, x)
+    assert report.binarizer_flops == x.numel()
+    assert report.flops == 0 and report.bops == 2 * 6 * 4 * 9 * 25
