@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -167,6 +168,35 @@ def _first_and_last(modules: List[Tuple[str, nn.Module]]) -> Tuple[Optional[nn.M
     return first, layers[-1]
 
 
+def _call_order(model: nn.Module, example_inputs: Any) -> List[Tuple[str, nn.Module]]:
+    """Conv/linear layers in the order a forward on ``example_inputs`` first calls them."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    names = {id(m): n for n, m in model.named_modules()}
+    order: List[Tuple[str, nn.Module]] = []
+    seen: set = set()
+
+    def record(module: nn.Module, args: Any) -> None:
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append((names[id(module)], module))
+
+    handles = [m.register_forward_pre_hook(record) for _, m in model.named_modules() if _base_kind(m)]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - report any forward failure in one line
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"convert: the forward on example_inputs failed: {first_line}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    return order
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels and module.in_channels > 1
 
@@ -248,13 +278,16 @@ def convert(
     skip: SkipSpec = None,
     inplace: bool = False,
     return_report: bool = False,
+    example_inputs: Any = None,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Return a binarized copy of ``model`` (or ``model`` itself when ``inplace``).
 
     Every eligible ``nn.Conv2d`` / ``nn.Linear`` becomes ``BinaryConv2d`` / ``BinaryLinear``
     built by ``from_float(layer, method)``. The :class:`ConversionReport` is attached as
     ``model.binarize_report``, and also returned when ``return_report`` is true. A module object
-    shared by several parents is converted once and stays shared.
+    shared by several parents is converted once and stays shared. The first and last layers are
+    found in registration order, or in call order when ``example_inputs`` (a tensor or a tuple of
+    positional inputs) is given: the model then runs once on them, in eval mode without gradients.
     """
     from binarize.nn import BinaryConv2d, BinaryLinear
 
@@ -262,7 +295,10 @@ def convert(
     model = _prepare(model, inplace)
     names = _all_names(model)
     modules = list(model.named_modules())  # registration order, shared modules once
-    first, last = _first_and_last(modules)
+    if example_inputs is None:
+        first, last = _first_and_last(modules)
+    else:
+        first, last = _first_and_last(_call_order(model, example_inputs))
     functional = _functional_parents(model)
     matcher = _skip_matcher(skip)
     report = ConversionReport(method=method_name)

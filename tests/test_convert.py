@@ -360,3 +360,28 @@ def test_method_object_and_string_padding() -> None:
     assert converted(x).shape == (1, 2)
     with pytest.raises(ValueError, match="method must be"):
         convert(model, 42)
+
+
+class HeadFirst(nn.Module):
+    """Registers its classifier first and its stem last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_first_and_last_in_call_order_with_example_inputs() -> None:
+    model = HeadFirst().train()
+    _, by_registration = convert(model, return_report=True)
+    assert {k.name: k.reason for k in by_registration.kept} == {"body": REASON_FIRST, "stem": REASON_LAST}
+    converted, by_call = convert(model, example_inputs=torch.randn(1, 3, 6, 6), return_report=True)
+    assert {k.name: k.reason for k in by_call.kept} == {"stem": REASON_FIRST, "head": REASON_LAST}
+    assert [r.name for r in by_call.replaced] == ["body"]
+    assert converted.training and converted.stem.training  # modes restored after the probing forward
+    with pytest.raises(ValueError, match="example_inputs failed"):
+        convert(model, example_inputs=torch.randn(1, 5, 6, 6))
