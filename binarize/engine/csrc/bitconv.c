@@ -56,6 +56,10 @@ typedef uint64_t u64;
 enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4 };
 #define BZ_MAX_OPS 8
 
+/* smallest jobs worth a parallel region: floats packed, (pixel x output x word) popcounts */
+#define BZ_PACK_PARALLEL_MIN 262144
+#define BZ_CONV_PARALLEL_MIN 1000000.0
+
 enum { BZ_KERNEL_AUTO = 0, BZ_KERNEL_GENERIC = 1, BZ_KERNEL_POPCNT = 2, BZ_KERNEL_AVX2 = 3,
        BZ_KERNEL_AVX512 = 4, BZ_KERNEL_AVX2_HYBRID = 5 };
 
@@ -157,7 +161,9 @@ BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t 
     const int64_t PBLK = 64;
     const int64_t nblk = (P + PBLK - 1) / PBLK;
     int64_t job;
-#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
+    /* threads only pay off above ~100 us of work: waking a pool costs more on a busy machine */
+    const int parallel = nthreads > 1 && N * P * C >= BZ_PACK_PARALLEL_MIN;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
     for (job = 0; job < N * nblk; ++job) {
         const int64_t n = job / nblk;
         const int64_t p0 = (job % nblk) * PBLK;
@@ -578,7 +584,10 @@ static void conv_run(const conv_args *a, int nthreads) {
     const int64_t tiles_per_image = (OHW + TP - 1) / TP;
     const int64_t ntiles = a->positions ? (a->npos + TP - 1) / TP : a->N * tiles_per_image;
     const int64_t njobs = ntiles * a->G;
-#pragma omp parallel num_threads(clamp_threads(nthreads))
+    const double work = (double)(a->positions ? a->npos : a->N * OHW) * (double)a->G * (double)a->OGP *
+                        (double)(a->LW + 2);
+    const int parallel = nthreads > 1 && njobs > 1 && work >= BZ_CONV_PARALLEL_MIN;
+#pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
     {
         tile_buffers buf;
         buf.A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
