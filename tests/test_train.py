@@ -309,3 +309,56 @@ def test_two_process_gloo_ddp_run(tmp_path):
     hashes = {(out / f"hash-rank{r}.txt").read_text() for r in range(2)}
     assert len(hashes) == 1, "ranks ended with different weights"
     assert (out / "scalars.csv").exists()
+
+
+def test_videomatte_layout_with_high_resolution_passes(tmp_path):
+    from binarize.matting.data import write_synthetic
+
+    root = write_synthetic(tmp_path / "vm", clips=2, frames=4, size=(96, 64), seed=1, eval_clips=0,
+                           progress=False)
+    cfg = validate_config({
+        "model": {"name": TINY},
+        "data": {"dataset": "videomatte",
+                 "paths": {"videomatte": str(root / "train"), "background_images": str(root / "backgrounds/images"),
+                           "background_videos": str(root / "backgrounds/videos")},
+                 "resolution_lr": 64, "seq_length_lr": 3, "train_hr": True, "resolution_hr": 64,
+                 "seq_length_hr": 2, "downsample_ratio_hr": 0.5, "num_workers": 0, "random_crop": False},
+        "optim": {"lr": {"backbone": 1e-3, "aspp": 1e-3, "decoder": 1e-3, "refiner": 1e-2}},
+        "schedule": {"epoch_end": 1},
+        "run": {"output_dir": str(tmp_path / "run"), "log_interval": 1, "progress": False},
+    })
+    trainer = train_mod.Trainer(cfg)
+    refiner_before = trainer.model.refiner.weight.detach().clone()
+    trainer.fit()
+    names = {r["name"] for r in csv.DictReader(open(tmp_path / "run" / "scalars.csv"))}
+    assert {"train_lr/total", "train_hr/total"} <= names
+    # only the high-resolution pass (downsample_ratio < 1) uses the refiner
+    assert not torch.equal(trainer.model.refiner.weight, refiner_before)
+
+
+def test_missing_dataset_folder_is_a_clear_error(tmp_path):
+    cfg = validate_config({
+        "model": {"name": TINY},
+        "data": {"dataset": "videomatte", "paths": {"videomatte": str(tmp_path / "nope"),
+                                                    "background_images": str(tmp_path),
+                                                    "background_videos": str(tmp_path)}},
+        "optim": {"lr": {"backbone": 1, "aspp": 1, "decoder": 1, "refiner": 1}},
+        "schedule": {"epoch_end": 1},
+    })
+    with pytest.raises(FileNotFoundError, match="data.paths.videomatte is not a folder"):
+        train_mod.Trainer(cfg)
+    cfg["data"]["paths"].pop("background_videos")
+    with pytest.raises(ValueError, match="needs data.paths.background_videos"):
+        train_mod.Trainer(cfg)
+
+
+def test_segmentation_pass_trains_the_segmentation_head(tmp_path):
+    trainer = train_mod.Trainer(tiny_config(tmp_path))
+    head_before = trainer.model.project_seg.weight.detach().clone()
+    mat_before = trainer.model.project_mat.weight.detach().clone()
+    img = torch.rand(2, 3, 64, 64)  # a batch of images (T = 1 clips after unsqueeze)
+    seg = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    scalars = trainer.train_segmentation((img, seg), "seg_image")
+    assert torch.isfinite(torch.tensor(scalars["seg_image/loss"]))
+    assert not torch.equal(trainer.model.project_seg.weight, head_before)
+    assert torch.equal(trainer.model.project_mat.weight, mat_before)

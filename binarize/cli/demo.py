@@ -73,8 +73,9 @@ def make_clip(frames: int, size: Tuple[int, int], seed: int) -> Dict[str, np.nda
     if frames < 1:
         raise ValueError(f"--frames must be >= 1, got {frames}")
     data = SyntheticMatting(clips=1, frames=frames, size=size, seed=seed, background="moving", split="demo")
-    fgr, pha, bgr = data.generate(0)
-    src = fgr * pha[..., None] + bgr * (1 - pha[..., None])
+    fgr, pha, bgr = data[0]  # [T, 3, H, W], [T, 1, H, W], [T, 3, H, W] in [0, 1]
+    src = (fgr * pha + bgr * (1 - pha)).permute(0, 2, 3, 1).numpy()
+    pha = pha[:, 0].numpy()
     return {"src": np.round(np.clip(src, 0, 1) * 255).astype(np.uint8), "pha": pha.astype(np.float32)}
 
 
@@ -83,6 +84,7 @@ def write_frames(src: np.ndarray, folder: pathlib.Path) -> pathlib.Path:
     from PIL import Image
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     for i, frame in enumerate(src):
         Image.fromarray(frame).save(tmp / f"{i:04d}.png")
     _replace_dir(tmp, folder)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from binarize.matting import losses
-from binarize.matting.train_config import config_to_yaml
+from binarize.matting.train_config import config_to_yaml, section_list
 from binarize.matting.train_state import (
     ResumableLoader,
     gather_list,
@@ -93,31 +93,33 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
 
 def build_matting_dataset(
-    data_cfg: Dict[str, Any], *, size: int, seq_length: int, seed: int
+    data_cfg: Dict[str, Any], *, size: int, seq_length: int, high_resolution: bool = False
 ) -> torch.utils.data.Dataset:
-    """The matting dataset named by ``data.dataset`` at one resolution / sequence length."""
+    """The matting dataset named by ``data.dataset`` at one resolution / sequence length.
+
+    ``high_resolution`` passes read ``data.paths.videomatte_hr`` when given (BiMatting trains its
+    high-resolution passes on VideoMatte240K HD, RVM on the same SD folder)."""
     from binarize.matting import data as matting_data
 
     name = data_cfg["dataset"]
-    paths = data_cfg["paths"]
     if name == "synthetic":
         syn = data_cfg["synthetic"]
         width, height = _size_pair(syn["size"])
         return matting_data.SyntheticMatting(
             clips=int(syn["clips"]), frames=int(syn["frames"]), size=(width, height), seed=int(syn["seed"])
         )
-    needed = {"videomatte": ("videomatte", "background_images", "background_videos"),
-              "imagematte": ("imagematte", "background_images", "background_videos")}[name]
-    missing = [key for key in needed if not paths.get(key)]
-    if missing:
-        raise ValueError(f"dataset {name!r} needs data.paths.{missing[0]} (a folder)")
-    for key in needed:
-        if not pathlib.Path(paths[key]).is_dir():
-            raise FileNotFoundError(f"data.paths.{key} is not a folder: {paths[key]}")
-    builder = getattr(matting_data, "build_train_dataset", None)
-    if builder is None:
-        raise ValueError(f"binarize.matting.data cannot build the {name!r} training set yet")
-    return builder(name, paths, size=size, seq_length=seq_length)
+    paths = dict(data_cfg["paths"])
+    if high_resolution and paths.get("videomatte_hr"):
+        paths["videomatte"] = paths["videomatte_hr"]
+    keys = (name, "background_images", "background_videos")
+    for key in keys:
+        if not paths.get(key):
+            raise ValueError(f"dataset {name!r} needs data.paths.{key} (a folder)")
+    for key in keys:
+        for folder in section_list(paths[key]):
+            if not pathlib.Path(folder).is_dir():
+                raise FileNotFoundError(f"data.paths.{key} is not a folder: {folder}")
+    return matting_data.build_train_dataset(name, paths, size=size, seq_length=seq_length)
 
 
 def _size_pair(size: Any) -> Tuple[int, int]:
@@ -337,14 +339,14 @@ class Trainer:
         )
 
     def _init_data(self) -> None:
-        data, seed = self.cfg["data"], int(self.cfg["run"]["seed"])
+        data = self.cfg["data"]
         batch = int(data["batch_size_per_gpu"])
-        lr_set = build_matting_dataset(data, size=data["resolution_lr"], seq_length=data["seq_length_lr"], seed=seed)
+        lr_set = build_matting_dataset(data, size=data["resolution_lr"], seq_length=data["seq_length_lr"])
         self.loader_lr = self._make_loader(lr_set, batch, 0)
         self.loader_hr: Optional[ResumableLoader] = None
         if data["train_hr"]:
             hr_set = build_matting_dataset(
-                data, size=data["resolution_hr"], seq_length=data["seq_length_hr"], seed=seed + 1
+                data, size=data["resolution_hr"], seq_length=data["seq_length_hr"], high_resolution=True
             )
             self.loader_hr = self._make_loader(hr_set, batch, 1)
         self.loader_seg_video: Optional[ResumableLoader] = None
