@@ -268,6 +268,24 @@ def test_deploy_fuses_shift_batchnorm_prelu_and_keeps_keys():
     torch.testing.assert_close(twice(x), expected, rtol=1e-4, atol=1e-4)
 
 
+class _BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that does more than BatchNorm (like timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_subclassed_neighbours_are_not_fused():
+    model = _randomize_stats(nn.Sequential(BinaryConv2d(12, 10, 3, padding=1, method="bnn"), _BatchNormAct(10),
+                                           nn.Conv2d(10, 6, 3, padding=1), _BatchNormAct(6)))
+    x = torch.randn(2, 12, 7, 6)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model)
+    assert deploy_report(deployed).fused == {}
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+
+
 class _Block(nn.Module):
     """A non-Sequential container: fusion goes through an fx trace of its forward."""
 

@@ -119,9 +119,9 @@ def _container_sites(container: nn.Module) -> Optional[List[_Site]]:
 def _fusable_head(site: _Site, single_use: set) -> Optional[_Site]:
     """The LearnableBias feeding ``site`` only (through Identity slots), or None."""
     current = site.input
-    while current is not None and isinstance(current.module, nn.Identity) and current.users == [site]:
+    while current is not None and type(current.module) is nn.Identity and current.users == [site]:
         site, current = current, current.input
-    if (current is not None and isinstance(current.module, LearnableBias) and current.users == [site]
+    if (current is not None and type(current.module) is LearnableBias and current.users == [site]
             and id(current.module) in single_use and current.module.channel_dim == 1):
         return current
     return None
@@ -281,12 +281,12 @@ def _install_folded(conv: nn.Conv2d, name: str, report: DeployReport, consumed: 
     """Fold a following eval BatchNorm (and a ReLU after it) into a full-precision conv's forward."""
     bn, relu, fused = None, False, []
     chain = list(tail)
-    if chain and isinstance(chain[0].module, nn.BatchNorm2d) and not chain[0].module.training and \
+    if chain and type(chain[0].module) is nn.BatchNorm2d and not chain[0].module.training and \
             chain[0].module.num_features == conv.out_channels and chain[0].module.running_mean is not None \
             and chain[0].module.affine:
         bn = chain.pop(0).module
         fused.append(tail[0])
-    if chain and isinstance(chain[0].module, nn.ReLU):
+    if chain and type(chain[0].module) is nn.ReLU:
         relu = True
         fused.append(chain[0])
     if not fused and not (conv.kernel_size == (1, 1)):

@@ -97,20 +97,22 @@ def _channel_vector(module: nn.Module, param: torch.Tensor, channels: int) -> to
 
 def epilogue_ops(module: nn.Module, channels: int) -> Optional[List[Tuple[str, Optional[torch.Tensor]]]]:
     """The per-channel epilogue ops equivalent to ``module`` in eval mode, or None if it has none."""
-    if isinstance(module, nn.Identity):
+    # exact types only: a subclass (e.g. timm's BatchNormAct2d) may compute more than its parent
+    kind = type(module)
+    if kind is nn.Identity:
         return []
-    if isinstance(module, LearnableBias) and module.channels == channels:
+    if kind is LearnableBias and module.channels == channels:
         return [("add", _channel_vector(module, module.bias, channels))]
-    if isinstance(module, nn.PReLU):
+    if kind is nn.PReLU:
         if module.num_parameters not in (1, channels):
             return None
         return [("prelu", _channel_vector(module, module.weight, channels))]
-    if isinstance(module, nn.ReLU):
+    if kind is nn.ReLU:
         return [("relu", None)]
-    if isinstance(module, RPReLU) and module.shift_in.channels == channels:
+    if kind is RPReLU and module.shift_in.channels == channels:
         return [*epilogue_ops(module.shift_in, channels), *epilogue_ops(module.prelu, channels),
                 *epilogue_ops(module.shift_out, channels)]
-    if isinstance(module, nn.BatchNorm2d) and not module.training and module.num_features == channels:
+    if kind is nn.BatchNorm2d and not module.training and module.num_features == channels:
         if module.running_mean is None or module.running_var is None:
             return None
         inv_std = torch.rsqrt(module.running_var.detach().float() + module.eps)
