@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import importlib
 import inspect
 import math
@@ -422,10 +423,20 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world_size,
             "rng": gather_list(get_rng_state(), self.world_size),
+            # every rank's parameter digest: DDP keeps them equal, a difference means a broken run
+            "param_digests": gather_list(self.param_digest(), self.world_size),
             "loaders": {name: loader.state_dict() for name, loader in self._loaders().items()},
             "model_name": str(getattr(self.model, "model_name", "")),
             "config": config_to_yaml(self.cfg),
         }
+
+    def param_digest(self) -> str:
+        """SHA-256 of this process's parameters (names and bytes), to check that ranks agree."""
+        h = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            h.update(name.encode())
+            h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def _restore(self, state: Dict[str, Any]) -> None:
         if state["steps_per_epoch"] != self.steps_per_epoch:
