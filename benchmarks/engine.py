@@ -38,17 +38,22 @@ from binarize.nn import BinaryConv2d  # noqa: E402
 
 
 def interleaved(candidates: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                desc: str = "") -> Dict[str, List[float]]:
-    """Wall-clock seconds of each candidate per round, candidates run one after another each round."""
+                desc: str = "") -> Dict[str, Dict[str, List[float]]]:
+    """Seconds of each candidate per round (candidates run one after another each round).
+
+    Returns ``{name: {"wall": [...], "cpu": [...]}}``: wall-clock time, and the process CPU time
+    (all threads), which background load on a shared machine disturbs much less.
+    """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
-    times: Dict[str, List[float]] = {name: [] for name in candidates}
+    times: Dict[str, Dict[str, List[float]]] = {name: {"wall": [], "cpu": []} for name in candidates}
     for _ in tqdm(range(rounds), desc=desc, leave=False, disable=not desc):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name]["wall"].append(time.perf_counter() - start)
+            times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
 
@@ -117,14 +122,17 @@ def bench_layers(model: torch.nn.Module, rounds: int) -> List[dict]:
                                       layer.groups),
             "packed": functools.partial(packed, x),
         }, rounds)
-        fp_best, fp_med = best_and_median(times["fp32"])
-        pk_best, pk_med = best_and_median(times["packed"])
+        fp_best, fp_med = best_and_median(times["fp32"]["wall"])
+        pk_best, pk_med = best_and_median(times["packed"]["wall"])
+        fp_cpu, pk_cpu = min(times["fp32"]["cpu"]), min(times["packed"]["cpu"])
         c, h, w = entry["shape"][1:]
         rows.append({
             "layer": entry["name"], "in": c, "out": layer.out_channels, "size": f"{w}x{h}",
             "stride": layer.stride[0], "fp32_ms": fp_best * 1e3, "packed_ms": pk_best * 1e3,
             "fp32_med_ms": fp_med * 1e3, "packed_med_ms": pk_med * 1e3,
             "speedup": fp_best / pk_best, "speedup_med": fp_med / pk_med,
+            "fp32_cpu_ms": fp_cpu * 1e3, "packed_cpu_ms": pk_cpu * 1e3,
+            "speedup_cpu": fp_cpu / max(pk_cpu, 1e-9),
         })
     return rows
 
@@ -148,9 +156,10 @@ def bench_frames(models: Dict[str, torch.nn.Module], rounds: int) -> List[dict]:
         runners = {name: frame_runner(model, src, ratio) for name, model in models.items()}
         times = interleaved(runners, rounds, desc=f"frames {label}")
         for name, samples in times.items():
-            best, median = best_and_median(samples)
+            best, median = best_and_median(samples["wall"])
             rows.append({"resolution": label, "downsample_ratio": ratio, "model": name,
-                         "best_ms": best * 1e3, "median_ms": median * 1e3, "fps": 1.0 / best})
+                         "best_ms": best * 1e3, "median_ms": median * 1e3, "fps": 1.0 / best,
+                         "cpu_ms": min(samples["cpu"]) * 1e3})
     return rows
 
 
@@ -174,22 +183,27 @@ def bench_memory(model: torch.nn.Module, short: int, long: int) -> Optional[dict
 
 def print_layers(rows: List[dict]) -> None:
     print("\n(a) 3x3 binary conv layers of BiMatting at 512x288: packed engine vs torch fp32 conv2d")
-    print(f"{'layer':44s} {'in':>4s} {'out':>4s} {'input':>9s} {'s':>1s} {'fp32 ms':>8s} {'packed ms':>9s} "
-          f"{'speedup':>8s} {'(median)':>8s}")
+    print("    wall: best round (median-round ratio in brackets); cpu: process CPU time of the best round")
+    print(f"{'layer':40s} {'in':>4s} {'out':>4s} {'input':>8s} {'s':>1s} {'fp32 ms':>8s} {'packed ms':>9s} "
+          f"{'speedup':>8s} {'(median)':>8s} {'cpu speedup':>11s}")
     for r in rows:
-        print(f"{r['layer'][:44]:44s} {r['in']:4d} {r['out']:4d} {r['size']:>9s} {r['stride']:1d} "
-              f"{r['fp32_ms']:8.2f} {r['packed_ms']:9.2f} {r['speedup']:7.1f}x {r['speedup_med']:7.1f}x")
+        print(f"{r['layer'][:40]:40s} {r['in']:4d} {r['out']:4d} {r['size']:>8s} {r['stride']:1d} "
+              f"{r['fp32_ms']:8.2f} {r['packed_ms']:9.2f} {r['speedup']:7.1f}x {r['speedup_med']:7.1f}x "
+              f"{r['speedup_cpu']:10.1f}x")
     total_fp = sum(r["fp32_ms"] for r in rows)
     total_pk = sum(r["packed_ms"] for r in rows)
-    print(f"{'all shapes':44s} {'':4s} {'':4s} {'':9s} {'':1s} {total_fp:8.2f} {total_pk:9.2f} "
-          f"{total_fp / total_pk:7.1f}x")
+    cpu_fp = sum(r["fp32_cpu_ms"] for r in rows)
+    cpu_pk = sum(r["packed_cpu_ms"] for r in rows)
+    print(f"{'all shapes':40s} {'':4s} {'':4s} {'':8s} {'':1s} {total_fp:8.2f} {total_pk:9.2f} "
+          f"{total_fp / total_pk:7.1f}x {'':8s} {cpu_fp / cpu_pk:10.1f}x")
 
 
 def print_frames(rows: List[dict]) -> None:
     print("\n(b) whole frame (batch 1, recurrent state carried)")
-    print(f"{'resolution':10s} {'model':22s} {'best ms':>8s} {'median ms':>9s} {'fps':>6s}")
+    print(f"{'resolution':10s} {'model':22s} {'best ms':>8s} {'median ms':>9s} {'fps':>6s} {'cpu ms':>8s}")
     for r in rows:
-        print(f"{r['resolution']:10s} {r['model']:22s} {r['best_ms']:8.1f} {r['median_ms']:9.1f} {r['fps']:6.2f}")
+        print(f"{r['resolution']:10s} {r['model']:22s} {r['best_ms']:8.1f} {r['median_ms']:9.1f} {r['fps']:6.2f} "
+              f"{r['cpu_ms']:8.1f}")
     for resolution in dict.fromkeys(r["resolution"] for r in rows):
         by = {r["model"]: r for r in rows if r["resolution"] == resolution}
         packed = by.get("bimatting (deployed)")
@@ -198,7 +212,8 @@ def print_frames(rows: List[dict]) -> None:
         for other in ("bimatting (simulated)", "rvm_mobilenetv3 (fp32)"):
             if other in by:
                 print(f"  {resolution}: deployed bimatting is {by[other]['best_ms'] / packed['best_ms']:.1f}x faster "
-                      f"than {other} (median {by[other]['median_ms'] / packed['median_ms']:.1f}x)")
+                      f"than {other} (median {by[other]['median_ms'] / packed['median_ms']:.1f}x, "
+                      f"CPU time {by[other]['cpu_ms'] / packed['cpu_ms']:.1f}x)")
 
 
 def plot(layer_rows: List[dict], frame_rows: List[dict], path: pathlib.Path, threads: int) -> None:

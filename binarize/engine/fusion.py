@@ -47,6 +47,12 @@ class DeployReport:
                 f"{len(self.sparse)} masked branches sparse, {len(self.simulated)} layers left simulated")
 
 
+# largest fraction of positions for which a masked branch's conv runs sparsely (measured on CPU:
+# the packed kernel's cost per position barely changes, gathering float windows is slower)
+SPARSE_LIMIT_PACKED = 0.7
+SPARSE_LIMIT_FOLDED = 0.25
+
+
 class Passthrough:
     """Forward of a module whose work was fused into a neighbouring packed layer."""
 
@@ -337,9 +343,13 @@ class SparseMaskedForward:
                 if radius not in positions:
                     grown = _dilate(active, radius) if radius else active
                     positions[radius] = torch.nonzero(grown.reshape(-1)).reshape(-1)
-                x = impl(x, positions=positions[radius])
-            else:
-                x = module(x)
+                selected = positions[radius]
+                # gathering windows only pays below some density; above it the dense path is cheaper
+                limit = SPARSE_LIMIT_PACKED if isinstance(impl, PackedConv2d) else SPARSE_LIMIT_FOLDED
+                if selected.numel() <= limit * active.numel():
+                    x = impl(x, positions=selected)
+                    continue
+            x = module(x)
         return x * mask
 
 
