@@ -351,3 +351,24 @@ def test_segmentation_pass_trains_the_segmentation_head(tmp_path):
     assert torch.isfinite(torch.tensor(scalars["seg_image/loss"]))
     assert not torch.equal(trainer.model.project_seg.weight, head_before)
     assert torch.equal(trainer.model.project_mat.weight, mat_before)
+
+
+@pytest.mark.parametrize("ste", [False, True])
+def test_alpha_straight_through_keeps_outputs_and_revives_dead_alpha(tmp_path, ste):
+    cfg = tiny_config(tmp_path)
+    cfg["loss"]["alpha_ste"] = ste
+    trainer = train_mod.Trainer(cfg)
+    model = trainer.model
+    with torch.no_grad():
+        model.project_mat.bias[3] = -5.0  # every pixel's alpha clamps to 0: a dead start
+    src = torch.rand(1, 2, 3, 64, 64)
+    true_pha = torch.ones(1, 2, 1, 64, 64)
+    reference = [o.detach().clone() for o in model(src)[:2]]
+    trainer._alpha_ste = True  # as during a low-resolution pass
+    fgr, pha = model(src)[:2]
+    trainer._alpha_ste = False
+    torch.testing.assert_close(fgr, reference[0], rtol=0, atol=0)
+    torch.testing.assert_close(pha, reference[1], rtol=0, atol=6e-8)  # at most one ulp below 1 / above 0
+    (pha - true_pha).abs().mean().backward()
+    grad = model.project_mat.bias.grad[3]
+    assert (grad != 0) if ste else (grad == 0)

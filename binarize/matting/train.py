@@ -271,6 +271,8 @@ class Trainer:
         self.model.to(self.device).train()
         # BiMatting returns its 1/16 outputs with return_aux=True: [fgr, pha, fgr_s, pha_s, *rec]
         self.use_aux = bool(config["loss"]["aux"]) and "return_aux" in inspect.signature(self.model.forward).parameters
+        self._alpha_ste = False
+        self._install_alpha_ste()
         self._init_amp()
         self._init_data()
         self._init_teacher()
@@ -311,6 +313,33 @@ class Trainer:
         if path.is_dir():
             path = path / LAST_CHECKPOINT
         return load_checkpoint_file(path, map_location="cpu")
+
+    def _install_alpha_ste(self) -> None:
+        """``loss.alpha_ste``: a straight-through estimator for the model's final alpha clamp.
+
+        RVM-style heads clamp alpha to [0, 1], whose gradient is zero outside; from random weights a
+        model can push every pixel below 0 and stop learning (all-background). A forward hook on
+        ``project_mat`` clamps the alpha channel itself, just inside (0, 1), and lets the gradient
+        through unchanged, so the model's own clamp becomes a no-op: outputs move by at most one
+        float ulp at 0 and 1, and pixels stuck outside [0, 1] get gradient again.
+        Active only in low-resolution passes (with a refiner, the raw alpha feeds the refiner)."""
+        if not self.cfg["loss"]["alpha_ste"]:
+            return
+        head = getattr(self.model, "project_mat", None)
+        if not isinstance(head, nn.Module):
+            raise ValueError("loss.alpha_ste needs a model with a project_mat head (RVM / BiMatting)")
+
+        def straight_through(_module: nn.Module, _inputs: Any, out: Tensor) -> Optional[Tensor]:
+            if not self._alpha_ste or not isinstance(out, Tensor) or out.shape[-3] != 4:
+                return None
+            fgr, pha = out.split([3, 1], dim=-3)
+            # the open interval (tiny, 1 - ulp): clamp's gradient is zero exactly at its bounds
+            low = torch.finfo(pha.dtype).tiny
+            high = 1.0 - torch.finfo(pha.dtype).eps / 2
+            pha = pha.clamp(low, high).detach() + (pha - pha.detach())  # value: clamped; gradient: identity
+            return torch.cat([fgr, pha], dim=-3)
+
+        head.register_forward_hook(straight_through)
 
     def _init_amp(self) -> None:
         mode = self.cfg["run"]["amp"]
@@ -511,6 +540,7 @@ class Trainer:
         if self.cfg["data"]["random_crop"]:
             true_fgr, true_pha, true_bgr = random_crop(true_fgr, true_pha, true_bgr)
         true_src = true_fgr * true_pha + true_bgr * (1 - true_pha)
+        self._alpha_ste = ratio == 1.0
         with self._autocast():
             out = self._forward_matting(true_src, ratio)
             terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha)
@@ -523,6 +553,7 @@ class Trainer:
             if self.teacher is not None:
                 terms["distill"] = self._distill_loss(true_src, ratio, true_pha)
                 total = total + terms["distill"]
+        self._alpha_ste = False
         terms["total"] = total
         self._backward(total)
         return {f"train_{tag}/{name}": float(value.detach()) for name, value in terms.items()}

@@ -76,6 +76,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "loss": {
         "aux": True,  # BiMatting's 1/16 auxiliary loss (models that return it with return_aux=True)
         "aux_weight": 0.25,
+        "alpha_ste": False,  # straight-through gradient for the final alpha clamp (training from scratch)
     },
     "distill": {
         "teacher": None,  # e.g. rvm_mobilenetv3; --distill-from on the command line
