@@ -433,6 +433,8 @@ def test_bad_inputs_give_clear_errors():
         deploy(nn.Identity(), backend="gpu")
     with pytest.raises(ValueError, match="epilogue op"):
         Epilogue(ops=[("sigmoid", None)])
+    with pytest.raises(ValueError, match="already deployed"):
+        deploy(deploy(nn.Sequential(BinaryConv2d(4, 4, 1), nn.BatchNorm2d(4))))
 
 
 def test_deployed_bimatting_through_convert_video(tmp_path):

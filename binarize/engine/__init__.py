@@ -56,7 +56,8 @@ def deploy(
     ``fuse``: fold neighbouring shifts / BatchNorm / PReLU into the kernels; ``sparse``: compute
     masked branches only inside their masks.  ``backend``: "auto" (C kernels when built), "c"
     or "torch" (the pure-PyTorch fallback).  Layers the engine cannot reproduce exactly stay
-    simulated; ``deploy_report(model)`` lists them with the reason.
+    simulated; ``deploy_report(model)`` lists them with the reason.  Weights are packed now:
+    load checkpoints before deploying (``load_state_dict`` on the deployed copy does not repack).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"deploy expects a torch.nn.Module, got {type(model).__name__}")
@@ -66,6 +67,8 @@ def deploy(
         raise ValueError("backend='c' requested but the C kernels are not built (pip install -e .)")
     if num_threads is not None and int(num_threads) < 1:
         raise ValueError(f"num_threads must be a positive integer, got {num_threads}")
+    if deploy_report(model) is not None:
+        raise ValueError("model is already deployed (deploy the original model, after loading its weights)")
     if backend == "auto":
         available()  # warns once, here, when the fallback will be used
     target = model if inplace else copy.deepcopy(model)
