@@ -183,6 +183,22 @@ def test_random_crop_is_multiple_of_16_between_half_and_full():
         assert h % 16 == 0 and w % 16 == 0 and 48 - 16 < h <= 96 and 80 - 16 < w <= 160
 
 
+def test_random_window_cuts_the_same_full_scale_window():
+    import random
+
+    random.seed(1)
+    fgr = torch.arange(2 * 3 * 16 * 20, dtype=torch.float32).reshape(1, 2, 3, 16, 20)
+    pha = fgr[:, :, :1] * 2
+    out_fgr, out_pha = train_mod.random_window([8, 4], fgr, pha)
+    assert out_fgr.shape == (1, 2, 3, 4, 8) and out_pha.shape == (1, 2, 1, 4, 8)
+    torch.testing.assert_close(out_pha, out_fgr[:, :, :1] * 2)  # same window in both
+    # a full-scale window: neighbouring pixels differ by exactly 1 as in the source
+    assert torch.all(out_fgr[..., 1:] - out_fgr[..., :-1] == 1)
+    with pytest.raises(ValueError, match="data.crop must be"):
+        validate_config({"model": {"name": "x"}, "data": {"dataset": "synthetic", "crop": [64]},
+                         "optim": {"lr": {}, "groups": {}}, "schedule": {"epoch_end": 1}})
+
+
 def test_rng_state_round_trip():
     import random
 

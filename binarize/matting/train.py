@@ -44,7 +44,9 @@ from binarize.matting.train_state import (
     set_rng_state,
 )
 
-__all__ = ["Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop"]
+__all__ = [
+    "Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop", "random_window",
+]
 
 CHECKPOINT_FORMAT = "binarize-train-v1"
 LAST_CHECKPOINT = "last.pt"
@@ -158,6 +160,15 @@ def param_groups(model: nn.Module, lrs: Dict[str, float], groups: Dict[str, Sequ
             f"{', '.join(sorted(owner))})"
         )
     return [{"params": params, "lr": float(lrs[group]), "name": group} for group, params in buckets.items() if params]
+
+
+def random_window(size: Sequence[int], *clips: Tensor) -> List[Tensor]:
+    """The same random ``size = (W, H)`` window of every ``[B, T, C, H, W]`` clip, at full scale
+    (python's ``random``; a clip smaller than the window is used whole)."""
+    h, w = clips[0].shape[-2:]
+    win_w, win_h = min(int(size[0]), w), min(int(size[1]), h)
+    top, left = random.randint(0, h - win_h), random.randint(0, w - win_w)
+    return [clip[..., top : top + win_h, left : left + win_w] for clip in clips]
 
 
 def random_crop(*clips: Tensor) -> List[Tensor]:
@@ -534,11 +545,16 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _crop(self, *clips: Tensor) -> List[Tensor]:
+        if self.cfg["data"]["crop"]:
+            return random_window(self.cfg["data"]["crop"], *clips)
+        if self.cfg["data"]["random_crop"]:
+            return random_crop(*clips)
+        return list(clips)
+
     def train_matting(self, batch: Sequence[Tensor], ratio: float, tag: str) -> Dict[str, float]:
         """One matting pass (forward, losses, optimizer step); returns the scalars to log."""
-        true_fgr, true_pha, true_bgr = (t.to(self.device, non_blocking=True) for t in batch[:3])
-        if self.cfg["data"]["random_crop"]:
-            true_fgr, true_pha, true_bgr = random_crop(true_fgr, true_pha, true_bgr)
+        true_fgr, true_pha, true_bgr = self._crop(*(t.to(self.device, non_blocking=True) for t in batch[:3]))
         true_src = true_fgr * true_pha + true_bgr * (1 - true_pha)
         self._alpha_ste = ratio == 1.0
         with self._autocast():
@@ -563,8 +579,7 @@ class Trainer:
         true_img, true_seg = (t.to(self.device, non_blocking=True) for t in batch[:2])
         if true_img.ndim == 4:  # images: one frame per clip
             true_img, true_seg = true_img.unsqueeze(1), true_seg.unsqueeze(1)
-        if self.cfg["data"]["random_crop"]:
-            true_img, true_seg = random_crop(true_img, true_seg)
+        true_img, true_seg = self._crop(true_img, true_seg)
         with self._autocast():
             pred_seg = self.ddp_model(true_img, segmentation_pass=True)[0]
             loss = losses.segmentation_loss(pred_seg.float(), true_seg)

@@ -56,6 +56,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "batch_size_per_gpu": 1,
         "num_workers": 4,
         "random_crop": True,  # RVM's random crop to a multiple of 16 between half and full size
+        "crop": None,  # [W, H]: instead, cut a random W x H window at full scale (cheap steps, same scale)
     },
     "segmentation": {
         "enabled": False,  # interleaved segmentation passes (video on even steps, images on odd steps)
@@ -219,6 +220,9 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
         _check(_is_int(data[key]) and data[key] >= 1, source, f"data.{key} must be a positive integer")
     _check(_is_int(data["num_workers"]) and data["num_workers"] >= 0, source, "data.num_workers must be >= 0")
     _check(0 < float(data["downsample_ratio_hr"]) <= 1, source, "data.downsample_ratio_hr must be in (0, 1]")
+    crop = data["crop"]
+    _check(crop is None or (isinstance(crop, list) and len(crop) == 2 and all(_is_int(v) and v > 0 for v in crop)),
+           source, "data.crop must be [width, height] in pixels")
     _check(_is_int(sched["epoch_start"]) and sched["epoch_start"] >= 0, source, "schedule.epoch_start must be >= 0")
     _check(
         _is_int(sched["epoch_end"]) and sched["epoch_end"] > sched["epoch_start"],
