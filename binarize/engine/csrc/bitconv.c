@@ -205,22 +205,44 @@ typedef struct {
     int64_t npos;
 } conv_args;
 
-/* append the low nb bits of v at bit position pos of a zeroed buffer */
-BZ_INLINE void append_bits(u64 *buf, int64_t pos, u64 v, int64_t nb) {
-    const int64_t q = pos >> 6, r = pos & 63;
-    buf[q] |= v << r;
-    if (r && r + nb > 64) buf[q + 1] |= v >> (64 - r);
+/* builds a bit string word by word in a register (no read-modify-write of memory) */
+typedef struct {
+    u64 *dst;
+    u64 cur;
+    int fill;
+} bit_writer;
+
+/* append the low nb (1..64) bits of v; the bits of v above nb must be zero */
+BZ_INLINE void put_bits(bit_writer *bw, u64 v, int nb) {
+    bw->cur |= v << bw->fill;
+    bw->fill += nb;
+    if (bw->fill >= 64) {
+        *bw->dst++ = bw->cur;
+        bw->fill -= 64;
+        bw->cur = bw->fill ? v >> (nb - bw->fill) : 0;
+    }
+}
+
+BZ_INLINE void flush_bits(bit_writer *bw) {
+    if (bw->fill) *bw->dst++ = bw->cur;
+}
+
+/* append one tap: NWG words of which the last holds `tail` bits */
+BZ_INLINE void put_tap(bit_writer *bw, const u64 *src, int64_t NWG, int tail) {
+    for (int64_t j = 0; j + 1 < NWG; ++j) put_bits(bw, src[j], 64);
+    put_bits(bw, src[NWG - 1], tail);
 }
 
 /* packed im2col of one pixel: returns the number of valid taps (all taps unless zero padding) */
 BZ_INLINE int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t oh, int64_t ow,
                                u64 *dst, int32_t *invalid_taps) {
     const int64_t row_words = a->G * a->NWG;
-    const int64_t CG = a->CG, NWG = a->NWG, LW = a->LW;
+    const int64_t CG = a->CG, NWG = a->NWG;
     const int64_t ih0 = oh * a->SH - a->PH, iw0 = ow * a->SW - a->PW;
-    const int64_t tail = CG - 64 * (NWG - 1);
+    const int tail = (int)(CG - 64 * (NWG - 1));
     const int interior = ih0 >= 0 && ih0 + (a->KH - 1) * a->DH < a->H && iw0 >= 0 &&
                          iw0 + (a->KW - 1) * a->DW < a->W;
+    bit_writer bw = {dst, 0, 0};
     if (interior) {
         const u64 *base = a->in + ((n * a->H + ih0) * a->W + iw0) * row_words + g * NWG;
         const int64_t step_h = a->DH * a->W * row_words, step_w = a->DW * row_words;
@@ -233,45 +255,30 @@ BZ_INLINE int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t
                 }
             return a->KH * a->KW;
         }
-        for (int64_t j = 0; j < LW; ++j) dst[j] = 0;
-        int64_t pos = 0;
-        if (NWG == 1) { /* fewer than 64 channels: shift each tap's word into place */
-            for (int64_t kh = 0; kh < a->KH; ++kh)
-                for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG)
-                    append_bits(dst, pos, base[kh * step_h + kw * step_w], CG);
-            return a->KH * a->KW;
-        }
         for (int64_t kh = 0; kh < a->KH; ++kh)
-            for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
-                const u64 *src = base + kh * step_h + kw * step_w;
-                for (int64_t j = 0; j < NWG; ++j)
-                    append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
-            }
+            for (int64_t kw = 0; kw < a->KW; ++kw) put_tap(&bw, base + kh * step_h + kw * step_w, NWG, tail);
+        flush_bits(&bw);
         return a->KH * a->KW;
     }
     /* border pixel: padded taps are zero bits (exact zero padding, corrected later) or +-1 */
     const u64 tail_mask = tail == 64 ? ~(u64)0 : (((u64)1 << tail) - 1);
-    int64_t nvalid = 0, pos = 0;
-    for (int64_t j = 0; j < LW; ++j) dst[j] = 0;
+    int64_t nvalid = 0;
     for (int64_t kh = 0; kh < a->KH; ++kh) {
         const int64_t ih = ih0 + kh * a->DH;
-        for (int64_t kw = 0; kw < a->KW; ++kw, pos += CG) {
+        for (int64_t kw = 0; kw < a->KW; ++kw) {
             const int64_t iw = iw0 + kw * a->DW;
             if (ih < 0 || ih >= a->H || iw < 0 || iw >= a->W) {
                 invalid_taps[kh * a->KW + kw - nvalid] = (int32_t)(kh * a->KW + kw);
-                if (a->pad_mode == 1) {
-                    for (int64_t j = 0; j < NWG; ++j)
-                        append_bits(dst, pos + 64 * j, j == NWG - 1 ? tail_mask : ~(u64)0,
-                                    j == NWG - 1 ? tail : 64);
-                }
+                const u64 fill = a->pad_mode == 1 ? ~(u64)0 : 0;
+                for (int64_t j = 0; j + 1 < NWG; ++j) put_bits(&bw, fill, 64);
+                put_bits(&bw, fill & tail_mask, tail);
                 continue;
             }
             ++nvalid;
-            const u64 *src = a->in + ((n * a->H + ih) * a->W + iw) * row_words + g * NWG;
-            for (int64_t j = 0; j < NWG; ++j)
-                append_bits(dst, pos + 64 * j, src[j], j == NWG - 1 ? tail : 64);
+            put_tap(&bw, a->in + ((n * a->H + ih) * a->W + iw) * row_words + g * NWG, NWG, tail);
         }
     }
+    flush_bits(&bw);
     return a->pad_mode == 0 ? nvalid : a->KH * a->KW;
 }
 
