@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 
 BZ_EXPORT int bz_abi_version(void) { return 3; }
 
-static int clamp_threads(int n) { return n < 1 ? 1 : n; }
+static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Packing: fused  bias-add + sign + pack                                                     */
@@ -163,6 +163,7 @@ BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t 
     int64_t job;
     /* threads only pay off above ~100 us of work: waking a pool costs more on a busy machine */
     const int parallel = nthreads > 1 && N * P * C >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel; /* unused without OpenMP */
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
     for (job = 0; job < N * nblk; ++job) {
         const int64_t n = job / nblk;
@@ -594,6 +595,7 @@ static void conv_run(const conv_args *a, int nthreads) {
     const double work = (double)(a->positions ? a->npos : a->N * OHW) * (double)a->G * (double)a->OGP *
                         (double)(a->LW + 2);
     const int parallel = nthreads > 1 && njobs > 1 && work >= BZ_CONV_PARALLEL_MIN;
+    (void)parallel; /* unused without OpenMP */
 #pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
     {
         tile_buffers buf;
