@@ -140,15 +140,16 @@ def side_by_side(src: np.ndarray, pha: np.ndarray, path: pathlib.Path) -> pathli
     return path
 
 
-def profile_savings(model: Any, size: Tuple[int, int]) -> Dict[str, float]:
-    """Binarization savings of ``model`` vs full-precision RVM on one frame (``binarize.profile``)."""
+def profile_savings(model: Any, frame: np.ndarray) -> Dict[str, float]:
+    """Binarization savings of ``model`` vs full-precision RVM on one uint8 ``H x W x 3`` frame
+    (``binarize.profile``; the sparse figure uses the decoder's mask density on this frame)."""
     import torch
 
     from binarize import create_model, profile
 
-    frame = torch.rand(1, 3, size[1], size[0], generator=torch.Generator().manual_seed(0))
-    ours = profile(model.cpu(), frame)
-    baseline = profile(create_model(BASELINE), frame)
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255
+    ours = profile(model.cpu(), x)
+    baseline = profile(create_model(BASELINE), x)
     saving = ours.compare(baseline)
     return {
         "ops_saving": saving.computation,
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "fps": result.fps, "model_only_fps": eval_fps, **scores,
     }
     if not args.no_profile:
-        summary.update(profile_savings(model, size))
+        summary.update(profile_savings(model, clip["src"][middle]))
     _write_json(summary, out / "summary.json")
 
     print(f"  clip: {len(pred)} synthetic frames {size[0]}x{size[1]} (held out, seed {args.seed}) -> {out}/")
