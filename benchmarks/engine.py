@@ -29,6 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+# Threads that spin while waiting (libgomp's default) steal the CPU from the thread they wait for
+# whenever other processes share the cores; waiting passively keeps timings meaningful on a busy
+# machine.  It applies to torch and the engine alike (they share one OpenMP runtime) and must be
+# set before torch loads.  Override by setting OMP_WAIT_POLICY yourself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -269,10 +275,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
     print(f"CPU: {cpu}; threads: {args.threads}; engine: {info['backend']} kernel {info['kernel']} "
-          f"(supported: {', '.join(info['supported']) or '-'}; OpenMP: {info['openmp']}); torch {torch.__version__}")
+          f"(supported: {', '.join(info['supported']) or '-'}; OpenMP: {info['openmp']}); torch {torch.__version__}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     simulated = randomized_bimatting()
     deployed = deploy(simulated)
-    results: dict = {"cpu": cpu, "threads": args.threads, "engine": info}
+    results: dict = {"cpu": cpu, "threads": args.threads, "engine": info,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if "layers" not in args.skip:
         results["layers"] = bench_layers(simulated, args.layer_rounds)
         print_layers(results["layers"])
