@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module of this package and exposes two functions:
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
-Modules are imported only when listed here, so one broken optional dependency never
-breaks the other subcommands.
+Subcommand modules import their heavy dependencies (PyAV, fvcore, the model zoo) inside
+``run`` so that ``binarize --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# subcommand name -> module (inside binarize.cli)
-SUBCOMMANDS = {
-    "demo": "demo",
-    "profile": "profile",
-    "matte": "matte",
-    "evaluate": "evaluate",
-    "train": "train",
-    "data": "data",
-}
+# subcommands, each a module of this package with the same name
+SUBCOMMANDS = ("demo", "profile", "matte", "evaluate", "train", "data")
 
 
 class CLIError(Exception):
@@ -31,13 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binarize", description="1-bit neural networks for PyTorch.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"binarize.cli.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("binarize.cli."):
-                continue  # subcommand not built yet
-            raise
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"binarize.cli.{name}")
         sub_parser = module.add_parser(sub)
         sub_parser.set_defaults(_run=module.run)
     return parser
