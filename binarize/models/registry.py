@@ -101,6 +101,8 @@ def create_model(
     """Build the registered model ``name`` with ``kwargs`` and optionally load ``checkpoint``
     (official ``.pth`` state dict, compact ``.safetensors`` file, or ``save_pretrained`` directory)."""
     factory = model_factory(name)
+    if checkpoint is not None:
+        kwargs = _kwargs_with_checkpoint_config(name, checkpoint, kwargs)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
@@ -110,6 +112,21 @@ def create_model(
 
         load_checkpoint_into(model, checkpoint)
     return model
+
+
+def _kwargs_with_checkpoint_config(
+    name: str, checkpoint: Union[str, os.PathLike], kwargs: Dict[str, Any]
+) -> Dict[str, Any]:
+    """For a compact checkpoint: check it holds ``name`` and start from its recorded kwargs
+    (explicit ``kwargs`` win)."""
+    from binarize.models.checkpoint import is_compact, read_config
+
+    if not os.path.exists(checkpoint) or not is_compact(checkpoint):
+        return kwargs
+    config = read_config(checkpoint)
+    if config["model"] != name:
+        raise ValueError(f"{checkpoint} holds model {config['model']!r}, not {name!r}")
+    return {**config["kwargs"], **kwargs}
 
 
 def tag_model(model: nn.Module, name: str, kwargs: Dict[str, Any]) -> nn.Module:
