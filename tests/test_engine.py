@@ -300,6 +300,34 @@ class _Block(nn.Module):
         return self.act(x + self.bn(self.conv(self.move(x))))
 
 
+class _ChainBlock(nn.Module):
+    """A residual add followed by shift -> PReLU -> shift: the chain runs as one pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = BinaryConv2d(24, 24, 3, padding=1, bias=False, method="bimatting")
+        self.move12 = LearnableBias(24)
+        self.prelu1 = nn.PReLU(24)
+        self.move13 = LearnableBias(24)
+
+    def forward(self, x):
+        out = self.move13(self.prelu1(self.move12(x + self.conv(x))))
+        return out + x
+
+
+def test_elementwise_chains_run_as_one_pass():
+    model = _randomize_stats(nn.Sequential(_ChainBlock(), nn.BatchNorm2d(24), nn.ReLU(), nn.PReLU(24)))
+    x = torch.randn(2, 24, 6, 7)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model)
+    report = deploy_report(deployed)
+    assert report.fused["0.move12"] == ["0.prelu1", "0.move13"]
+    assert report.fused["1"] == ["2", "3"]
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deploy(model, backend="torch")(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_deploy_fuses_inside_traced_blocks():
     model = _randomize_stats(nn.Sequential(_Block(), _Block()))
     x = torch.randn(1, 32, 9, 9)

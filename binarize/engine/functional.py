@@ -306,6 +306,28 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
     return out
 
 
+def pointwise(x: torch.Tensor, epilogue: Epilogue, num_threads: Optional[int] = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Apply an epilogue's per-channel ops to a float [N, C, ...] tensor in one pass (a new tensor).
+
+    Only ``epilogue.ops`` are used (scale/shift must be None).  Same arithmetic as ``apply_torch``.
+    """
+    if epilogue.scale is not None or epilogue.shift is not None:
+        raise ValueError("pointwise applies the ops of an epilogue without scale/shift")
+    lib = _lib.library() if backend != "torch" else None
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2 or \
+            not x.is_contiguous():
+        return epilogue.apply_torch(x)
+    out = torch.empty_like(x)
+    nops, codes, pointers = epilogue.c_arguments()
+    n, c = x.shape[0], x.shape[1]
+    status = lib.bz_pointwise(x.data_ptr(), out.data_ptr(), n, c, x[0, 0].numel(), nops, codes, pointers,
+                              _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_pointwise rejected its arguments (status {status})")
+    return out
+
+
 def binary_linear(
     x: torch.Tensor,
     weights: PackedWeights,

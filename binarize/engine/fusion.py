@@ -26,10 +26,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer
+from binarize.engine.functional import MAX_OPS, Epilogue, pointwise
+from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
 from binarize.nn.blocks import MaskedBranch
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
-from binarize.ops.binarizers import LearnableBias
+from binarize.ops.binarizers import LearnableBias, RPReLU
 
 
 @dataclass
@@ -364,6 +365,74 @@ def _install_sparse(branch: MaskedBranch, name: str, report: DeployReport) -> No
             return  # something spatial before the conv: keep the dense masked forward
 
 
+_CHAINABLE = (LearnableBias, nn.PReLU, nn.ReLU, nn.BatchNorm2d, RPReLU)
+
+
+def _chain_channels(module: nn.Module) -> Optional[int]:
+    """Channel count a per-channel module fixes (None for ReLU / a single-slope PReLU)."""
+    if type(module) is LearnableBias:
+        return module.channels if module.channel_dim == 1 else -1
+    if type(module) is RPReLU:
+        return module.shift_in.channels if module.channel_dim == 1 else -1
+    if type(module) is nn.BatchNorm2d:
+        return module.num_features
+    if type(module) is nn.PReLU and module.num_parameters > 1:
+        return module.num_parameters
+    return None
+
+
+def _chainable(site: _Site, free: set) -> bool:
+    module = site.module
+    return (type(module) in _CHAINABLE and id(module) in free and not module.training
+            and _chain_channels(module) != -1)
+
+
+class PointwiseChainForward:
+    """Forward of the first module of a chain of per-channel elementwise modules (shifts, PReLU,
+    ReLU, eval BatchNorm): the whole chain in one pass over the map (the others pass through)."""
+
+    def __init__(self, ops: list, channels: int, num_threads: Optional[int], backend: str) -> None:
+        self.epilogue = Epilogue(ops=ops)
+        self.channels = channels
+        self.num_threads, self.backend = num_threads, backend
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return pointwise(x, self.epilogue, self.num_threads, self.backend)
+
+
+def _install_chains(sites: Sequence[_Site], free: set, report: DeployReport, prefix: str, options: dict) -> None:
+    """Collapse runs of two or more single-consumer per-channel modules into one pass."""
+    for site in sites:
+        if not _chainable(site, free):
+            continue
+        previous = site.input
+        if previous is not None and _chainable(previous, free) and previous.users == [site]:
+            continue  # not the start of its run
+        chain = [site]
+        while len(chain[-1].users) == 1 and isinstance(chain[-1].users[0], _Site):
+            nxt = chain[-1].users[0]
+            if nxt.input is not chain[-1] or not _chainable(nxt, free):
+                break
+            chain.append(nxt)
+        counts = [c for c in (_chain_channels(s.module) for s in chain) if c is not None]
+        if not counts or len(set(counts)) != 1:
+            continue
+        channels = counts[0]
+        while len(chain) >= 2:
+            ops = [op for s in chain for op in (epilogue_ops(s.module, channels) or [None])]
+            if None not in ops and len(ops) <= MAX_OPS:
+                break
+            chain.pop()
+        if len(chain) < 2:
+            continue
+        chain[0].module.forward = PointwiseChainForward(ops, channels, **options)
+        for member in chain:
+            free.discard(id(member.module))
+        for member in chain[1:]:
+            member.module.forward = Passthrough()
+        report.fused.setdefault(prefix + chain[0].name, []).extend(prefix + s.name for s in chain[1:])
+
+
 def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                    num_threads: Optional[int] = None, backend: str = "auto") -> DeployReport:
     """Install packed implementations on every binary layer of ``model`` in place (eval mode)."""
@@ -377,7 +446,9 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
     done: set = set()
     if fuse:
         for container_name, container in list(model.named_modules()):
-            if not any(isinstance(child, nn.Conv2d) for child in container.children()):
+            children = list(container.children())
+            if not any(isinstance(child, nn.Conv2d) for child in children) and \
+                    sum(type(child) in _CHAINABLE for child in children) < 2:
                 continue
             sites = _container_sites(container)
             if sites is None:
@@ -395,6 +466,7 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                 done.add(id(layer))
                 _install_conv(layer, names[id(layer)], report, options, single_use,
                               _fusable_head(site, single_use), _fusable_tail(site, single_use), prefix)
+            _install_chains(sites, single_use, report, prefix, options)
     for name, module in model.named_modules():
         if id(module) in done:
             continue

@@ -114,7 +114,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 3; }
+BZ_EXPORT int bz_abi_version(void) { return 4; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -650,6 +650,43 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     conv_run(&a, nthreads);
     return 0;
 }
+/* ------------------------------------------------------------------------------------------ */
+/* Per-channel elementwise chains (shift, scale, PReLU, ReLU) in one pass over a float map      */
+/* ------------------------------------------------------------------------------------------ */
+
+BZ_CLONES static void pointwise_row(const float *src, float *dst, int64_t np, int nops, const int *ops,
+                                    const float *const *args, int64_t c) {
+    if (dst != src) memcpy(dst, src, sizeof(float) * (size_t)np);
+    for (int q = 0; q < nops; ++q) {
+        const float v = args[q] ? args[q][c] : 0.0f;
+        switch (ops[q]) {
+        case BZ_OP_ADD: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] + v; break;
+        case BZ_OP_MUL: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] * v; break;
+        case BZ_OP_PRELU: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] >= 0.0f ? dst[i] : dst[i] * v; break;
+        case BZ_OP_RELU: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] > 0.0f ? dst[i] : 0.0f; break;
+        default: break;
+        }
+    }
+}
+
+/* out[n][c][p] = ops(x[n][c][p]) for a contiguous [N][C][P] float tensor (out may equal x) */
+BZ_EXPORT int bz_pointwise(const float *x, float *out, int64_t N, int64_t C, int64_t P, int nops,
+                           const int *ops, const float *const *args, int nthreads) {
+    if (nops < 0 || nops > BZ_MAX_OPS) return -1;
+    const int64_t chunk = 4096;
+    const int64_t chunks = (P + chunk - 1) / chunk;
+    const int parallel = nthreads > 1 && N * C * P >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel; /* unused without OpenMP */
+    int64_t job;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
+    for (job = 0; job < N * C * chunks; ++job) {
+        const int64_t row = job / chunks, p0 = (job % chunks) * chunk;
+        const int64_t np = (P - p0) < chunk ? (P - p0) : chunk;
+        pointwise_row(x + row * P + p0, out + row * P + p0, np, nops, ops, args, row % C);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Python module stub: the library is used through ctypes, but stays importable as a module.  */
 /* ------------------------------------------------------------------------------------------ */
