@@ -1,0 +1,196 @@
+"""Checkpoints: official state dicts (errors name the file and keys), compact safetensors files
+(exact reload, size bound), save_pretrained directories, and the exact latent reconstruction."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from official_weights import make_state_dict
+from torch import nn
+
+import binarize
+from binarize.models import create_model, read_config
+from binarize.models import registry as registry_module
+from binarize.models.checkpoint import reconstruct_latent_weight
+from binarize.nn import BinaryConv2d
+from binarize.ops import get_binarizer
+
+
+def _manifest(fixtures_dir, name):
+    return json.loads((fixtures_dir / f"{name}_state_dict.json").read_text())
+
+
+def _outputs(model, src, **kwargs):
+    with torch.no_grad():
+        return model.eval()(src, **kwargs)
+
+
+# ---------------------------------------------------------------- official state dicts
+def test_official_rvm_checkpoint_loads_through_create_model(tmp_path, fixtures_dir):
+    state = make_state_dict(_manifest(fixtures_dir, "rvm_mobilenetv3"), seed=2)
+    torch.save(state, tmp_path / "rvm_mobilenetv3.pth")
+    model = create_model("rvm_mobilenetv3", checkpoint=tmp_path / "rvm_mobilenetv3.pth")
+    assert torch.equal(model.backbone.body.blocks[6][0].bn1.running_var, state["backbone.features.16.1.running_var"])
+    assert torch.equal(model.refiner.conv[6].bias, state["refiner.conv.6.bias"])
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        create_model("rvm_mobilenetv3", checkpoint=tmp_path / "nothing.pth")
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match=r"broken\.pth: not a readable PyTorch checkpoint") as info:
+        create_model("rvm_mobilenetv3", checkpoint=path)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_of_another_model_lists_the_offending_keys(tmp_path, fixtures_dir):
+    torch.save(make_state_dict(_manifest(fixtures_dir, "rvm_mobilenetv3"), seed=1), tmp_path / "rvm.pth")
+    with pytest.raises(ValueError) as info:
+        create_model("bimatting", checkpoint=tmp_path / "rvm.pth")
+    message = str(info.value)
+    assert "rvm.pth does not match model 'bimatting'" in message and "\n" not in message
+    assert "missing keys (" in message and "unexpected keys (backbone.features.0.0.weight" in message
+
+
+def test_shape_mismatch_is_reported(tmp_path, fixtures_dir):
+    state = make_state_dict(_manifest(fixtures_dir, "rvm_mobilenetv3"), seed=1)
+    state["project_mat.conv.weight"] = torch.zeros(4, 8, 1, 1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"1 shape mismatches \(project_mat.conv.weight \(4, 8, 1, 1\)"):
+        create_model("rvm_mobilenetv3", checkpoint=tmp_path / "bad.pth")
+
+
+def test_non_state_dict_pickle_is_rejected(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list.pth: expected a state dict"):
+        create_model("rvm_mobilenetv3", checkpoint=tmp_path / "list.pth")
+
+
+# ---------------------------------------------------------------- compact files
+@pytest.fixture(scope="module")
+def official_bimatting(tmp_path_factory, request):
+    fixtures = request.config.rootpath / "tests" / "fixtures"
+    path = tmp_path_factory.mktemp("official") / "epoch-27.pth"
+    torch.save(make_state_dict(_manifest(fixtures, "bimatting_official"), seed=1), path)
+    return create_model("bimatting", checkpoint=path)
+
+
+def test_bimatting_compact_round_trip_is_exact_and_small(official_bimatting, tmp_path):
+    src = torch.rand(1, 2, 3, 64, 96)
+    expected = _outputs(official_bimatting, src, downsample_ratio=0.5)
+    path = binarize.save(official_bimatting, tmp_path / "bimatting.safetensors")
+    reloaded = binarize.load(path)
+    assert reloaded.model_name == "bimatting"
+    for a, b in zip(expected, _outputs(reloaded, src, downsample_ratio=0.5)):
+        assert torch.equal(a, b)
+    # every 1-bit weight packed, none kept in full precision
+    assert read_config(path) == {"model": "bimatting", "kwargs": {}}
+    # the parity weights are random everywhere, even in the unused channel_threshold parameters
+    assert path.stat().st_size <= 0.75 * 2**20
+    # a trained official checkpoint keeps those unused parameters at their initial zeros
+    with torch.no_grad():
+        for name, parameter in official_bimatting.named_parameters():
+            if name.endswith("channel_threshold"):
+                parameter.zero_()
+    assert binarize.save(official_bimatting, tmp_path / "trained.safetensors").stat().st_size <= 750_000
+    assert path.stat().st_size < (tmp_path / "trained.safetensors").stat().st_size + 40_000
+
+
+def test_converted_baseline_round_trip_and_save_pretrained(tmp_path):
+    model = create_model("rvm_reactnet")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    src = torch.rand(1, 2, 3, 48, 40)
+    expected = _outputs(model, src)
+    model.save_pretrained(tmp_path / "pretrained")
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "pretrained" / "config.json").read_text())["model"] == "rvm_reactnet"
+    for loaded in (create_model("rvm_reactnet", checkpoint=tmp_path / "pretrained"),
+                   binarize.load(tmp_path / "pretrained")):
+        for a, b in zip(expected, _outputs(loaded, src)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds model 'rvm_reactnet', not 'rvm_xnor'"):
+        create_model("rvm_xnor", checkpoint=tmp_path / "pretrained")
+
+
+def test_compact_file_is_much_smaller_than_float(tmp_path):
+    model = create_model("rvm_xnor")
+    path = binarize.save(model, tmp_path / "xnor.safetensors")
+    torch.save(model.state_dict(), tmp_path / "xnor.pth")
+    assert path.stat().st_size * 3 < (tmp_path / "xnor.pth").stat().st_size
+
+
+def test_compact_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        binarize.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"junk.safetensors: not a readable safetensors file"):
+        binarize.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="no registry name"):
+        binarize.save(nn.Linear(2, 2), tmp_path / "plain.safetensors")
+    model = create_model("rvm_bnn")
+    path = binarize.save(model, tmp_path / "bnn.safetensors")
+    with pytest.raises(ValueError, match="holds model 'rvm_bnn', not 'rvm_mobilenetv3'"):
+        create_model("rvm_mobilenetv3", checkpoint=path)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
+
+
+@pytest.fixture
+def conv_zoo(monkeypatch):
+    monkeypatch.setattr(registry_module, "_MODELS", dict(registry_module._MODELS))
+
+    def binary_stack(method: str = "bnn") -> nn.Module:
+        return nn.Sequential(BinaryConv2d(3, 24, 3, padding=1, method=method),
+                             BinaryConv2d(24, 40, 1, method=method), BinaryConv2d(40, 8, 3, method=method))
+
+    registry_module.register_model("binary_stack")(binary_stack)
+
+
+@pytest.mark.parametrize("method", ["bnn", "xnor", "dorefa", "bireal", "reactnet", "irnet", "recu", "bimatting"])
+def test_every_method_reloads_exactly(conv_zoo, tmp_path, method):
+    model = create_model("binary_stack", method=method)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    x = torch.randn(2, 3, 12, 12)
+    expected = _outputs(model, x)
+    path = binarize.save(model, tmp_path / f"{method}.safetensors")
+    reloaded = binarize.load(path).eval()
+    assert torch.equal(expected, _outputs(reloaded, x))
+    for key, layer in ((f"{i}.weight", reloaded[i]) for i in range(3)):
+        original = model.state_dict()[key]
+        with torch.no_grad():
+            assert torch.equal(layer.weight_binarizer(layer.weight), dict(model.named_modules())[key[:-7]]
+                               .weight_binarizer(original)), key
+
+
+# ---------------------------------------------------------------- the reconstruction itself
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(["bimatting_weight", "xnor_weight", "bireal_weight", "dorefa_weight"]),
+    out_channels=st.integers(1, 24),
+    fan_in=st.sampled_from([(1, 3, 3), (7, 1, 1), (16, 3, 3), (33, 1, 1), (64, 1, 1)]),
+    std=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_reconstruction_is_bit_exact(name, out_channels, fan_in, std, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn((out_channels, *fan_in), generator=generator) * std
+    binarizer = get_binarizer(name)
+    with torch.no_grad():
+        effective = binarizer(weight)
+    signs = torch.where(effective >= 0, 1.0, -1.0)
+    scale = effective.reshape(out_channels, -1).abs().amax(dim=1)
+    latent, exact = reconstruct_latent_weight(binarizer, signs, scale)
+    with torch.no_grad():
+        rebuilt = binarizer(latent)
+    assert torch.equal(rebuilt[exact], effective[exact])
+    assert exact.float().mean() >= 0.9  # the rare rest is stored as latent rows by save()
