@@ -12,23 +12,29 @@ Compact checkpoints (``binarize.save`` / ``binarize.load``) are safetensors file
   ``binarize.ops.packing.pack_signs``) and the per-output-channel scale (``<key>:scale``);
 - everything else (full-precision layers, BatchNorm, binarizer parameters, buffers) in its own
   dtype under its own key;
+- the tensors of each dtype are concatenated into one byte-shuffled, zlib-compressed blob
+  (``blob.<dtype>``; lossless) and a compressed JSON index (``index`` metadata) records every
+  key's dtype, shape and offset, so the header stays small;
 - the metadata holds ``config`` = JSON ``{"model": name, "kwargs": {...}}`` (the registry entry,
-  so the file alone rebuilds the model), ``binary_weights`` = JSON ``{key: {"shape", "dtype"}}``
-  and ``format``.
+  so the file alone rebuilds the model), ``binary_weights`` = JSON ``{key: {"shape", "dtype"}}``,
+  ``full_precision_fallback`` and ``format``.
 
 Exact reload. A model computes with ``weight_binarizer(W)``, not with W, so on load we need a
-latent W whose binarization is *bit-identical* to the stored ``scale * s``. The reconstruction
-(``reconstruct_latent_weight``) is deterministic: W = c_o * s with c_o = scale_o / g_o, where g_o
-is the binarizer's scale for W = s (for mean-|W| scalers the scale is linear in c; for BiMatting's
-centred weights g_o = 1 - m_o^2 with m_o = mean_o(s), since mean|c s - c m| = c (1 - m^2)); then
-float rounding is absorbed by nudging c_o by single ulps and, where a mean skips the target value,
-by moving the magnitude of each channel's first element in steps of about one ulp of the channel
-sum. ``save`` runs the same reconstruction and checks that it reproduces every effective weight
-exactly; a layer for which it cannot (e.g. an effective weight with exact zeros under
-``torch.sign`` semantics, or a per-tensor scale that couples channels) is stored as its latent
-float weight instead and listed in the metadata (``full_precision_fallback``). The latent
-magnitudes of the saved model are not kept, only what the forward pass uses: outputs are
-identical, resumed training starts from the reconstructed latent weights.
+latent W whose binarization is *bit-identical* to the stored ``scale * s``;
+``reconstruct_latent_weight`` builds it deterministically. The scales are means (mean|W|, or
+mean|W - mean W| for BiMatting), and a float mean is only reproducible if the sum it divides is:
+we give each channel magnitudes that are integer multiples of u = ulp(S), adding up to exactly
+S (K = S/u < 2^24 units, so every partial sum is representable and the summation order does not
+matter), for the floats S next to ``scale * n`` (one of them is the sum the original weights
+produced). For centring binarizers the positive and negative magnitudes each add up to S/2, so
+the channel mean is exactly 0 and centring is exact; an odd K is split into half units with a
+single odd element per sign, placed in the same lane of the vectorised reduction. Channels it
+still cannot serve are searched (ulp nudges), and the few left are stored as their latent rows
+(``<key>:rows`` / ``<key>:latent_rows``); a layer whose effective weight has exact zeros
+(``torch.sign`` semantics) or a non per-channel scale is stored in full precision and listed in
+``full_precision_fallback``. ``save`` verifies all of this before writing. The latent magnitudes of
+the saved model are not kept, only what the forward pass uses: outputs are identical, resumed
+training starts from the reconstructed latent weights.
 """
 from __future__ import annotations
 
