@@ -228,13 +228,13 @@ def plot(layer_rows: List[dict], frame_rows: List[dict], path: pathlib.Path, thr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    labels = [f"{r['in']}->{r['out']}\n{r['size']}" for r in layer_rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    labels = [f"{r['in']}->{r['out']} {r['size']}" for r in layer_rows]
     left.bar(range(len(layer_rows)), [r["speedup"] for r in layer_rows], color="#3b7dd8")
     left.axhline(8, color="#d84b3b", linestyle="--", linewidth=1, label="8x target")
-    left.set_xticks(range(len(layer_rows)), labels, fontsize=6)
+    left.set_xticks(range(len(layer_rows)), labels, fontsize=7, rotation=90)
     left.set_ylabel("speedup over torch fp32 conv2d")
-    left.set_title(f"3x3 binary conv layers of BiMatting at 512x288 ({threads} threads)")
+    left.set_title(f"3x3 binary conv layers of BiMatting at 512x288 ({threads} thread{'s' if threads > 1 else ''})")
     left.legend()
     resolutions = list(dict.fromkeys(r["resolution"] for r in frame_rows))
     models = list(dict.fromkeys(r["model"] for r in frame_rows))
@@ -247,7 +247,7 @@ def plot(layer_rows: List[dict], frame_rows: List[dict], path: pathlib.Path, thr
                   color=colors[index % len(colors)])
     right.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(resolutions))], resolutions)
     right.set_ylabel("frames per second (best round)")
-    right.set_title("whole frame")
+    right.set_title(f"whole frame ({threads} thread{'s' if threads > 1 else ''})")
     right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
