@@ -39,6 +39,7 @@ training starts from the reconstructed latent weights.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import math
 import os
@@ -417,6 +418,8 @@ def save(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory does not exist: {path.parent}")
     config = _model_config(model, name, kwargs)
+    if any(t.device.type != "cpu" for t in model.state_dict().values()):
+        model = copy.deepcopy(model).cpu()  # the exact reconstruction is checked on the CPU, where it loads
     tensors, binary, fallback = compact_state(model)
     metadata = {
         "format": FORMAT,
@@ -531,7 +534,13 @@ def load_compact_into(model: nn.Module, path: PathLike) -> nn.Module:
 
     weights = _resolve(path)
     tensors, metadata = _open_compact(weights)
-    binary = json.loads(metadata.get("binary_weights", "{}"))
+    try:
+        binary = json.loads(metadata.get("binary_weights", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{weights}: corrupt binary_weights metadata ({exc})") from exc
+    lost = [k for k in binary if k + _SIGNS not in tensors or k + _SCALE not in tensors]
+    if lost:
+        raise ValueError(f"{weights}: corrupt compact checkpoint, no signs/scale for {_listing(lost)}")
     state = {k: v for k, v in tensors.items() if not k.endswith((_SIGNS, _SCALE, _ROWS, _LATENT))}
     current = model.state_dict()
     for key in binary:
