@@ -101,7 +101,6 @@ def torchvision_to_timm_backbone_keys(body: nn.Module) -> Dict[str, str]:
                      "block.3.0": "conv_pwl", "block.3.1": "bn3"}
                 )
         elif kind == "ConvBnAct":
-            tv = f"features.{index}"
             names = {"0": "conv", "1": "bn1"}
         else:
             raise RuntimeError(f"unexpected timm MobileNetV3 block {ours}: {kind}")
