@@ -105,7 +105,7 @@ def test_synthetic_frame_is_deterministic_and_person_like() -> None:
 # --------------------------------------------------------------------------- zoo matting models
 @pytest.fixture
 def zoo() -> None:
-    import binarize.models.rvm  # noqa: F401  (registers rvm_mobilenetv3)
+    import binarize.models  # noqa: F401  (registers the zoo)
 
 
 def _library_report(name: str, width: int, height: int, **kwargs):
@@ -151,15 +151,21 @@ def test_missing_input_image(capsys, zoo) -> None:
     assert code == 2 and "input image not found: /nonexistent/frame.png" in err
 
 
-def test_all_matting_one_row_per_zoo_model(capsys, zoo) -> None:
+def test_all_matting_one_row_per_zoo_model(capsys, zoo, monkeypatch) -> None:
+    import binarize.cli.profile as cli_profile
     from binarize.cli.profile import matting_model_names
 
     names = matting_model_names()
     assert names[:2] == ["rvm_mobilenetv3", "bimatting"]
+    assert {f"rvm_{m}" for m in ("bnn", "xnor", "dorefa", "bireal", "reactnet", "irnet", "recu")} <= set(names)
+    subset = [names[0], names[1], "rvm_bnn"]  # profiling all nine models here would be slow
+    monkeypatch.setattr(cli_profile, "matting_model_names", lambda: subset)
     code, out, _ = run_cli(capsys, "--all-matting", "--resolution", "64x64", "--json")
     assert code == 0
     data = json.loads(out)
-    assert [m["model"] for m in data["models"]] == names and data["baseline"] == "rvm_mobilenetv3"
+    assert [m["model"] for m in data["models"]] == subset and data["baseline"] == "rvm_mobilenetv3"
+    bnn = data["models"][2]
+    assert bnn["binary_params"] > 0 and bnn["savings_vs_baseline"]["computation"] > 1
     code, out, err = run_cli(capsys, "--all-matting", "bimatting")
     assert code == 2 and "takes no MODEL" in err
     code, out, err = run_cli(capsys, "--all-matting", "--method", "bnn")

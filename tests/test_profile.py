@@ -289,7 +289,6 @@ def test_parameters_never_read_are_not_counted() -> None:
 @pytest.fixture(scope="module")
 def zoo_reports() -> dict:
     """BiMatting and RVM profiled at the paper's 512x288 on the built-in synthetic frame."""
-    import binarize.models.rvm  # noqa: F401  (registers rvm_mobilenetv3)
     from binarize.cli.profile import synthetic_frame
     from binarize.models import create_model
 

@@ -376,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
             print(entry.report.table())
             print()
     print(summary_table(entries, baseline, args.engine))
-    for line in savings_lines(entries, baseline) + mask_lines(entries, args):
+    savings = [] if args.all_matting else savings_lines(entries, baseline)  # the table has them already
+    for line in savings + mask_lines(entries, args):
         print(line)
     return 0
