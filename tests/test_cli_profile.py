@@ -164,8 +164,10 @@ def test_all_matting_one_row_per_zoo_model(capsys, zoo, monkeypatch) -> None:
     assert code == 0
     data = json.loads(out)
     assert [m["model"] for m in data["models"]] == subset and data["baseline"] == "rvm_mobilenetv3"
-    bnn = data["models"][2]
+    rvm, bnn = data["models"][0], data["models"][2]
     assert bnn["binary_params"] > 0 and bnn["savings_vs_baseline"]["computation"] > 1
+    assert bnn["flops"] + bnn["bops"] == rvm["flops"]  # conversion moves MACs, never adds or drops any
+    assert bnn["binary_params"] + bnn["fp_params"] >= rvm["fp_params"]  # plus the methods' extras
     code, out, err = run_cli(capsys, "--all-matting", "bimatting")
     assert code == 2 and "takes no MODEL" in err
     code, out, err = run_cli(capsys, "--all-matting", "--method", "bnn")
