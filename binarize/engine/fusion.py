@@ -50,8 +50,8 @@ class DeployReport:
 
 # largest fraction of positions for which a masked branch's conv runs sparsely (measured on CPU:
 # the packed kernel's cost per position barely changes, gathering float windows is slower)
-SPARSE_LIMIT_PACKED = 0.7
-SPARSE_LIMIT_FOLDED = 0.25
+SPARSE_LIMIT_PACKED = 0.5
+SPARSE_LIMIT_FOLDED = 0.06
 
 
 class Passthrough:
