@@ -73,6 +73,13 @@ _SIGNS = ":signs"
 _SCALE = ":scale"
 _ROWS = ":rows"
 _LATENT = ":latent_rows"
+# parameters that exist only for key compatibility and that no forward reads (official BiMatting's
+# channel_threshold); a compact file does not store them and a reload keeps the model's own values
+_VESTIGIAL_SUFFIXES = (".channel_threshold",)
+
+
+def _is_vestigial(key: str) -> bool:
+    return ("." + key).endswith(_VESTIGIAL_SUFFIXES)
 _MAX_LISTED = 5
 
 
@@ -373,6 +380,8 @@ def compact_state(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any], 
     binary: Dict[str, Any] = {}
     fallback: List[str] = []
     for key, value in model.state_dict().items():
+        if _is_vestigial(key):
+            continue
         if key in layers:
             encoded = _encode_binary(layers[key])
             if encoded is not None:
@@ -389,10 +398,8 @@ def compact_state(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any], 
 # ----------------------------------------------------------------------------------------------
 def _model_config(model: nn.Module, name: Optional[str], kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     name = name or getattr(model, "model_name", None)
-    if not name:
-        raise ValueError(
-            "model has no registry name: build it with binarize.create_model(...) or pass name= (and kwargs=)"
-        )
+    if not name:  # a user's own model: the file holds its weights, binarize.load(path, model=...) fills it
+        return {"model": None, "kwargs": {}}
     kwargs = dict(getattr(model, "model_kwargs", {}) if kwargs is None else kwargs)
     try:
         json.dumps(kwargs)
@@ -522,8 +529,8 @@ def read_config(path: PathLike) -> Dict[str, Any]:
         config = json.loads(metadata["config"])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{weights}: corrupt config metadata ({exc})") from exc
-    if not isinstance(config.get("model"), str) or not isinstance(config.get("kwargs", {}), dict):
-        raise ValueError(f"{weights}: config metadata must hold 'model' (str) and 'kwargs' (dict)")
+    if not isinstance(config.get("model"), (str, type(None))) or not isinstance(config.get("kwargs", {}), dict):
+        raise ValueError(f"{weights}: config metadata must hold 'model' (str or null) and 'kwargs' (dict)")
     config.setdefault("kwargs", {})
     return config
 
@@ -546,6 +553,9 @@ def load_compact_into(model: nn.Module, path: PathLike) -> nn.Module:
     for key in binary:
         if key in current:
             state[key] = current[key]  # placeholder of the right shape, replaced below
+    for key in current:
+        if _is_vestigial(key) and key not in state:
+            state[key] = current[key]  # not stored: never read by the forward
     check_state_dict(model, state, str(weights))
     layers = binary_weight_layers(model)
     not_binary = [k for k in binary if k not in layers]
@@ -578,12 +588,17 @@ def load_compact_into(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def load(path: PathLike) -> nn.Module:
+def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild the registered model named in a compact checkpoint (file or save_pretrained
-    directory) and load its weights. The model is returned in training mode, like ``create_model``."""
+    directory) and load its weights, or, with ``model``, fill that model (e.g. a user's own
+    network converted with ``binarize.convert``). Returned in training mode, like ``create_model``."""
     from binarize.models.registry import create_model
 
+    if model is not None:
+        return load_checkpoint_into(model, path)
     config = read_config(path)
+    if config["model"] is None:
+        raise ValueError(f"{path} holds the weights of an unregistered model: pass it, binarize.load(path, model=...)")
     return create_model(config["model"], checkpoint=path, **config["kwargs"])
 
 
@@ -620,7 +635,7 @@ def load_checkpoint_into(model: nn.Module, checkpoint: PathLike) -> nn.Module:
     if is_compact(path):
         config = read_config(path)
         name = getattr(model, "model_name", None)
-        if name is not None and config["model"] != name:
+        if name is not None and config["model"] is not None and config["model"] != name:
             raise ValueError(f"{path} holds model {config['model']!r}, not {name!r}")
         return load_compact_into(model, path)
     return load_official(model, path)
