@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from binarize._callable import make_module_callable
 
 SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -353,13 +353,4 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return model
 
 
-class _CallableModule(types.ModuleType):
-    """Importing ``binarize.convert`` binds this *module* as the package attribute ``convert``,
-    shadowing the lazily exported function; calling the module calls the function, so
-    ``binarize.convert(model)`` works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, "convert")

@@ -25,15 +25,15 @@ import contextlib
 import logging
 import math
 import statistics
-import sys
 import time
-import types
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from binarize._callable import make_module_callable
 
 __all__ = ["LayerCost", "ProfileReport", "Savings", "format_count", "measure_latency", "profile"]
 
@@ -609,13 +609,4 @@ def measure_latency(
     return statistics.median(times[warmup:])
 
 
-class _CallableModule(types.ModuleType):
-    """Importing ``binarize.profile`` binds this *module* as the package attribute ``profile``,
-    shadowing the lazily exported function; calling the module calls the function, so
-    ``binarize.profile(model, x)`` works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return profile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, "profile")
