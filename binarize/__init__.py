@@ -5,8 +5,7 @@ package reads top-down (ops -> nn -> convert/profile -> models -> matting/engine
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from binarize._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -27,15 +26,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'binarize' has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -4,8 +4,7 @@ Submodules are imported lazily so that, e.g., computing metrics never imports Py
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from binarize._lazy import lazy_exports
 
 _LAZY = {
     "convert_video": "binarize.matting.inference:convert_video",
@@ -15,11 +14,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'binarize.matting' has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

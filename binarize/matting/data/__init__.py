@@ -5,40 +5,33 @@ Submodules are imported lazily so that ``SyntheticMatting`` never imports PyAV o
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from binarize._lazy import lazy_exports
 
 _LAZY = {
-    "SyntheticMatting": "synthetic",
-    "composite": "synthetic",
-    "parse_size": "synthetic",
-    "write_synthetic": "synthetic",
-    "VideoMatteDataset": "videomatte",
-    "VideoMatteTrainAugmentation": "videomatte",
-    "VideoMatteValidAugmentation": "videomatte",
-    "ImageMatteDataset": "imagematte",
-    "ImageMatteAugmentation": "imagematte",
-    "BackgroundImageDataset": "backgrounds",
-    "BackgroundVideoDataset": "backgrounds",
-    "BackgroundSource": "backgrounds",
-    "CocoPanopticDataset": "segmentation",
-    "SuperviselyPersonDataset": "segmentation",
-    "YouTubeVISDataset": "segmentation",
-    "SegmentationAugmentation": "segmentation",
-    "MotionAugmentation": "augment",
-    "TrainFrameSampler": "augment",
-    "ValidFrameSampler": "augment",
-    "build_train_dataset": "builders",
-    "build_segmentation_datasets": "builders",
+    "SyntheticMatting": "binarize.matting.data.synthetic:SyntheticMatting",
+    "composite": "binarize.matting.data.synthetic:composite",
+    "parse_size": "binarize.matting.data.synthetic:parse_size",
+    "write_synthetic": "binarize.matting.data.synthetic:write_synthetic",
+    "VideoMatteDataset": "binarize.matting.data.videomatte:VideoMatteDataset",
+    "VideoMatteTrainAugmentation": "binarize.matting.data.videomatte:VideoMatteTrainAugmentation",
+    "VideoMatteValidAugmentation": "binarize.matting.data.videomatte:VideoMatteValidAugmentation",
+    "ImageMatteDataset": "binarize.matting.data.imagematte:ImageMatteDataset",
+    "ImageMatteAugmentation": "binarize.matting.data.imagematte:ImageMatteAugmentation",
+    "BackgroundImageDataset": "binarize.matting.data.backgrounds:BackgroundImageDataset",
+    "BackgroundVideoDataset": "binarize.matting.data.backgrounds:BackgroundVideoDataset",
+    "BackgroundSource": "binarize.matting.data.backgrounds:BackgroundSource",
+    "CocoPanopticDataset": "binarize.matting.data.segmentation:CocoPanopticDataset",
+    "SuperviselyPersonDataset": "binarize.matting.data.segmentation:SuperviselyPersonDataset",
+    "YouTubeVISDataset": "binarize.matting.data.segmentation:YouTubeVISDataset",
+    "SegmentationAugmentation": "binarize.matting.data.segmentation:SegmentationAugmentation",
+    "MotionAugmentation": "binarize.matting.data.augment:MotionAugmentation",
+    "TrainFrameSampler": "binarize.matting.data.augment:TrainFrameSampler",
+    "ValidFrameSampler": "binarize.matting.data.augment:ValidFrameSampler",
+    "build_train_dataset": "binarize.matting.data.builders:build_train_dataset",
+    "build_segmentation_datasets": "binarize.matting.data.builders:build_segmentation_datasets",
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'binarize.matting.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"binarize.matting.data.{module_name}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
