@@ -475,9 +475,13 @@ class ReCUWeight(Binarizer):
 class ReCUActivation(Binarizer):
     """ReCU activations (official z-hXu/ReCU code): sign forward (sign(0) = +1), no scale.
 
-    Backward: ApproxSign max(0, 2 - 2|a0|) evaluated on a0 = x / sqrt(var_b(x) + 1e-5) (per-sample
-    variance over non-batch dims) in training mode, on x itself in eval mode (as the official code).
-    sign(a0) == sign(x), so only the gradient depends on the normalisation.
+    Backward: dL/dx = g * max(0, 2 - 2|a0|), ApproxSign evaluated on a0 = x / sqrt(var_b(x) + 1e-5)
+    (per-sample variance over non-batch dims) in training mode, on x itself in eval mode (as the
+    official code). sign(a0) == sign(x), so only the gradient depends on the normalisation.
+    Deviation: the official code also back-propagates through the division (a factor 1/std per
+    layer); for near-constant activations (std ~ 3e-3 floor) that factor compounds to inf/NaN
+    gradients within a dozen layers (seen on rvm_recu at initialisation), so the normalisation
+    only selects the window of the estimator here.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -487,9 +491,9 @@ class ReCUActivation(Binarizer):
             correction = 1 if x[0].numel() > 1 else 0
             normalised = x / torch.sqrt(x.var(dim=dims, keepdim=True, correction=correction) + 1e-5)
         value = sign_plus(x)
-        if not needs_grad(normalised):
+        if not needs_grad(x):
             return value
-        return straight_through(value, normalised, approx_sign_grad(normalised))
+        return straight_through(value, x, approx_sign_grad(normalised.detach()))
 
 
 @register_binarizer("bimatting_weight")
