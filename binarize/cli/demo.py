@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"output folder (default ./{DEFAULT_OUTPUT})")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"clip length (default {DEFAULT_FRAMES})")
     parser.add_argument("--size", default=DEFAULT_SIZE,
-                        help=f"clip WIDTHxHEIGHT (default {DEFAULT_SIZE}, the scale the bundled weights learned)")
+                        help=f"clip WIDTHxHEIGHT (default {DEFAULT_SIZE})")
     parser.add_argument("--checkpoint", help="BiMatting weights to use instead of the bundled ones")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic clip")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     clip = make_clip(args.frames, size, args.seed)
     frames_dir = write_frames(clip["src"], out / "input")
-    ratio = 1.0  # the clip is at the scale the bundled weights were trained on; no refiner pass
+    ratio = 1.0  # the bundled weights never trained the refiner (downsample_ratio < 1), so run at full scale
     result = convert_video(
         model, frames_dir, output_composition=out / "composite.mp4", output_alpha=out / "alpha.mp4",
         background="green", downsample_ratio=ratio, device=device, progress=not args.no_progress,
