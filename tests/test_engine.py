@@ -486,3 +486,39 @@ def test_deployed_bimatting_through_convert_video(tmp_path):
                                   for i in range(2)])
     assert outputs["packed"].shape == outputs["simulated"].shape
     assert np.abs(outputs["packed"] - outputs["simulated"]).mean() < 0.5  # 8-bit alpha levels
+
+
+@needs_c
+@FAST
+@given(planes=st.integers(1, 5), height=st.integers(1, 19), width=st.integers(1, 19))
+def test_avg_pool2x2_kernel_equals_torch_bit_for_bit(planes, height, width):
+    from binarize.engine.functional import avg_pool2x2
+
+    x = torch.randn(1, planes, height, width)
+    expected = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    assert torch.equal(avg_pool2x2(x), expected)
+    assert torch.equal(avg_pool2x2(x, backend="torch"), expected)
+
+
+@needs_c
+@FAST
+@given(planes=st.integers(1, 5), height=st.integers(1, 19), width=st.integers(1, 19))
+def test_upsample2x_kernel_matches_torch_bilinear(planes, height, width):
+    from binarize.engine.functional import upsample2x
+
+    x = torch.randn(2, planes, height, width)
+    expected = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    got = upsample2x(x)
+    assert got.shape == expected.shape
+    # same 0.25 / 0.75 weights; the float sums may round differently in the last bit
+    torch.testing.assert_close(got, expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps * x.abs().max().item())
+
+
+def test_deploy_moves_pooling_and_upsampling_to_the_kernels():
+    model = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True), nn.Upsample(scale_factor=2, mode="bilinear"),
+                          nn.AvgPool2d(2, 2), nn.Upsample(scale_factor=3, mode="bilinear")).eval()
+    deployed = deploy(model)
+    assert deploy_report(deployed).resampling == ["0", "1"]  # the others are not 2x2 ceil-mode / 2x
+    x = torch.randn(1, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -53,6 +53,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bz_conv.restype = _int
     lib.bz_pointwise.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _int]
     lib.bz_pointwise.restype = _int
+    lib.bz_avgpool2x2.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.bz_avgpool2x2.restype = _int
+    lib.bz_upsample2x.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _int]
+    lib.bz_upsample2x.restype = _int
 
 
 def library() -> Optional[ctypes.CDLL]:

@@ -328,6 +328,50 @@ def pointwise(x: torch.Tensor, epilogue: Epilogue, num_threads: Optional[int] = 
     return out
 
 
+def _c_ready(x: torch.Tensor, backend: str):
+    """The kernel library when ``x`` can go to it (a contiguous float32 CPU map), else None."""
+    lib = _lib.library() if backend != "torch" else None
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 3 or \
+            not x.is_contiguous():
+        return None
+    return lib
+
+
+def avg_pool2x2(x: torch.Tensor, num_threads: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """2x2 / stride-2 average pooling with ceil mode and no padding of an [..., H, W] map.
+
+    Equals ``F.avg_pool2d(x, 2, 2, ceil_mode=True)`` bit for bit (the C pass sums each window in
+    the same order and divides by the number of valid values), about 10x faster on CPU.
+    """
+    lib = _c_ready(x, backend)
+    if lib is None:
+        return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    h, w = x.shape[-2:]
+    out = x.new_empty(*x.shape[:-2], (h + 1) // 2, (w + 1) // 2)
+    status = lib.bz_avgpool2x2(x.data_ptr(), out.data_ptr(), x[..., 0, 0].numel(), h, w, _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_avgpool2x2 rejected its arguments (status {status})")
+    return out
+
+
+def upsample2x(x: torch.Tensor, num_threads: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Bilinear 2x up-sampling (``align_corners=False``) of an [..., H, W] map.
+
+    Same weights as ``F.interpolate(x, scale_factor=2, mode="bilinear")`` (0.25 / 0.75, edges
+    clamped); the float sums may round differently in the last bit.  About 4x faster on CPU.
+    """
+    lib = _c_ready(x, backend)
+    if lib is None:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    h, w = x.shape[-2:]
+    out = x.new_empty(*x.shape[:-2], 2 * h, 2 * w)
+    status = lib.bz_upsample2x(x.data_ptr(), out.data_ptr(), x[..., 0, 0].numel(), h, w, 4 * h * w,
+                               _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_upsample2x rejected its arguments (status {status})")
+    return out
+
+
 def binary_linear(
     x: torch.Tensor,
     weights: PackedWeights,

@@ -26,7 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from binarize.engine.functional import MAX_OPS, Epilogue, pointwise
+from binarize.engine.functional import MAX_OPS, Epilogue, avg_pool2x2, pointwise, upsample2x
 from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
 from binarize.nn.blocks import MaskedBranch
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
@@ -41,11 +41,13 @@ class DeployReport:
     fused: Dict[str, List[str]] = field(default_factory=dict)
     sparse: List[str] = field(default_factory=list)
     simulated: Dict[str, str] = field(default_factory=dict)
+    resampling: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         fused = sum(len(names) for names in self.fused.values())
         return (f"{len(self.packed)} binary layers packed, {fused} neighbouring modules fused, "
-                f"{len(self.sparse)} masked branches sparse, {len(self.simulated)} layers left simulated")
+                f"{len(self.sparse)} masked branches sparse, {len(self.resampling)} pooling / up-sampling "
+                f"modules on the C kernels, {len(self.simulated)} layers left simulated")
 
 
 # largest fraction of positions for which a masked branch's conv runs sparsely (measured on CPU:
@@ -433,6 +435,50 @@ def _install_chains(sites: Sequence[_Site], free: set, report: DeployReport, pre
         report.fused.setdefault(prefix + chain[0].name, []).extend(prefix + s.name for s in chain[1:])
 
 
+class ResampleForward:
+    """Forward of a 2x2 ceil-mode ``nn.AvgPool2d`` or a 2x bilinear ``nn.Upsample`` on the C kernels
+    (BiMobileNet's shortcut pooling, the decoder's image pyramid and up-sampling)."""
+
+    def __init__(self, kind: str, num_threads: Optional[int], backend: str) -> None:
+        self.kind, self.num_threads, self.backend = kind, num_threads, backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return (F.avg_pool2d(x, 2, 2, ceil_mode=True) if self.kind == "pool"
+                    else F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+        if self.kind == "pool":
+            return avg_pool2x2(x.contiguous(), self.num_threads, self.backend)
+        return upsample2x(x.contiguous(), self.num_threads, self.backend)
+
+
+def _as_pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _resample_kind(module: nn.Module) -> Optional[str]:
+    """"pool" / "upsample" for the exact module configurations the C kernels reproduce, else None."""
+    if type(module) is nn.AvgPool2d:
+        if (_as_pair(module.kernel_size) == (2, 2) and _as_pair(module.stride) == (2, 2)
+                and _as_pair(module.padding) == (0, 0)
+                and module.ceil_mode and module.divisor_override is None):
+            return "pool"
+    if type(module) is nn.Upsample and module.mode == "bilinear" and not module.align_corners \
+            and module.size is None and module.recompute_scale_factor in (None, False):
+        factor = module.scale_factor
+        factors = tuple(factor) if isinstance(factor, (tuple, list)) else (factor, factor)
+        if all(f is not None and float(f) == 2.0 for f in factors):
+            return "upsample"
+    return None
+
+
+def _install_resampling(model: nn.Module, report: DeployReport, options: dict) -> None:
+    for name, module in model.named_modules():
+        kind = _resample_kind(module)
+        if kind is not None:
+            module.forward = ResampleForward(kind, **options)
+            report.resampling.append(name)
+
+
 def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                    num_threads: Optional[int] = None, backend: str = "auto") -> DeployReport:
     """Install packed implementations on every binary layer of ``model`` in place (eval mode)."""
@@ -482,4 +528,6 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
         for name, module in model.named_modules():
             if isinstance(module, MaskedBranch):
                 _install_sparse(module, name, report)
+    if fuse:
+        _install_resampling(model, report, options)
     return report

@@ -114,7 +114,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 4; }
+BZ_EXPORT int bz_abi_version(void) { return 5; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -683,6 +683,92 @@ BZ_EXPORT int bz_pointwise(const float *x, float *out, int64_t N, int64_t C, int
         const int64_t row = job / chunks, p0 = (job % chunks) * chunk;
         const int64_t np = (P - p0) < chunk ? (P - p0) : chunk;
         pointwise_row(x + row * P + p0, out + row * P + p0, np, nops, ops, args, row % C);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Resampling: 2x2 average pooling (ceil mode) and 2x bilinear up-sampling of float maps         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One output row of a 2x2 / stride-2 average pool with ceil mode and no padding: each window's
+ * valid values are summed in PyTorch's order (row by row, left to right) and divided by their
+ * count, so the result equals torch's avg_pool2d bit for bit.  r1 is NULL on a last, odd row. */
+BZ_CLONES static void avgpool_row(const float *r0, const float *r1, float *dst, int64_t W) {
+    const int64_t full = W / 2;
+    if (r1) {
+        for (int64_t o = 0; o < full; ++o) {
+            float s = r0[2 * o];
+            s += r0[2 * o + 1];
+            s += r1[2 * o];
+            s += r1[2 * o + 1];
+            dst[o] = s / 4.0f;
+        }
+        if (W & 1) { float s = r0[W - 1]; s += r1[W - 1]; dst[full] = s / 2.0f; }
+    } else {
+        for (int64_t o = 0; o < full; ++o) {
+            float s = r0[2 * o];
+            s += r0[2 * o + 1];
+            dst[o] = s / 2.0f;
+        }
+        if (W & 1) dst[full] = r0[W - 1];
+    }
+}
+
+/* out [NC][ceil(H/2)][ceil(W/2)] = 2x2 average of x [NC][H][W] (ceil mode, padding excluded) */
+BZ_EXPORT int bz_avgpool2x2(const float *x, float *out, int64_t NC, int64_t H, int64_t W, int nthreads) {
+    if (NC < 0 || H < 1 || W < 1) return -1;
+    const int64_t OH = (H + 1) / 2, OW = (W + 1) / 2;
+    const int parallel = nthreads > 1 && NC * H * W >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel;
+    int64_t job;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
+    for (job = 0; job < NC * OH; ++job) {
+        const int64_t plane = job / OH, oh = job % OH;
+        const float *r0 = x + (plane * H + 2 * oh) * W;
+        avgpool_row(r0, 2 * oh + 1 < H ? r0 + W : NULL, out + job * OW, W);
+    }
+    return 0;
+}
+
+/* One output row of the 2x bilinear up-sampling (align_corners=False): the weights of a 2x
+ * scale are 0.25 / 0.75 (1 / 0 on the first row and column), computed as PyTorch does:
+ * lh0 * (lw0 * a + lw1 * b) + lh1 * (lw0 * c + lw1 * d). */
+BZ_CLONES static void upsample_row(const float *r0, const float *r1, float lh0, float lh1, float *dst,
+                                   int64_t W) {
+    /* first output column: source column 0 with weights (1, 0) */
+    dst[0] = lh0 * (1.0f * r0[0] + 0.0f * r0[W > 1 ? 1 : 0]) + lh1 * (1.0f * r1[0] + 0.0f * r1[W > 1 ? 1 : 0]);
+    for (int64_t i = 0; i + 1 < W; ++i) {
+        /* output 2i+1: columns (i, i+1) weights (0.75, 0.25); output 2i+2: same columns, (0.25, 0.75) */
+        const float a = r0[i], b = r0[i + 1], c = r1[i], d = r1[i + 1];
+        dst[2 * i + 1] = lh0 * (0.75f * a + 0.25f * b) + lh1 * (0.75f * c + 0.25f * d);
+        dst[2 * i + 2] = lh0 * (0.25f * a + 0.75f * b) + lh1 * (0.25f * c + 0.75f * d);
+    }
+    /* last output column: source column W-1 twice, weights (0.75, 0.25) */
+    const float a = r0[W - 1], c = r1[W - 1];
+    dst[2 * W - 1] = lh0 * (0.75f * a + 0.25f * a) + lh1 * (0.75f * c + 0.25f * c);
+}
+
+/* out [NC][2H][2W] = bilinear 2x up-sampling of x [NC][H][W] (align_corners=False, scale 2);
+ * out may have a larger plane stride (out_plane >= 4HW) to write into a concatenation. */
+BZ_EXPORT int bz_upsample2x(const float *x, float *out, int64_t NC, int64_t H, int64_t W, int64_t out_plane,
+                            int nthreads) {
+    if (NC < 0 || H < 1 || W < 1 || out_plane < 4 * H * W) return -1;
+    const int64_t OH = 2 * H, OW = 2 * W;
+    const int parallel = nthreads > 1 && NC * OH * OW >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel;
+    int64_t job;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
+    for (job = 0; job < NC * OH; ++job) {
+        const int64_t plane = job / OH, oh = job % OH;
+        int64_t h0;
+        float lh0, lh1;
+        if (oh == 0) { h0 = 0; lh0 = 1.0f; lh1 = 0.0f; }
+        else if (oh & 1) { h0 = oh / 2; lh0 = 0.75f; lh1 = 0.25f; }
+        else { h0 = oh / 2 - 1; lh0 = 0.25f; lh1 = 0.75f; }
+        const int64_t h1 = h0 + (h0 < H - 1 ? 1 : 0);
+        const float *src = x + plane * H * W;
+        upsample_row(src + h0 * W, src + h1 * W, lh0, lh1, out + plane * out_plane + oh * OW, W);
     }
     return 0;
 }
