@@ -19,6 +19,7 @@ from binarize.engine._lib import available, kernel_info, set_kernel
 from binarize.engine.functional import Epilogue, PackedWeights, binary_conv2d, binary_linear, pack_weights
 from binarize.engine.fusion import DeployReport, deploy_modules
 from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer
+from binarize.engine.memory import keep_freed_memory
 
 __all__ = [
     "deploy",
@@ -35,6 +36,7 @@ __all__ = [
     "PackedLinear",
     "DeployReport",
     "UnsupportedLayer",
+    "keep_freed_memory",
 ]
 
 _REPORT_ATTR = "_binarize_engine_report"
@@ -48,6 +50,7 @@ def deploy(
     fuse: bool = True,
     sparse: bool = True,
     backend: str = "auto",
+    keep_memory: bool = True,
 ) -> nn.Module:
     """An inference-only model whose binary layers run on the packed engine.
 
@@ -58,6 +61,8 @@ def deploy(
     or "torch" (the pure-PyTorch fallback).  Layers the engine cannot reproduce exactly stay
     simulated; ``deploy_report(model)`` lists them with the reason.  Weights are packed now:
     load checkpoints before deploying (``load_state_dict`` on the deployed copy does not repack).
+    ``keep_memory``: call :func:`keep_freed_memory` (process-wide glibc setting: freed maps stay
+    in the process for the next frame instead of being returned and page-faulted back in).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"deploy expects a torch.nn.Module, got {type(model).__name__}")
@@ -71,6 +76,8 @@ def deploy(
         raise ValueError("model is already deployed (deploy the original model, after loading its weights)")
     if backend == "auto":
         available()  # warns once, here, when the fallback will be used
+    if keep_memory:
+        keep_freed_memory()
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     target.requires_grad_(False)
