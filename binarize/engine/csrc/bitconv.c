@@ -487,6 +487,27 @@ static microkernel_fn select_microkernel(int kernel) {
 #endif
 }
 
+/* y = y >= 0 ? y : y * slope, in place.  Written as a bitwise select of both results: compilers
+ * leave the plain conditional as a (mispredicted) branch, which made PReLU 20x slower than an add. */
+#if defined(__GNUC__)
+typedef float bz_v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t bz_v8i __attribute__((vector_size(32), aligned(4)));
+#endif
+BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
+    int64_t i = 0;
+#if defined(__GNUC__)
+    for (; i + 8 <= np; i += 8) {
+        bz_v8f v, n;
+        memcpy(&v, y + i, sizeof v);
+        n = v * slope;
+        const bz_v8i keep = v >= 0.0f;
+        const bz_v8i r = ((bz_v8i)v & keep) | ((bz_v8i)n & ~keep);
+        memcpy(y + i, &r, sizeof r);
+    }
+#endif
+    for (; i < np; ++i) { const float n = y[i] * slope; y[i] = y[i] >= 0.0f ? y[i] : n; }
+}
+
 /* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops */
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
                          int np, float *y) {
@@ -501,7 +522,7 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
         switch (a->ops[q]) {
         case BZ_OP_ADD: for (int i = 0; i < np; ++i) y[i] = y[i] + c; break;
         case BZ_OP_MUL: for (int i = 0; i < np; ++i) y[i] = y[i] * c; break;
-        case BZ_OP_PRELU: for (int i = 0; i < np; ++i) y[i] = y[i] >= 0.0f ? y[i] : y[i] * c; break;
+        case BZ_OP_PRELU: prelu_run(y, np, c); break;
         case BZ_OP_RELU: for (int i = 0; i < np; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f; break;
         default: break;
         }
@@ -662,7 +683,7 @@ BZ_CLONES static void pointwise_row(const float *src, float *dst, int64_t np, in
         switch (ops[q]) {
         case BZ_OP_ADD: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] + v; break;
         case BZ_OP_MUL: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] * v; break;
-        case BZ_OP_PRELU: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] >= 0.0f ? dst[i] : dst[i] * v; break;
+        case BZ_OP_PRELU: prelu_run(dst, np, v); break;
         case BZ_OP_RELU: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] > 0.0f ? dst[i] : 0.0f; break;
         default: break;
         }
