@@ -388,3 +388,29 @@ def test_alpha_straight_through_keeps_outputs_and_revives_dead_alpha(tmp_path, s
     (pha - true_pha).abs().mean().backward()
     grad = model.project_mat.bias.grad[3]
     assert (grad != 0) if ste else (grad == 0)
+
+
+@pytest.mark.parametrize("localized", [False, True])
+def test_distillation_from_a_full_precision_teacher(tmp_path, localized):
+    """BiMatting student, RVM teacher (a compact checkpoint): the mimicking loss at the matched
+    decoder stages is computed, logged, finite and positive."""
+    import binarize
+    from binarize.models import create_model
+
+    teacher = create_model("rvm_mobilenetv3")
+    teacher_path = binarize.save(teacher, tmp_path / "teacher.safetensors")
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg["model"] = {**cfg["model"], "name": "bimatting"}
+    cfg["loss"] = {**cfg["loss"], "aux": True}
+    cfg["distill"] = {**cfg["distill"], "teacher": "rvm_mobilenetv3", "teacher_checkpoint": str(teacher_path),
+                      "localized": localized, "weight": 1.0}
+    out = train_mod.train(validate_config(cfg))
+    rows = [r for r in csv.DictReader(open(out / "scalars.csv")) if r["name"].endswith("/distill")]
+    assert rows and all(0 < float(r["value"]) < float("inf") for r in rows)
+
+
+def test_distillation_needs_a_teacher_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg["distill"] = {**cfg["distill"], "teacher": "rvm_mobilenetv3", "teacher_checkpoint": None}
+    with pytest.raises(ValueError, match="distillation needs a trained teacher"):
+        train_mod.train(validate_config(cfg))
