@@ -522,3 +522,24 @@ def test_deploy_moves_pooling_and_upsampling_to_the_kernels():
     x = torch.randn(1, 3, 9, 11)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_c
+@FAST
+@given(cin=st.integers(1, 9), cout=st.sampled_from([3, 8, 16, 24, 40]), k=st.sampled_from([1, 3, 5]),
+       dilation=st.integers(1, 2), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_sparse_float_conv_kernel_matches_dense_conv_at_positions(cin, cout, k, dilation, relu, seed):
+    from binarize.engine.fusion import FoldedConv2dForward
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=True)
+    folded = FoldedConv2dForward(conv, None, relu)
+    x = torch.randn(2, cin, 7, 9)
+    dense = folded(x)
+    positions = torch.nonzero(torch.rand(dense[:, :1].numel()) < 0.4).reshape(-1)
+    assert folded.sparse_in_c(x)
+    got = folded(x, positions=positions)
+    expected = torch.zeros_like(dense).permute(1, 0, 2, 3).reshape(cout, -1)
+    expected[:, positions] = dense.permute(1, 0, 2, 3).reshape(cout, -1)[:, positions]
+    expected = expected.reshape(cout, 2, 7, 9).permute(1, 0, 2, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

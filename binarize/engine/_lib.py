@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -57,6 +57,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bz_avgpool2x2.restype = _int
     lib.bz_upsample2x.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _int]
     lib.bz_upsample2x.restype = _int
+    lib.bz_sparse_fconv.argtypes = [
+        _ptr, _i64, _i64, _i64, _i64,  # x, N, C, H, W
+        _ptr, _ptr, _i64, _i64, _i64,  # w [C][KH][KW][O], bias, O, KH, KW
+        _i64, _i64, _i64, _i64, _i64, _i64,  # PH, PW, DH, DW, OH, OW
+        _int, _ptr, _i64, _ptr, _int,  # relu, positions, npos, out, nthreads
+    ]
+    lib.bz_sparse_fconv.restype = _int
 
 
 def library() -> Optional[ctypes.CDLL]:

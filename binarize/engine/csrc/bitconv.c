@@ -114,7 +114,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 5; }
+BZ_EXPORT int bz_abi_version(void) { return 6; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -792,6 +792,96 @@ BZ_EXPORT int bz_upsample2x(const float *x, float *out, int64_t NC, int64_t H, i
         upsample_row(src + h0 * W, src + h1 * W, lh0, lh1, out + plane * out_plane + oh * OW, W);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sparse full-precision convolution (stride 1, zero padding) at a list of output positions     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One output position: acc[o] = bias[o] + sum over channels and valid taps of w * x, with the
+ * weight laid out [C][KH][KW][O] so the inner loop over output channels is contiguous.  Up to 32
+ * output channels (a multiple of 8) stay in vector registers. */
+BZ_CLONES static void sparse_fconv_point(const float *restrict x, int64_t C, int64_t H, int64_t W,
+                                         const float *restrict w, const float *restrict bias, int64_t O,
+                                         int64_t KH, int64_t KW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,
+                                         int64_t oh, int64_t ow, float *restrict acc) {
+#if defined(__GNUC__)
+    if (O % 8 == 0 && O <= 32) {
+        const int nv = (int)(O / 8);
+        bz_v8f a[4];
+        for (int v = 0; v < nv; ++v) memcpy(&a[v], bias + 8 * v, sizeof a[v]);
+        for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh - PH + kh * DH;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t iw = ow - PW + kw * DW;
+                if (iw < 0 || iw >= W) continue;
+                const float *src = x + ih * W + iw;
+                const float *wt = w + (kh * KW + kw) * O;
+                for (int64_t c = 0; c < C; ++c) {
+                    const float v = src[c * H * W];
+                    const float *wc = wt + c * KH * KW * O;
+                    for (int q = 0; q < nv; ++q) {
+                        bz_v8f wv;
+                        memcpy(&wv, wc + 8 * q, sizeof wv);
+                        a[q] += wv * v;
+                    }
+                }
+            }
+        }
+        for (int v = 0; v < nv; ++v) memcpy(acc + 8 * v, &a[v], sizeof a[v]);
+        return;
+    }
+#endif
+    for (int64_t o = 0; o < O; ++o) acc[o] = bias[o];
+    for (int64_t c = 0; c < C; ++c) {
+        const float *plane = x + c * H * W;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh - PH + kh * DH;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t iw = ow - PW + kw * DW;
+                if (iw < 0 || iw >= W) continue;
+                const float v = plane[ih * W + iw];
+                const float *wt = w + ((c * KH + kh) * KW + kw) * O;
+                for (int64_t o = 0; o < O; ++o) acc[o] += wt[o] * v;
+            }
+        }
+    }
+}
+
+/* out[n][o][p] (zeroed by the caller) = conv(x)[n][o][p] (+ ReLU) at the flattened positions
+ * n*OH*OW + p; x [N][C][H][W], w [C][KH][KW][O]. */
+BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const float *w,
+                              const float *bias, int64_t O, int64_t KH, int64_t KW, int64_t PH, int64_t PW,
+                              int64_t DH, int64_t DW, int64_t OH, int64_t OW, int relu, const int64_t *positions,
+                              int64_t npos, float *out, int nthreads) {
+    if (N < 1 || C < 1 || O < 1 || O > 4096 || KH < 1 || KW < 1 || OH < 1 || OW < 1) return -1;
+    const int parallel = nthreads > 1 && (double)npos * (double)(C * KH * KW * O) >= BZ_CONV_PARALLEL_MIN;
+    (void)parallel;
+    int status = 0;
+#pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
+    {
+        float *acc = (float *)malloc(sizeof(float) * (size_t)O);
+        if (!acc) {
+#pragma omp atomic write
+            status = -2;
+        } else {
+            int64_t i;
+#pragma omp for schedule(static)
+            for (i = 0; i < npos; ++i) {
+                const int64_t pos = positions[i];
+                const int64_t n = pos / (OH * OW), pixel = pos % (OH * OW);
+                if (n < 0 || n >= N) continue;
+                sparse_fconv_point(x + n * C * H * W, C, H, W, w, bias, O, KH, KW, PH, PW, DH, DW, pixel / OW,
+                                   pixel % OW, acc);
+                float *dst = out + n * O * OH * OW + pixel;
+                for (int64_t o = 0; o < O; ++o) dst[o * OH * OW] = relu && !(acc[o] > 0.0f) ? 0.0f : acc[o];
+            }
+            free(acc);
+        }
+    }
+    return status;
 }
 
 /* ------------------------------------------------------------------------------------------ */
