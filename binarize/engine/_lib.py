@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -64,6 +64,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         _int, _ptr, _i64, _ptr, _int,  # relu, positions, npos, out, nthreads
     ]
     lib.bz_sparse_fconv.restype = _int
+    lib.bz_masked_add.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64]
+    lib.bz_masked_add.restype = _int
 
 
 def library() -> Optional[ctypes.CDLL]:

@@ -29,7 +29,7 @@ from torch import nn
 from binarize.engine import _lib
 from binarize.engine.functional import MAX_OPS, Epilogue, avg_pool2x2, pointwise, upsample2x
 from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
-from binarize.nn.blocks import MaskedBranch
+from binarize.nn.blocks import MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
 from binarize.ops.binarizers import LearnableBias, RPReLU
 
@@ -360,9 +360,13 @@ class SparseMaskedForward:
                 radius += (max(module.kernel_size) // 2) * dilation
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        branch = self.branch
-        branch.record_density(mask)
-        children = list(branch)
+        self.branch.record_density(mask)
+        x, _, _ = self._run(x, mask, len(self.branch))
+        return x * mask
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, stop: int) -> tuple:
+        """Children ``[0, stop)`` with the convolutions sparse; returns (x, active map, usable)."""
+        children = list(self.branch)
         for module in children[: self.conv_index]:
             x = module(x)
         active = mask != 0
@@ -370,7 +374,7 @@ class SparseMaskedForward:
         if usable:
             active = active.any(dim=1, keepdim=True)
         positions: Dict[int, torch.Tensor] = {}
-        for index in range(self.conv_index, len(children)):
+        for index in range(self.conv_index, stop):
             module = children[index]
             impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.forward
             sparse_ok = (usable and index in self.radius_after and tuple(module.stride) == (1, 1)
@@ -390,7 +394,81 @@ class SparseMaskedForward:
                     x = impl(x, positions=selected)
                     continue
             x = module(x)
-        return x * mask
+        return x, active, usable
+
+    def masked_add(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``body(x) * mask + dense`` computing the body's per-position tail (activations, shifts)
+        and the masked sum only at the mask's non-zero positions (the rest of ``dense`` is kept)."""
+        branch = self.branch
+        branch.record_density(mask)
+        stop = self.tail_start
+        if stop is None or mask.dim() != 4 or mask.shape[1] != 1 or dense.dim() != 4:
+            return self(x, mask) + dense
+        y, active, usable = self._run(x, mask, stop)
+        if not usable or y.shape != dense.shape or mask.shape[0] != y.shape[0]:
+            y = y if stop == len(branch) else nn.Sequential(*list(branch)[stop:])(y)
+            return y * mask + dense
+        n, c, h, w = y.shape
+        positions = torch.nonzero(mask.reshape(-1)).reshape(-1)
+        # the values at the positions as a [1, C, K, 1] map, so per-channel modules apply unchanged
+        columns = y.transpose(0, 1).reshape(c, n * h * w).index_select(1, positions)
+        columns = columns.view(1, c, -1, 1)
+        for module in list(branch)[stop:]:
+            columns = module(columns)
+        weights = mask.reshape(-1).index_select(0, positions)
+        out = dense.clone() if dense.data_ptr() == x.data_ptr() else dense.contiguous()
+        values = columns.reshape(c, -1)
+        lib = _lib.library()
+        if lib is not None and out.dtype == values.dtype == weights.dtype == torch.float32 and out.device.type == "cpu":
+            values, weights = values.contiguous(), weights.contiguous()
+            lib.bz_masked_add(out.data_ptr(), n, c, h * w, values.data_ptr(), weights.data_ptr(),
+                              positions.data_ptr(), positions.numel())
+            return out
+        batch, pixel = positions // (h * w), positions % (h * w)
+        flat = out.view(n, c, h * w)
+        # (body * mask) + dense, element by element as in the float model
+        flat[batch, :, pixel] = (values * weights).t() + flat[batch, :, pixel]
+        return out
+
+    @property
+    def tail_start(self) -> Optional[int]:
+        """Index after the branch's last convolution when every module after it is per-position
+        (elementwise activations, per-channel shifts / BatchNorm, fused pass-throughs), else None."""
+        if "_tail_start" not in self.__dict__:
+            children = list(self.branch)
+            last = max((i for i, m in enumerate(children) if isinstance(m, nn.Conv2d)), default=None)
+            ok = last is not None and all(_per_position(m) for m in children[last + 1:])
+            self.__dict__["_tail_start"] = last + 1 if ok else None
+        return self.__dict__["_tail_start"]
+
+
+_PER_POSITION = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.PReLU, nn.Identity, LearnableBias, nn.BatchNorm2d, RPReLU)
+
+
+def _per_position(module: nn.Module) -> bool:
+    """True for a module whose output at a pixel depends on that pixel alone, per channel."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, (Passthrough, PointwiseChainForward)):
+        return True
+    if type(module) is nn.BatchNorm2d:
+        return not module.training
+    if type(module) is LearnableBias:
+        return module.channel_dim == 1
+    if type(module) is RPReLU:
+        return module.channel_dim == 1
+    return type(module) in _PER_POSITION
+
+
+class SparsePairForward:
+    """Forward of a ``SparseAssistedPair`` whose masked branch is sparse: ``dense(x)`` plus the
+    masked branch added only at the mask's positions (no full-size product, sum or activation)."""
+
+    def __init__(self, pair: nn.Module) -> None:
+        self.pair = pair
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dense = self.pair.dense(x)
+        return self.pair.sparse.forward.masked_add(x, mask, dense)
 
 
 def _install_sparse(branch: MaskedBranch, name: str, report: DeployReport) -> None:
@@ -565,6 +643,10 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
         for name, module in model.named_modules():
             if isinstance(module, MaskedBranch):
                 _install_sparse(module, name, report)
+        for module in model.modules():
+            if type(module) is SparseAssistedPair and isinstance(module.sparse.__dict__.get("forward"),
+                                                                 SparseMaskedForward):
+                module.forward = SparsePairForward(module)
     if fuse:
         _install_resampling(model, report, options)
     return report

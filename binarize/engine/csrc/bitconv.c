@@ -114,7 +114,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 6; }
+BZ_EXPORT int bz_abi_version(void) { return 7; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -882,6 +882,25 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
         }
     }
     return status;
+}
+
+/* out[n][c][p] = vals[c][k] * weights[k] + out[n][c][p] at the K positions n*P + p (each listed
+ * once): the masked sum of a sparse-assisted pair, with the float model's rounding (product, then sum) */
+BZ_EXPORT int bz_masked_add(float *out, int64_t N, int64_t C, int64_t P, const float *vals, const float *weights,
+                            const int64_t *positions, int64_t K) {
+    if (N < 1 || C < 1 || P < 1 || K < 0) return -1;
+    for (int64_t c = 0; c < C; ++c) {
+        const float *v = vals + c * K;
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t pos = positions[k];
+            const int64_t n = pos / P;
+            if (n < 0 || n >= N) continue;
+            float *dst = out + (n * C + c) * P + pos % P;
+            const float product = v[k] * weights[k];
+            *dst = product + *dst;
+        }
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
