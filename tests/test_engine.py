@@ -543,3 +543,28 @@ def test_sparse_float_conv_kernel_matches_dense_conv_at_positions(cin, cout, k, 
     expected[:, positions] = dense.permute(1, 0, 2, 3).reshape(cout, -1)[:, positions]
     expected = expected.reshape(cout, 2, 7, 9).permute(1, 0, 2, 3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_sparse_pair_with_gate_activation_adds_only_inside_the_mask(backend):
+    from binarize.engine.fusion import SparsePairForward
+    from binarize.models.bimatting_decoder import binary_gate
+
+    torch.manual_seed(3)
+    pair = SparseAssistedPair(MaskedBranch(*binary_gate(10, 6, 3, nn.Sigmoid(), shift_after=True)),
+                              nn.Sequential(*binary_gate(10, 6, 1, nn.Sigmoid(), shift_after=True)))
+    pair = _randomize_stats(pair)
+    x = torch.randn(2, 10, 9, 11)
+    mask = torch.zeros(2, 1, 9, 11)
+    mask[0, :, 1:4, 2:7] = 0.25
+    mask[1, :, 5:, 6:] = 1.0
+    with torch.no_grad():
+        expected = pair(x, mask)
+        deployed = deploy(pair, backend=backend)
+        assert isinstance(deployed.__dict__["forward"], SparsePairForward)
+        got = deployed(x, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # outside the mask the pair is exactly its dense branch
+    with torch.no_grad():
+        dense = deployed.dense(x)
+    assert torch.equal(got * (mask == 0), dense * (mask == 0))
