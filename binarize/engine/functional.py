@@ -211,12 +211,14 @@ def binary_conv2d(
     out: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
     backend: str = "auto",
+    zero_rest: bool = True,
 ) -> torch.Tensor:
     """Binary convolution ``epilogue(conv(sign(x + input_bias), sign(W)))`` of a [N, C, H, W] input.
 
     Padded positions hold ``pad_value`` in the binarized domain: 0 (exact zero padding: they
     contribute nothing) or +-1.  ``positions`` (int64, flattened ``n*OH*OW + oh*OW + ow``) limits the
-    work to those outputs; the others keep the values of ``out`` (zeros when ``out`` is None).
+    work to those outputs; the others keep the values of ``out`` (zeros when ``out`` is None, left
+    uninitialized with ``zero_rest=False`` for callers that read only the listed outputs).
     ``backend``: "auto" (C when built), "c" or "torch".
     """
     if x.dim() != 4:
@@ -236,7 +238,7 @@ def binary_conv2d(
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
     epilogue = epilogue or Epilogue()
     if out is None:
-        allocate = torch.zeros if positions is not None else torch.empty
+        allocate = torch.zeros if positions is not None and zero_rest else torch.empty
         out = allocate(n, weights.out_channels, oh, ow, device=x.device)
     elif out.shape != (n, weights.out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, weights.out_channels, oh, ow)}")

@@ -234,10 +234,11 @@ class FoldedConv2dForward:
             for name in ("weight", "bias", "matrix", "tap_major", "channel_major"):
                 setattr(self, name, getattr(self, name).to(device))
 
-    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                 zero_rest: bool = True) -> torch.Tensor:
         self._follow(x.device)
         if positions is not None and x.dim() == 4 and self.groups == 1 and self.stride == (1, 1):
-            y = self._sparse_c(x, positions)
+            y = self._sparse_c(x, positions, zero_rest)
             if y is not None:
                 return y
             y = self._sparse(x, positions)
@@ -262,8 +263,9 @@ class FoldedConv2dForward:
                 and x.device.type == "cpu" and self.padding_mode == "zeros" and self.groups == 1
                 and self.stride == (1, 1))
 
-    def _sparse_c(self, x: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
-        """The sparse convolution by the C kernel (ReLU included), or None when it cannot run."""
+    def _sparse_c(self, x: torch.Tensor, positions: torch.Tensor, zero_rest: bool = True) -> Optional[torch.Tensor]:
+        """The sparse convolution by the C kernel (ReLU included), or None when it cannot run;
+        outputs off ``positions`` are 0, or uninitialized with ``zero_rest=False``."""
         if not self.sparse_in_c(x):
             return None
         n, c, h, w = x.shape
@@ -273,7 +275,7 @@ class FoldedConv2dForward:
         ow = w + left + right - self.dilation[1] * (kw - 1)
         x = x.contiguous()
         positions = positions.to(torch.int64).contiguous()
-        out = x.new_zeros(n, out_channels, oh, ow)
+        out = x.new_zeros(n, out_channels, oh, ow) if zero_rest else x.new_empty(n, out_channels, oh, ow)
         status = _lib.library().bz_sparse_fconv(
             x.data_ptr(), n, c, h, w, self.channel_major.data_ptr(), self.bias.data_ptr(), out_channels, kh, kw,
             top, left, self.dilation[0], self.dilation[1], oh, ow, int(self.relu), positions.data_ptr(),
@@ -364,8 +366,11 @@ class SparseMaskedForward:
         x, _, _ = self._run(x, mask, len(self.branch))
         return x * mask
 
-    def _run(self, x: torch.Tensor, mask: torch.Tensor, stop: int) -> tuple:
-        """Children ``[0, stop)`` with the convolutions sparse; returns (x, active map, usable)."""
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, stop: int, gathered: bool = False) -> tuple:
+        """Children ``[0, stop)`` with the convolutions sparse; returns (x, active map, usable).
+
+        ``gathered``: the caller reads the result only at the mask's positions, so the last
+        convolution (at ``stop - 1``) need not zero the outputs it skips."""
         children = list(self.branch)
         for module in children[: self.conv_index]:
             x = module(x)
@@ -391,7 +396,7 @@ class SparseMaskedForward:
                 else:
                     limit = SPARSE_LIMIT_FOLDED_C if impl.sparse_in_c(x) else SPARSE_LIMIT_FOLDED
                 if selected.numel() <= limit * active.numel():
-                    x = impl(x, positions=selected)
+                    x = impl(x, positions=selected, zero_rest=not (gathered and index == stop - 1))
                     continue
             x = module(x)
         return x, active, usable
@@ -404,10 +409,10 @@ class SparseMaskedForward:
         stop = self.tail_start
         if stop is None or mask.dim() != 4 or mask.shape[1] != 1 or dense.dim() != 4:
             return self(x, mask) + dense
-        y, active, usable = self._run(x, mask, stop)
-        if not usable or y.shape != dense.shape or mask.shape[0] != y.shape[0]:
-            y = y if stop == len(branch) else nn.Sequential(*list(branch)[stop:])(y)
-            return y * mask + dense
+        usable = mask.shape[0] == x.shape[0] and mask.shape[-2:] == x.shape[-2:] and x.dim() == 4
+        y, active, usable = self._run(x, mask, stop, gathered=usable)
+        if not usable or y.shape != dense.shape:
+            return self(x, mask) + dense  # not the shapes of a sparse-assisted pair: the plain sum
         n, c, h, w = y.shape
         positions = torch.nonzero(mask.reshape(-1)).reshape(-1)
         # the values at the positions as a [1, C, K, 1] map, so per-channel modules apply unchanged

@@ -202,10 +202,12 @@ class PackedConv2d:
         self.bias = None
         self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops)
 
-    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                 zero_rest: bool = True) -> torch.Tensor:
         """The layer's output (and the fused tail's) for x [N, C, H, W] or [C, H, W].
 
-        ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs; the rest are 0.
+        ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs; the rest are 0
+        (uninitialized with ``zero_rest=False``, for callers that read only those outputs).
         """
         unbatched = x.dim() == 3
         if unbatched:
@@ -219,7 +221,7 @@ class PackedConv2d:
         y = binary_conv2d(x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
                           padding=padding, dilation=self.dilation, pad_value=self.pad_value,
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
-                          backend=self.backend)
+                          backend=self.backend, zero_rest=zero_rest or positions is None)
         if self.spec.sample_scale:
             shifted = x if self.spec.bias is None else x + self.spec.bias.to(x.device).view(1, -1, 1, 1)
             y = y * shifted.float().abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
