@@ -570,6 +570,28 @@ class ResampleForward:
             return avg_pool2x2(x.contiguous(), self.num_threads, self.backend)
         return upsample2x(x.contiguous(), self.num_threads, self.backend)
 
+    def concat(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``cat([up(x) cropped to the skips' size, *skips], dim=1)`` with the up-sampled map written
+        straight into the concatenation (the decoder's ``upsample_concat`` hook)."""
+        height, width = skips[-1].shape[-2:]
+        lib = _lib.library() if self.backend != "torch" else None
+        n, c, h, w = x.shape
+        if (lib is None or 2 * h != height or 2 * w != width or x.dtype != torch.float32 or x.device.type != "cpu"
+                or any(s.dim() != 4 or s.shape[0] != n or s.shape[-2:] != (height, width) for s in skips)):
+            return torch.cat([self(x)[:, :, :height, :width], *skips], dim=1)
+        x = x.contiguous()
+        out = x.new_empty(n, c + sum(s.shape[1] for s in skips), height, width)
+        threads = self.num_threads or torch.get_num_threads()
+        for sample in range(n):
+            status = lib.bz_upsample2x(x[sample].data_ptr(), out[sample].data_ptr(), c, h, w, height * width, threads)
+            if status != 0:
+                raise RuntimeError(f"bz_upsample2x rejected its arguments (status {status})")
+        start = c
+        for skip in skips:
+            out[:, start:start + skip.shape[1]].copy_(skip)
+            start += skip.shape[1]
+        return out
+
 
 def _as_pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
@@ -596,6 +618,8 @@ def _install_resampling(model: nn.Module, report: DeployReport, options: dict) -
         kind = _resample_kind(module)
         if kind is not None:
             module.forward = ResampleForward(kind, **options)
+            if kind == "upsample":
+                module.upsample_concat = module.forward.concat
             report.resampling.append(name)
 
 

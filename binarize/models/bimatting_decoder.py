@@ -155,6 +155,9 @@ class BottleneckBlock(nn.Module):
 def _upsample_concat(upsample: nn.Module, x: Tensor, skips: Sequence[Tensor]) -> Tensor:
     """Upsample ``x`` ([B, T, C, h, w]) 2x, crop to the skips' size and concatenate (flattened [BT, ...])."""
     height, width = skips[-1].shape[-2:]
+    fused = getattr(upsample, "upsample_concat", None)  # set by binarize.engine.deploy (one pass, no copy)
+    if fused is not None:
+        return fused(x.flatten(0, 1), [s.flatten(0, 1) for s in skips])
     x = upsample(x.flatten(0, 1))[:, :, :height, :width]
     return torch.cat([x, *[s.flatten(0, 1) for s in skips]], dim=1)
 
