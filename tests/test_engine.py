@@ -568,3 +568,14 @@ def test_sparse_pair_with_gate_activation_adds_only_inside_the_mask(backend):
     with torch.no_grad():
         dense = deployed.dense(x)
     assert torch.equal(got * (mask == 0), dense * (mask == 0))
+
+
+def test_keep_freed_memory_is_idempotent_on_glibc():
+    import platform
+
+    from binarize.engine import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True
