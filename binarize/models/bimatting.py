@@ -16,7 +16,6 @@ import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +23,7 @@ from binarize.models.bimatting_decoder import Projection, SparseRecurrentDecoder
 from binarize.models.bimobilenet import BiMobileNet
 from binarize.models.checkpoint import load_official
 from binarize.models.registry import register_model
+from binarize.models.rvm_decoder import DeepGuidedFilterRefiner
 from binarize.nn.blocks import shifted_binary_conv
 
 __all__ = [
@@ -61,7 +61,7 @@ class BinaryLRASPP(nn.Module):
         return self.aspp1(x) * self.aspp2(x)
 
 
-class BinaryDeepGuidedFilterRefiner(nn.Module):
+class BinaryDeepGuidedFilterRefiner(DeepGuidedFilterRefiner):
     """Deep Guided Filter (Wu et al., CVPR 2018, as used by RVM) with a binary coefficient network.
 
     On the low-resolution pass: box-filtered means of the image x (RGB + grey) and of the output y
@@ -71,40 +71,13 @@ class BinaryDeepGuidedFilterRefiner(nn.Module):
     are binary, its last conv (24 -> 16 -> 16 -> 4 outputs) stays full precision.
     """
 
-    def __init__(self, hid_channels: int = 16) -> None:
-        super().__init__()
-        self.box_filter = nn.Conv2d(4, 4, kernel_size=3, padding=1, bias=False, groups=4)
-        with torch.no_grad():
-            self.box_filter.weight.fill_(1.0 / 9.0)
-        self.conv = nn.Sequential(
+    @staticmethod
+    def coefficient_net(hid_channels: int) -> nn.Sequential:
+        return nn.Sequential(
             *binary_unit(4 * 2 + hid_channels, hid_channels, 1),
             *binary_unit(hid_channels, hid_channels, 1),
             nn.Conv2d(hid_channels, 4, kernel_size=1, bias=True),
         )
-
-    def forward(self, fine_src: Tensor, base_src: Tensor, base_fgr: Tensor, base_pha: Tensor,
-                base_hid: Tensor) -> Tuple[Tensor, Tensor]:
-        """All inputs ``[B, T, C, H, W]`` (fine at full, base at low resolution) -> (fgr, pha)."""
-        batch, time = fine_src.shape[:2]
-        fgr, pha = self.refine_frames(*[t.flatten(0, 1) for t in (fine_src, base_src, base_fgr, base_pha, base_hid)])
-        return fgr.unflatten(0, (batch, time)), pha.unflatten(0, (batch, time))
-
-    def refine_frames(self, fine_src: Tensor, base_src: Tensor, base_fgr: Tensor, base_pha: Tensor,
-                      base_hid: Tensor) -> Tuple[Tensor, Tensor]:
-        fine_x = torch.cat([fine_src, fine_src.mean(1, keepdim=True)], dim=1)
-        base_x = torch.cat([base_src, base_src.mean(1, keepdim=True)], dim=1)
-        base_y = torch.cat([base_fgr, base_pha], dim=1)
-        mean_x = self.box_filter(base_x)
-        mean_y = self.box_filter(base_y)
-        cov_xy = self.box_filter(base_x * base_y) - mean_x * mean_y
-        var_x = self.box_filter(base_x * base_x) - mean_x * mean_x
-        slope = self.conv(torch.cat([cov_xy, var_x, base_hid], dim=1))
-        offset = mean_y - slope * mean_x
-        size = fine_src.shape[2:]
-        slope = F.interpolate(slope, size, mode="bilinear", align_corners=False)
-        offset = F.interpolate(offset, size, mode="bilinear", align_corners=False)
-        fgr, pha = (slope * fine_x + offset).split([3, 1], dim=1)
-        return fgr, pha
 
 
 class BiMatting(nn.Module):

@@ -180,14 +180,20 @@ class Projection(nn.Module):
 class DeepGuidedFilterRefiner(nn.Module):
     """Deep Guided Filter (Wu et al., CVPR 2018) as used by RVM: local linear coefficients A, b
     computed at low resolution from box-filtered statistics and the hidden features, upsampled
-    bilinearly and applied to the full-resolution image."""
+    bilinearly and applied to the full-resolution image. Subclasses change only the coefficient
+    network (``coefficient_net``), e.g. BiMatting's binary one."""
 
     def __init__(self, hid_channels: int = 16):
         super().__init__()
         self.box_filter = nn.Conv2d(4, 4, kernel_size=3, padding=1, bias=False, groups=4)
         with torch.no_grad():
             self.box_filter.weight.fill_(1.0 / 9.0)
-        self.conv = nn.Sequential(
+        self.conv = self.coefficient_net(hid_channels)
+
+    @staticmethod
+    def coefficient_net(hid_channels: int) -> nn.Sequential:
+        """Maps ``[cov_xy, var_x, hid]`` (4 + 4 + hid channels) to the 4 slopes A."""
+        return nn.Sequential(
             *_conv_bn_relu(4 * 2 + hid_channels, hid_channels, 1),
             *_conv_bn_relu(hid_channels, hid_channels, 1),
             nn.Conv2d(hid_channels, 4, kernel_size=1, bias=True),
@@ -198,9 +204,12 @@ class DeepGuidedFilterRefiner(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         """All inputs [B, T, C, H, W]; returns refined (fgr residual, alpha) at the fine size."""
         b, t = fine_src.shape[:2]
-        fine_src, base_src, base_fgr, base_pha, base_hid = (
-            v.flatten(0, 1) for v in (fine_src, base_src, base_fgr, base_pha, base_hid)
-        )
+        fgr, pha = self.refine_frames(*(v.flatten(0, 1) for v in (fine_src, base_src, base_fgr, base_pha, base_hid)))
+        return fgr.unflatten(0, (b, t)), pha.unflatten(0, (b, t))
+
+    def refine_frames(self, fine_src: Tensor, base_src: Tensor, base_fgr: Tensor, base_pha: Tensor,
+                      base_hid: Tensor) -> Tuple[Tensor, Tensor]:
+        """The same on frames ``[N, C, H, W]``."""
         fine_x = torch.cat([fine_src, fine_src.mean(1, keepdim=True)], dim=1)
         base_x = torch.cat([base_src, base_src.mean(1, keepdim=True)], dim=1)
         base_y = torch.cat([base_fgr, base_pha], dim=1)
@@ -208,10 +217,10 @@ class DeepGuidedFilterRefiner(nn.Module):
         mean_y = self.box_filter(base_y)
         cov_xy = self.box_filter(base_x * base_y) - mean_x * mean_y
         var_x = self.box_filter(base_x * base_x) - mean_x * mean_x
-        a = self.conv(torch.cat([cov_xy, var_x, base_hid], dim=1))
-        bias = mean_y - a * mean_x
+        slope = self.conv(torch.cat([cov_xy, var_x, base_hid], dim=1))
+        offset = mean_y - slope * mean_x
         size = fine_src.shape[2:]
-        a = F.interpolate(a, size, mode="bilinear", align_corners=False)
-        bias = F.interpolate(bias, size, mode="bilinear", align_corners=False)
-        fgr, pha = (a * fine_x + bias).split([3, 1], dim=1)
-        return fgr.unflatten(0, (b, t)), pha.unflatten(0, (b, t))
+        slope = F.interpolate(slope, size, mode="bilinear", align_corners=False)
+        offset = F.interpolate(offset, size, mode="bilinear", align_corners=False)
+        fgr, pha = (slope * fine_x + offset).split([3, 1], dim=1)
+        return fgr, pha
