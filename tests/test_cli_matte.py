@@ -183,13 +183,13 @@ def test_real_bimatting_through_the_cli_matches_direct_calls(tmp_path, capsys, e
 
     make_video(tmp_path / "clip.mp4", n=3, w=40, h=32, audio=None)
     torch.manual_seed(123)
-    code = matte(tmp_path / "clip.mp4", "-m", "bimatting", "--alpha", tmp_path / "pha", "--output-type",
-                 "png_sequence", "--engine", engine, "--seq-chunk", "2", "--no-progress")
+    model = binarize.create_model("bimatting").eval()
+    checkpoint = binarize.save(model, tmp_path / "bimatting.safetensors")
+    code = matte(tmp_path / "clip.mp4", "-m", "bimatting", "--checkpoint", checkpoint, "--alpha", tmp_path / "pha",
+                 "--output-type", "png_sequence", "--engine", engine, "--seq-chunk", "2", "--no-progress")
     assert code == 0, capsys.readouterr().err
     alpha = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "pha").iterdir())]).astype(int)
 
-    torch.manual_seed(123)
-    model = binarize.create_model("bimatting").eval()
     if engine == "packed":
         model = binarize.deploy(model)
     with open_source(tmp_path / "clip.mp4") as source:
