@@ -9,7 +9,7 @@ implementation never changes structure, names or state_dict keys.
 ops may not import nn) and re-exported here.
 """
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,19 @@ class _BinaryLayerMixin:
         return f"method={self.method}, pad_value={self.pad_value:g}, implementation={self.implementation}"
 
 
+_Layer = TypeVar("_Layer", bound=nn.Module)
+
+
+def _copy_parameters(source: nn.Module, layer: _Layer) -> _Layer:
+    """Copy ``source``'s weight (and bias, if any) into ``layer``, keeping ``requires_grad``."""
+    with torch.no_grad():
+        layer.weight.copy_(source.weight)
+        if source.bias is not None:
+            layer.bias.copy_(source.bias)
+    layer.weight.requires_grad_(source.weight.requires_grad)
+    return layer
+
+
 class BinaryConv2d(_BinaryLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` with binarized input and weights.
 
@@ -158,12 +171,7 @@ class BinaryConv2d(_BinaryLayerMixin, nn.Conv2d):
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
                     module.dilation, module.groups, module.bias is not None, module.padding_mode,
                     device=module.weight.device, dtype=module.weight.dtype, method=method, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        layer.weight.requires_grad_(module.weight.requires_grad)
-        return layer
+        return _copy_parameters(module, layer)
 
     def to_float(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` with this layer's configuration and a copy of its latent weights."""
@@ -219,12 +227,7 @@ class BinaryLinear(_BinaryLayerMixin, nn.Linear):
             raise ValueError(f"BinaryLinear.from_float expects an nn.Linear, got {type(module).__name__}")
         layer = cls(module.in_features, module.out_features, module.bias is not None,
                     device=module.weight.device, dtype=module.weight.dtype, method=method, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        layer.weight.requires_grad_(module.weight.requires_grad)
-        return layer
+        return _copy_parameters(module, layer)
 
     def to_float(self) -> nn.Linear:
         """The plain ``nn.Linear`` with a copy of this layer's latent weights."""
