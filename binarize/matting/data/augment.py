@@ -281,7 +281,20 @@ def gaussian_blur(img: Tensor, kernel_size: int, sigma: float) -> Tensor:
 
 # ----------------------------------------------------------------------------- the recipe
 
-class MotionAugmentation:
+class SeededRandom:
+    """Mixin for classes drawing from ``self.rng`` (a ``random.Random``) or, when it is None, from
+    the ``random`` module, which is not stored on the instance so that it pickles for spawned
+    DataLoader workers."""
+
+    rng: Optional[random.Random] = None
+
+    @property
+    def random(self) -> Any:
+        """The generator in use."""
+        return self.rng if self.rng is not None else random
+
+
+class MotionAugmentation(SeededRandom):
     """RVM's video matting augmentation of ``(fgr [T,3,H,W], pha [T,1,H,W], bgr [T,3,H,W])``.
 
     In order, each with its probability: foreground motion affine; background motion affine (p/2)
@@ -310,12 +323,6 @@ class MotionAugmentation:
         self.static_affine = static_affine
         self.aspect_ratio_range = aspect_ratio_range
         self.rng: Optional[random.Random] = rng
-
-    @property
-    def random(self) -> Any:
-        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
-        instance, so that it pickles for spawned DataLoader workers)."""
-        return self.rng if self.rng is not None else random
 
     # presets (RVM's VideoMatteTrainAugmentation / ImageMatteAugmentation / valid)
     @classmethod
@@ -455,19 +462,13 @@ class MotionAugmentation:
         return out
 
 
-class TrainFrameSampler:
+class TrainFrameSampler(SeededRandom):
     """Frame offsets of a training sequence: a random speed (0.5x-5x, frame-rate change), a random
     shift and, half of the time, reversed (RVM)."""
 
     def __init__(self, speeds: Sequence[float] = (0.5, 1, 2, 3, 4, 5), rng: Optional[random.Random] = None):
         self.speeds = tuple(speeds)
         self.rng: Optional[random.Random] = rng
-
-    @property
-    def random(self) -> Any:
-        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
-        instance, so that it pickles for spawned DataLoader workers)."""
-        return self.rng if self.rng is not None else random
 
     def __call__(self, seq_length: int) -> List[int]:
         speed = self.random.choice(self.speeds)

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from binarize.matting.data.augment import SeededRandom
 from binarize.matting.data.imageio import list_images, list_subdirs
 
 __all__ = ["BackgroundImageDataset", "BackgroundVideoDataset", "BackgroundSource", "load_image", "VIDEO_EXTENSIONS"]
@@ -170,7 +171,7 @@ class BackgroundVideoDataset(Dataset):
         return self.frames(index, range(self.seq_length))
 
 
-class BackgroundSource:
+class BackgroundSource(SeededRandom):
     """Random backgrounds for a training sequence: with probability 0.5 a still image repeated over
     the sequence, otherwise consecutive frames of a random video from a random start (RVM)."""
 
@@ -181,12 +182,6 @@ class BackgroundSource:
         self.images = BackgroundImageDataset(background_image_dir, short_side) if background_image_dir else None
         self.videos = BackgroundVideoDataset(background_video_dir, 1, short_side) if background_video_dir else None
         self.rng: Optional[random.Random] = rng
-
-    @property
-    def random(self) -> Any:
-        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
-        instance, so that it pickles for spawned DataLoader workers)."""
-        return self.rng if self.rng is not None else random
 
     def __len__(self) -> int:
         return (len(self.images) if self.images else 0) + (len(self.videos) if self.videos else 0)

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from binarize.matting.data.augment import (
+    SeededRandom,
     ValidFrameSampler,
     adjust_brightness,
     adjust_contrast,
@@ -56,7 +57,7 @@ COCO_PERSON_CATEGORIES = (1, 27, 32)  # person, backpack, tie
 YOUTUBEVIS_PERSON_CATEGORY = 26
 
 
-class SegmentationAugmentation:
+class SegmentationAugmentation(SeededRandom):
     """Augmentation of ``(img [T,3,H,W], seg [T,1,H,W])`` with one draw shared by all frames.
 
     Presets follow RVM: ``coco_train`` (affine +-20 deg, shift 0.1, shear 10; crop area 0.5-1, ratio
@@ -78,12 +79,6 @@ class SegmentationAugmentation:
         self.prob_grayscale, self.prob_hflip = prob_grayscale, prob_hflip
         self.seg_mode = seg_mode
         self.rng: Optional[random.Random] = rng
-
-    @property
-    def random(self) -> Any:
-        """The generator in use: ``rng`` if one was given, else the ``random`` module (not stored on the
-        instance, so that it pickles for spawned DataLoader workers)."""
-        return self.rng if self.rng is not None else random
 
     @classmethod
     def coco_train(cls, size: Any, **kw) -> SegmentationAugmentation:
