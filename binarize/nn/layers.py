@@ -100,7 +100,8 @@ _Layer = TypeVar("_Layer", bound=nn.Module)
 
 
 def _copy_parameters(source: nn.Module, layer: _Layer) -> _Layer:
-    """Copy ``source``'s weight (and bias, if any) into ``layer``, keeping ``requires_grad``."""
+    """Copy ``source``'s weight (and bias, if any) into ``layer``, keeping the weight's
+    ``requires_grad`` (both directions: from_float and to_float)."""
     with torch.no_grad():
         layer.weight.copy_(source.weight)
         if source.bias is not None:
@@ -179,11 +180,7 @@ class BinaryConv2d(_BinaryLayerMixin, nn.Conv2d):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return _copy_parameters(self, conv)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._binary_repr()
@@ -233,11 +230,7 @@ class BinaryLinear(_BinaryLayerMixin, nn.Linear):
         """The plain ``nn.Linear`` with a copy of this layer's latent weights."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _copy_parameters(self, linear)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._binary_repr()
