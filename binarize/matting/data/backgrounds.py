@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from binarize.matting.data.augment import SeededRandom
+from binarize.matting.data.augment import SeededRandom, ValidFrameSampler, to_size
 from binarize.matting.data.imageio import list_images, list_subdirs
 
 __all__ = ["BackgroundImageDataset", "BackgroundVideoDataset", "BackgroundSource", "load_image", "VIDEO_EXTENSIONS"]
@@ -195,3 +195,19 @@ class BackgroundSource(SeededRandom):
         count = self.videos.frame_count(clip)
         start = self.random.randrange(max(1, count - seq_length))
         return self.videos.frames(clip, seq_sampler(seq_length), start)
+
+
+def setup_sequences(dataset: Any, size: Any, seq_length: int, seq_sampler: Optional[Callable[[int], Any]],
+                    transform: Optional[Callable[..., Any]], default_transform: Callable[[Any], Any],
+                    background_image_dir: Optional[PathLike], background_video_dir: Optional[PathLike]) -> None:
+    """The sampling set-up shared by the matte datasets composited on backgrounds: output size,
+    frames per sample, frame sampler, transform (``default_transform(size)`` when None) and the
+    background source (whose frames are shrunk to the output's long side)."""
+    if int(seq_length) < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    dataset.size = to_size(size)
+    dataset.short_side = max(dataset.size)
+    dataset.seq_length = int(seq_length)
+    dataset.seq_sampler = seq_sampler if seq_sampler is not None else ValidFrameSampler()
+    dataset.transform = transform if transform is not None else default_transform(dataset.size)
+    dataset.backgrounds = BackgroundSource(background_image_dir, background_video_dir, dataset.short_side)

@@ -17,8 +17,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from binarize.matting.data.augment import MotionAugmentation, ValidFrameSampler, to_size
-from binarize.matting.data.backgrounds import BackgroundSource, load_image
+from binarize.matting.data.augment import MotionAugmentation
+from binarize.matting.data.backgrounds import load_image, setup_sequences
 from binarize.matting.data.imageio import list_images
 
 __all__ = ["ImageMatteDataset", "ImageMatteAugmentation"]
@@ -57,14 +57,8 @@ class ImageMatteDataset(Dataset):
             self.items += [(root, n) for n in names]
         if not self.items:
             raise ValueError(f"no image mattes found in {', '.join(map(str, roots))}")
-        if int(seq_length) < 1:
-            raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-        self.size = to_size(size)
-        self.short_side = max(self.size)
-        self.seq_length = int(seq_length)
-        self.seq_sampler = seq_sampler if seq_sampler is not None else ValidFrameSampler()
-        self.transform = transform if transform is not None else ImageMatteAugmentation(self.size)
-        self.backgrounds = BackgroundSource(background_image_dir, background_video_dir, self.short_side)
+        setup_sequences(self, size, seq_length, seq_sampler, transform, ImageMatteAugmentation,
+                        background_image_dir, background_video_dir)
 
     def __len__(self) -> int:
         return max(len(self.items), len(self.backgrounds))

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from binarize.matting.data.augment import MotionAugmentation, ValidFrameSampler, to_size
-from binarize.matting.data.backgrounds import BackgroundSource, load_image
+from binarize.matting.data.augment import MotionAugmentation
+from binarize.matting.data.backgrounds import load_image, setup_sequences
 from binarize.matting.data.imageio import list_images, list_subdirs
 
 __all__ = ["VideoMatteDataset", "VideoMatteTrainAugmentation", "VideoMatteValidAugmentation"]
@@ -72,14 +72,8 @@ class VideoMatteDataset(Dataset):
             if missing:
                 raise ValueError(f"clip {clip}: no alpha for {missing[:3]} in {self.root / 'pha' / clip}")
             self.frames.append(names)
-        if int(seq_length) < 1:
-            raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-        self.size = to_size(size)
-        self.short_side = max(self.size)
-        self.seq_length = int(seq_length)
-        self.seq_sampler = seq_sampler if seq_sampler is not None else ValidFrameSampler()
-        self.transform = transform if transform is not None else VideoMatteValidAugmentation(self.size)
-        self.backgrounds = BackgroundSource(background_image_dir, background_video_dir, self.short_side)
+        setup_sequences(self, size, seq_length, seq_sampler, transform, VideoMatteValidAugmentation,
+                        background_image_dir, background_video_dir)
         self.index = [(c, start) for c in range(len(self.clips)) for start in range(0, len(self.frames[c]), self.seq_length)]
 
     def __len__(self) -> int:
