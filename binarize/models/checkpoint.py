@@ -46,7 +46,7 @@ import os
 import pathlib
 import warnings
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -73,13 +73,12 @@ _SIGNS = ":signs"
 _SCALE = ":scale"
 _ROWS = ":rows"
 _LATENT = ":latent_rows"
-# parameters that exist only for key compatibility and that no forward reads (official BiMatting's
-# channel_threshold); a compact file does not store them and a reload keeps the model's own values
-_VESTIGIAL_SUFFIXES = (".channel_threshold",)
-
-
-def _is_vestigial(key: str) -> bool:
-    return ("." + key).endswith(_VESTIGIAL_SUFFIXES)
+def vestigial_keys(model: nn.Module) -> Set[str]:
+    """State-dict keys of parameters a layer declares vestigial (``vestigial_parameters``: kept for
+    strict loading of official checkpoints, never read by the forward): not stored in compact files,
+    a reload keeps the model's own values."""
+    return {f"{name}.{p}" if name else p for name, module in model.named_modules()
+            for p in getattr(module, "vestigial_parameters", ()) if p in module._parameters}
 _MAX_LISTED = 5
 
 
@@ -379,8 +378,9 @@ def compact_state(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any], 
     tensors: Dict[str, Tensor] = {}
     binary: Dict[str, Any] = {}
     fallback: List[str] = []
+    skipped = vestigial_keys(model)
     for key, value in model.state_dict().items():
-        if _is_vestigial(key):
+        if key in skipped:
             continue
         if key in layers:
             encoded = _encode_binary(layers[key])
@@ -553,9 +553,8 @@ def load_compact_into(model: nn.Module, path: PathLike) -> nn.Module:
     for key in binary:
         if key in current:
             state[key] = current[key]  # placeholder of the right shape, replaced below
-    for key in current:
-        if _is_vestigial(key) and key not in state:
-            state[key] = current[key]  # not stored: never read by the forward
+    for key in vestigial_keys(model) - set(state):
+        state[key] = current[key]  # not stored: never read by the forward
     check_state_dict(model, state, str(weights))
     layers = binary_weight_layers(model)
     not_binary = [k for k in binary if k not in layers]

@@ -27,6 +27,9 @@ class _BinaryLayerMixin:
     """Shared plumbing: binarizers from a method, precision properties, implementation switch."""
 
     __jit_unused_properties__ = ["input_bits", "weight_bits"]
+    # parameters kept only so official checkpoints load strictly; no forward reads them, so compact
+    # checkpoints do not store them (official BiMatting's channel_threshold)
+    vestigial_parameters = ("channel_threshold",)
 
     def _setup_binary(
         self,
