@@ -601,7 +601,7 @@ def measure_latency(
         raise ValueError(f"measure_latency: runs must be >= 1, got {runs}")
     inputs = _normalize_inputs(example_inputs)
     times = []
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.no_grad():
         for _ in range(warmup + runs):
             start = timer()
             model(*inputs, **forward_kwargs)

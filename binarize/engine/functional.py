@@ -20,7 +20,7 @@ from binarize.engine import _lib
 
 OUT_BLOCK = 8  # output channels interleaved in the packed weights (OB in bitconv.c)
 PAD_MODES = {0.0: 0, 1.0: 1, -1.0: -1}
-OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4}
+OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4, "residual": 5}
 MAX_OPS = 8
 
 Pair = Tuple[int, int]
@@ -85,7 +85,8 @@ class Epilogue:
     """Per-output-channel float work fused after the integer dot product.
 
     ``y = dot * scale + shift`` (two roundings, no FMA), then each op of ``ops`` in order:
-    ("add", v), ("mul", v), ("prelu", slope) with per-channel vectors, or ("relu", None).
+    ("add", v), ("mul", v), ("prelu", slope) with per-channel vectors, ("relu", None), or
+    ("residual", None): add the float map passed to the conv as ``residual`` (a shortcut).
     """
 
     scale: Optional[torch.Tensor] = None
@@ -113,7 +114,8 @@ class Epilogue:
             self._c_args = (len(self.ops), codes, pointers)
         return self._c_args
 
-    def apply_torch(self, dot: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    def apply_torch(self, dot: torch.Tensor, channel_dim: int = 1,
+                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The same arithmetic as the C epilogue, on a float tensor of dot products."""
         shape = [1] * dot.dim()
         shape[channel_dim] = -1
@@ -133,6 +135,8 @@ class Epilogue:
                 y = y * vec(arg)
             elif name == "prelu":
                 y = torch.where(y >= 0, y, y * vec(arg))
+            elif name == "residual":
+                y = y + _repeat_channels(residual, y.shape[1])
             else:
                 y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y
@@ -148,6 +152,14 @@ class Epilogue:
         clone = Epilogue.__new__(Epilogue)
         clone.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
         return clone
+
+
+def _repeat_channels(residual: Optional[torch.Tensor], channels: int) -> torch.Tensor:
+    """The residual operand for ``channels`` outputs: output channel o reads channel o % RC."""
+    if residual is None:
+        raise ValueError("the epilogue has a 'residual' op but no residual tensor was given")
+    repeats = channels // residual.shape[1]
+    return residual if repeats == 1 else residual.repeat(1, repeats, 1, 1)
 
 
 def _vector(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -197,6 +209,18 @@ def pack_activations(x: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
     return out[:-1].view(n, h * w, groups, words_per_group)
 
 
+def pack_activations_torch(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``pack_activations`` (one group) without the compiled library: the same int64 words."""
+    n, c, h, w = x.shape
+    if bias is not None:
+        x = x + _vector(bias).to(x.device).view(1, -1, 1, 1)
+    words = math.ceil(c / 64)
+    bits = (x >= 0).permute(0, 2, 3, 1).reshape(n, h * w, c).cpu()
+    bits = F.pad(bits, (0, words * 64 - c))
+    packed = np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
+    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64)).reshape(n, h * w, 1, words)
+
+
 def binary_conv2d(
     x: torch.Tensor,
     weights: PackedWeights,
@@ -212,6 +236,10 @@ def binary_conv2d(
     num_threads: Optional[int] = None,
     backend: str = "auto",
     zero_rest: bool = True,
+    residual: Optional[torch.Tensor] = None,
+    packed_input: Optional[torch.Tensor] = None,
+    output_bits: Optional[torch.Tensor] = None,
+    output_bits_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Binary convolution ``epilogue(conv(sign(x + input_bias), sign(W)))`` of a [N, C, H, W] input.
 
@@ -220,6 +248,13 @@ def binary_conv2d(
     work to those outputs; the others keep the values of ``out`` (zeros when ``out`` is None, left
     uninitialized with ``zero_rest=False`` for callers that read only the listed outputs).
     ``backend``: "auto" (C when built), "c" or "torch".
+
+    Fusion with neighbours (C backend; the torch backend gives the same floats):
+    ``residual`` [N, RC, OH, OW] (RC divides the output channels) is the operand of the epilogue's
+    ("residual", None) ops; ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
+    (skips packing; ``x`` still gives the shape); ``output_bits`` (int64, ``N * OH*OW *
+    ceil(O/64)`` words, dense calls without groups) receives the output packed again for the next
+    binary layer, bit = ``y + output_bits_bias >= 0``.  Returns the float output.
     """
     if x.dim() != 4:
         raise ValueError(f"binary_conv2d expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
@@ -248,19 +283,52 @@ def binary_conv2d(
         raise ValueError(f"the C kernels run on the CPU; the input is on {x.device}")
     # the kernels read CPU memory; tensors on other devices take the (same-result) torch path
     use_c = x.device.type == "cpu" and (backend == "c" or (backend == "auto" and _lib.library() is not None))
-    args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out)
+    if residual is not None:
+        if residual.shape[0] != n or residual.shape[2:] != (oh, ow) or weights.out_channels % residual.shape[1]:
+            raise ValueError(f"residual of shape {tuple(residual.shape)} does not fit the output "
+                             f"{(n, weights.out_channels, oh, ow)}")
+        residual = residual.float().contiguous()
+    elif any(name == "residual" for name, _ in epilogue.ops):
+        raise ValueError("the epilogue has a 'residual' op but no residual tensor was given")
+    if output_bits is not None and (positions is not None or groups != 1):
+        raise ValueError("output_bits needs a dense call (no positions) without groups")
+    args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual)
     if use_c:
-        return _conv_c(*args, num_threads=_num_threads(num_threads))
-    return _conv_torch(*args)
+        return _conv_c(*args, num_threads=_num_threads(num_threads), packed_input=packed_input,
+                       output_bits=output_bits, output_bits_bias=output_bits_bias)
+    y = _conv_torch(*args)
+    if output_bits is not None:
+        output_bits.copy_(pack_activations_torch(y, output_bits_bias).reshape(output_bits.shape))
+    return y
 
 
-def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out,
-            num_threads: int) -> torch.Tensor:
+def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual,
+            num_threads: int, packed_input: Optional[torch.Tensor] = None,
+            output_bits: Optional[torch.Tensor] = None,
+            output_bits_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     lib = _lib.library()
     if lib is None:
         raise RuntimeError("backend='c' requested but the compiled kernels are not available")
-    n, _, h, w = x.shape
-    packed = pack_activations(x, input_bias, weights.groups, num_threads)
+    n, c, h, w = x.shape
+    words = n * h * w * weights.groups * math.ceil(c // weights.groups / 64)
+    if packed_input is not None:
+        if packed_input.dtype != torch.int64 or packed_input.numel() != words or not packed_input.is_contiguous():
+            raise ValueError(f"packed_input must be {words} contiguous int64 words for input {tuple(x.shape)}")
+        packed = packed_input
+    else:
+        packed = pack_activations(x, input_bias, weights.groups, num_threads)
+    bits_ptr = bits_bias_ptr = None
+    if output_bits is not None:
+        expected = n * out.shape[2] * out.shape[3] * math.ceil(weights.out_channels / 64)
+        if output_bits.dtype != torch.int64 or output_bits.numel() != expected or not output_bits.is_contiguous():
+            raise ValueError(f"output_bits must be {expected} contiguous int64 words")
+        bits_ptr = output_bits.data_ptr()
+        if output_bits_bias is not None:
+            output_bits_bias = _vector(output_bits_bias)
+            if output_bits_bias.numel() != weights.out_channels:
+                raise ValueError(f"output_bits_bias has {output_bits_bias.numel()} values, expected "
+                                 f"{weights.out_channels}")
+            bits_bias_ptr = output_bits_bias.data_ptr()
     kh, kw = weights.kernel_size
     npos = 0
     pos_ptr = None
@@ -278,7 +346,9 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         dilation[0], dilation[1], PAD_MODES[float(pad_value)], out.shape[2], out.shape[3],
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,
         epilogue.shift.data_ptr() if epilogue.shift is not None else None,
-        nops, codes, pointers, out.data_ptr(), pos_ptr, npos, num_threads,
+        nops, codes, pointers,
+        residual.data_ptr() if residual is not None else None, residual.shape[1] if residual is not None else 0,
+        out.data_ptr(), pos_ptr, npos, bits_ptr, bits_bias_ptr, num_threads,
     )
     if status != 0:
         raise RuntimeError(f"bz_conv rejected its arguments (status {status})")
@@ -286,7 +356,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
 
 
 def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions,
-                out) -> torch.Tensor:
+                out, residual=None) -> torch.Tensor:
     x = x.float()
     if input_bias is not None:
         x = x + _vector(input_bias).to(x.device).view(1, -1, 1, 1)
@@ -295,7 +365,7 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
         signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
         padding = (0, 0)
     dot = F.conv2d(signs, weights.signs.to(signs.device), None, stride, padding, dilation, weights.groups).round_()
-    y = epilogue.apply_torch(dot)
+    y = epilogue.apply_torch(dot, residual=residual)
     if positions is None:
         out.copy_(y)
     else:

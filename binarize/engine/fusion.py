@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarize.engine import _lib
+from binarize.engine.blocks import block_layers, install_block
 from binarize.engine.functional import MAX_OPS, Epilogue, avg_pool2x2, pointwise, upsample2x
 from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
-from binarize.nn.blocks import MaskedBranch, SparseAssistedPair
+from binarize.nn.blocks import ElasticShortcutBlock, MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
 from binarize.ops.binarizers import LearnableBias, RPReLU
 
@@ -623,6 +624,29 @@ def _install_resampling(model: nn.Module, report: DeployReport, options: dict) -
             report.resampling.append(name)
 
 
+def _install_blocks(model: nn.Module, report: DeployReport, options: dict, single_use: set, done: set) -> None:
+    """Whole-block forwards for the blocks the engine knows (``ElasticShortcutBlock``)."""
+    for name, module in model.named_modules():
+        if type(module) is not ElasticShortcutBlock or id(module) not in single_use:
+            continue
+        layers = block_layers(module)
+        if any(id(layer) not in single_use for _, layer in layers):
+            continue  # a layer shared with another block: pack layer by layer
+        try:
+            install_block(module, **options)
+        except UnsupportedLayer:
+            continue  # the generic per-layer deployment handles it
+        prefix = f"{name}." if name else ""
+        fused = report.fused.setdefault(prefix + "binary_3x3", [])
+        for attr, layer in layers:
+            single_use.discard(id(layer))
+            if isinstance(layer, BinaryConv2d):
+                done.add(id(layer))
+                report.packed.append(prefix + attr)
+            else:
+                fused.append(prefix + attr)
+
+
 def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                    num_threads: Optional[int] = None, backend: str = "auto") -> DeployReport:
     """Install packed implementations on every binary layer of ``model`` in place (eval mode)."""
@@ -635,6 +659,7 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
     single_use = {key for key, count in counts.items() if count == 1}
     done: set = set()
     if fuse:
+        _install_blocks(model, report, options, single_use, done)
         for container_name, container in list(model.named_modules()):
             children = list(container.children())
             if not any(isinstance(child, nn.Conv2d) for child in children) and \

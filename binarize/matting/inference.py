@@ -427,7 +427,7 @@ class _MattingJob:
         self.model.eval()
         rec: List[Any] = [None] * 4
         frames = 0
-        with torch.inference_mode():
+        with torch.no_grad():
             while (item := self.pipeline.get(self.read_q)) is not _END:
                 chunk, bgr_chunk = item
                 src = _frames_to_tensor(chunk, self.device, self.dtype).unsqueeze(0)

@@ -53,7 +53,8 @@ typedef uint64_t u64;
 #define TP 64  /* pixels per tile (one im2col buffer) */
 
 /* epilogue ops applied after y = dot * scale[o] + shift[o] */
-enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4 };
+/* BZ_OP_RESIDUAL adds a float map (the conv's residual operand) element by element */
+enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4, BZ_OP_RESIDUAL = 5 };
 #define BZ_MAX_OPS 8
 
 /* smallest jobs worth a parallel region: floats packed, (pixel x output x word) popcounts */
@@ -114,7 +115,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 7; }
+BZ_EXPORT int bz_abi_version(void) { return 8; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -200,10 +201,17 @@ typedef struct {
     int nops;
     int ops[BZ_MAX_OPS];
     const float *op_args[BZ_MAX_OPS];
+    /* residual operand of BZ_OP_RESIDUAL: [N][RC][OH*OW], output channel o reads channel o % RC */
+    const float *residual;
+    int64_t res_channels;
     /* output */
     float *out;
     const int64_t *positions; /* nullable: flattened n*OH*OW + pixel indices to compute */
     int64_t npos;
+    /* nullable: also pack the output (bit = y + out_bias >= 0) into [N][OH*OW][ceil(O/64)] words
+     * for the next binary layer, while the tile is still in cache (dense, G == 1 only) */
+    u64 *out_bits;
+    const float *out_bias;
 } conv_args;
 
 /* builds a bit string word by word in a register (no read-modify-write of memory) */
@@ -508,9 +516,10 @@ BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
     for (; i < np; ++i) { const float n = y[i] * slope; y[i] = y[i] >= 0.0f ? y[i] : n; }
 }
 
-/* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops */
+/* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops;
+ * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL) */
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
-                         int np, float *y) {
+                         int np, float *y, const float *res) {
     const float sc = a->scale ? a->scale[oc] : 1.0f;
     const float sh = a->shift ? a->shift[oc] : 0.0f;
     for (int i = 0; i < np; ++i) {
@@ -524,6 +533,7 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
         case BZ_OP_MUL: for (int i = 0; i < np; ++i) y[i] = y[i] * c; break;
         case BZ_OP_PRELU: prelu_run(y, np, c); break;
         case BZ_OP_RELU: for (int i = 0; i < np; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f; break;
+        case BZ_OP_RESIDUAL: for (int i = 0; i < np; ++i) y[i] = y[i] + res[i]; break;
         default: break;
         }
     }
@@ -537,6 +547,7 @@ typedef struct {
     int32_t nvalid[TP];
     int32_t border[TP]; /* tile pixels with padded taps */
     float y[TP];
+    float r[TP]; /* gathered residual values (listed positions) */
 } tile_buffers;
 
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
@@ -591,15 +602,30 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int pb, int64_t g, 
                     for (int32_t q = 0; q < taps - buf->nvalid[i]; ++q) popc[i] -= wpc_o[inv[q]];
                 }
             }
+            const int64_t rc = a->residual ? oc % a->res_channels : 0;
             if (!idx) {
-                epilogue_row(a, oc, popc, buf->base, np, a->out + (n * a->O + oc) * OHW + p0);
+                const float *res = a->residual ? a->residual + (n * a->res_channels + rc) * OHW + p0 : NULL;
+                epilogue_row(a, oc, popc, buf->base, np, a->out + (n * a->O + oc) * OHW + p0, res);
             } else {
-                epilogue_row(a, oc, popc, buf->base, np, buf->y);
+                if (a->residual)
+                    for (int i = 0; i < np; ++i) {
+                        const int64_t gi = idx[i];
+                        buf->r[i] = a->residual[((gi / OHW) * a->res_channels + rc) * OHW + gi % OHW];
+                    }
+                epilogue_row(a, oc, popc, buf->base, np, buf->y, buf->r);
                 for (int i = 0; i < np; ++i) {
                     const int64_t gi = idx[i];
                     a->out[((gi / OHW) * a->O + oc) * OHW + gi % OHW] = buf->y[i];
                 }
             }
+        }
+    }
+    if (a->out_bits && !idx) { /* the tile's outputs of every channel are done (G == 1): pack them */
+        const int64_t nwo = (a->O + 63) / 64;
+        for (int64_t j = 0; j < nwo; ++j) {
+            const int64_t c0 = 64 * j, nc = (a->O - c0) < 64 ? (a->O - c0) : 64;
+            pack_block(a->out + (n * a->O + c0) * OHW + p0, OHW, 1, nc, np, a->out_bias ? a->out_bias + c0 : NULL,
+                       a->out_bits + (n * OHW + p0) * nwo + j, nwo);
         }
     }
 }
@@ -648,6 +674,9 @@ static void conv_run(const conv_args *a, int nthreads) {
  * Binary convolution of packed input `in` ([N][H*W][G][NWG]) with packed weights `w`
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
+ * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops.
+ * out_bits (nullable, dense and G == 1 only): the output packed again, bit = y + out_bias >= 0,
+ * [N][OH*OW][ceil(O/64)] words, so a following binary layer need not pack it.
  * Returns 0 on success, -1 on invalid arguments, -2 when out of memory was detected.
  */
 BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
@@ -655,7 +684,8 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
                       int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
-                      float *out, const int64_t *positions, int64_t npos, int nthreads) {
+                      const float *residual, int64_t res_channels, float *out, const int64_t *positions,
+                      int64_t npos, u64 *out_bits, const float *out_bias, int nthreads) {
     conv_args a;
     memset(&a, 0, sizeof(a));
     if (G <= 0 || CG <= 0 || O % G != 0 || OGP % OB != 0 || nops < 0 || nops > BZ_MAX_OPS) return -1;
@@ -667,7 +697,13 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     a.scale = scale; a.shift = shift; a.nops = nops;
     for (int q = 0; q < nops; ++q) { a.ops[q] = ops[q]; a.op_args[q] = op_args[q]; }
     a.out = out; a.positions = positions; a.npos = npos;
+    a.residual = residual; a.res_channels = res_channels;
+    a.out_bits = out_bits; a.out_bias = out_bias;
     if (a.OG > a.OGP) return -1;
+    if (residual && (res_channels <= 0 || O % res_channels != 0)) return -1;
+    for (int q = 0; q < nops; ++q)
+        if (ops[q] == BZ_OP_RESIDUAL && !residual) return -1;
+    if (out_bits && (G != 1 || positions)) return -1;
     conv_run(&a, nthreads);
     return 0;
 }

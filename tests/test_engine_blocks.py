@@ -1,0 +1,174 @@
+"""Fused epilogues (residual operand, output packing) and whole-block deployment of ElasticShortcutBlock."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from binarize.engine import Epilogue, available, binary_conv2d, deploy, deploy_report, pack_weights
+from binarize.engine.blocks import ElasticShortcutForward, take_packed
+from binarize.engine.functional import pack_activations, pack_activations_torch
+from binarize.nn.blocks import ElasticShortcutBlock
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BACKENDS = ("c", "torch") if available() else ("torch",)
+
+
+def _randomized(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial shifts, PReLU slopes and BatchNorm statistics (a fresh block is nearly an identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 or "bias" in name or "move" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    return module.eval()
+
+
+@FAST
+@given(cin=st.integers(1, 130), out_blocks=st.integers(1, 3), res_div=st.sampled_from([1, 2, 3]),
+       kernel=st.sampled_from([1, 3]), stride=st.integers(1, 2), n=st.integers(1, 2),
+       h=st.integers(3, 9), w=st.integers(3, 9), seed=st.integers(0, 2**16))
+def test_residual_epilogue_and_output_bits_match_formula(cin, out_blocks, res_div, kernel, stride, n, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    out_channels = 3 * out_blocks * res_div + (seed % 5) * res_div  # any count the residual width divides
+    x = torch.randn(n, cin, h, w, generator=g)
+    bias = torch.randn(cin, generator=g) * 0.3
+    positive = torch.randn(out_channels, cin, kernel, kernel, generator=g) >= 0
+    padding = kernel // 2
+    oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    residual = torch.randn(n, out_channels // res_div, oh, ow, generator=g)
+    scale, shift, add, slope = (torch.rand(out_channels, generator=g), torch.randn(out_channels, generator=g),
+                                torch.randn(out_channels, generator=g), torch.rand(out_channels, generator=g))
+    epilogue = Epilogue(scale=scale, shift=shift, ops=[("residual", None), ("add", add), ("prelu", slope)])
+    signs = torch.where(x + bias.view(1, -1, 1, 1) >= 0, 1.0, -1.0).double()
+    dot = F.conv2d(signs, positive.double() * 2 - 1, None, stride, padding).float()
+    y = dot * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + residual.repeat(1, res_div, 1, 1)
+    y = y + add.view(1, -1, 1, 1)
+    expected = torch.where(y >= 0, y, y * slope.view(1, -1, 1, 1))
+    next_bias = torch.randn(out_channels, generator=g) * 0.3
+    words = n * oh * ow * math.ceil(out_channels / 64)
+    for backend in BACKENDS:
+        bits = torch.full((words,), 7, dtype=torch.int64)
+        got = binary_conv2d(x, pack_weights(positive), input_bias=bias, stride=stride, padding=padding,
+                            epilogue=epilogue, residual=residual, output_bits=bits, output_bits_bias=next_bias,
+                            backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        # the packed output is exactly what packing the float output would give
+        assert torch.equal(bits.view(n, oh * ow, 1, -1), pack_activations_torch(got, next_bias))
+        if backend == "c":
+            assert torch.equal(bits.view(n, oh * ow, 1, -1), pack_activations(got, next_bias, 1))
+            packed = pack_activations(x, bias, 1)
+            again = binary_conv2d(torch.empty_like(x), pack_weights(positive), stride=stride, padding=padding,
+                                  epilogue=epilogue, residual=residual, packed_input=packed.reshape(-1))
+            assert torch.equal(again, got)  # x only gives the shape when the input comes packed
+
+
+def test_residual_and_output_bits_errors():
+    x = torch.randn(1, 8, 5, 5)
+    weights = pack_weights(torch.rand(6, 8, 1, 1) > 0.5)
+    with pytest.raises(ValueError, match="residual"):
+        binary_conv2d(x, weights, epilogue=Epilogue(ops=[("residual", None)]))
+    with pytest.raises(ValueError, match="does not fit"):
+        binary_conv2d(x, weights, epilogue=Epilogue(ops=[("residual", None)]), residual=torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="output_bits needs a dense call"):
+        binary_conv2d(x, weights, positions=torch.tensor([0, 3]), output_bits=torch.empty(25, dtype=torch.int64))
+    if available():
+        with pytest.raises(ValueError, match="packed_input"):
+            binary_conv2d(x, weights, packed_input=torch.empty(3, dtype=torch.int64))
+        with pytest.raises(ValueError, match="output_bits must be"):
+            binary_conv2d(x, weights, output_bits=torch.empty(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (32, 128, 1), (64, 32, 2), (40, 20, 1),
+                                             (70, 70, 2)])
+def test_deployed_elastic_block_matches_simulated(cin, cout, stride):
+    block = _randomized(ElasticShortcutBlock(cin, cout, stride), seed=cin + cout)
+    x = torch.randn(2, cin, 11, 13)
+    with torch.no_grad():
+        expected = block(x)
+    deployed = deploy(block)
+    assert isinstance(deployed.forward, ElasticShortcutForward)
+    report = deploy_report(deployed)
+    assert "binary_3x3" in report.packed and report.fused["binary_3x3"][:3] == ["move11", "bn1", "move12"]
+    assert deployed.binary_3x3.implementation == "packed"  # direct calls of the conv still run packed
+    with torch.no_grad():
+        got = deployed(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _chain(seed: int = 3) -> nn.Sequential:
+    return _randomized(nn.Sequential(ElasticShortcutBlock(32, 64, 2), ElasticShortcutBlock(64, 64, 1),
+                                     ElasticShortcutBlock(64, 32, 1)), seed)
+
+
+def test_blocks_hand_packed_outputs_to_the_next_block():
+    model = _chain()
+    x = torch.randn(1, 32, 17, 15)
+    with torch.no_grad():
+        expected = model(x)
+        deployed = deploy(model)
+        first = deployed(x)  # links each block to the block that consumes its output
+        assert deployed[0].forward.pack_next is deployed[1].forward.input_bias
+        assert deployed[1].forward.pack_next is deployed[2].forward.input_bias
+        out0 = deployed[0](x)
+        if available():
+            words = take_packed(out0, deployed[1].forward.input_bias)
+            assert words is not None and torch.equal(
+                words.view(1, -1, 1, 1), pack_activations(out0, deployed[1].forward.input_bias, 1))
+            assert take_packed(out0, deployed[2].forward.input_bias) is None  # another consumer's shift
+        second = deployed(x)
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(first, second)
+
+
+def test_in_place_change_between_blocks_invalidates_the_packed_output():
+    model = _chain()
+    x = torch.randn(1, 32, 9, 9)
+    deployed = deploy(model)
+    with torch.no_grad():
+        deployed(x)
+        out0 = deployed[0](x)
+        out0.neg_()  # flips every sign: stale packed words would give a different result
+        expected = model[1](out0.clone())
+        got = deployed[1](out0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_skips_the_hand_off_and_stays_exact():
+    model = _chain()
+    x = torch.randn(1, 32, 9, 9)
+    deployed = deploy(model)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        deployed(x)
+        got = deployed(x)
+        assert take_packed(deployed[0](x), deployed[1].forward.input_bias) is None
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_the_fused_forward_cannot_reproduce_are_packed_layer_by_layer():
+    block = _randomized(ElasticShortcutBlock(16, 32, 1, method="xnor"))
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        expected = block(x)
+    deployed = deploy(block)
+    assert "forward" not in deployed.__dict__  # the generic per-layer deployment ran
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_deployed_block_rejects_wrong_channels():
+    deployed = deploy(_randomized(ElasticShortcutBlock(16, 16, 1)))
+    with pytest.raises(ValueError, match="expects \\[N, 16, H, W\\]"):
+        deployed(torch.randn(1, 8, 5, 5))
