@@ -172,3 +172,60 @@ def test_deployed_block_rejects_wrong_channels():
     deployed = deploy(_randomized(ElasticShortcutBlock(16, 16, 1)))
     with pytest.raises(ValueError, match="expects \\[N, 16, H, W\\]"):
         deployed(torch.randn(1, 8, 5, 5))
+
+
+# ------------------------------------------------------------------ up-sample + concatenate + pack
+@pytest.mark.skipif(not available(), reason="C kernels not built")
+@FAST
+@given(n=st.integers(1, 2), low_channels=st.integers(0, 70), skip_channels=st.lists(st.integers(1, 40), max_size=3),
+       h=st.integers(1, 7), w=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_upsample_concat_pack_equals_packing_the_concatenation(n, low_channels, skip_channels, h, w, seed):
+    from binarize.engine.functional import upsample2x, upsample_concat_pack
+
+    if low_channels + sum(skip_channels) == 0:
+        skip_channels = [1]
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, low_channels, h, w, generator=g)
+    skips = [torch.randn(n, c, 2 * h, 2 * w, generator=g) for c in skip_channels]
+    concat = torch.cat([upsample2x(low), *skips], dim=1)
+    biases = [torch.randn(concat.shape[1], generator=g) * 0.3, None]
+    words = upsample_concat_pack(low, skips, biases)
+    for got, bias in zip(words, biases):
+        assert torch.equal(got, pack_activations(concat, bias, 1))
+    # shapes it cannot take give None (the caller builds the concatenation instead)
+    assert upsample_concat_pack(low, [torch.randn(n, 2, 2 * h + 1, 2 * w)], biases) is None
+
+
+def _output_block(seed: int = 5):
+    from binarize.models.bimatting_decoder import OutputBlock
+
+    return _randomized(OutputBlock(12, 3, 8), seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_pairs_read_the_packed_parts_without_building_the_concatenation(backend, monkeypatch):
+    from binarize.engine import functional
+
+    block = _output_block()
+    x = torch.randn(1, 2, 12, 6, 7)  # [B, T, C, h, w]
+    s = torch.rand(1, 2, 3, 12, 14)
+    coarse = torch.zeros(2, 1, 3, 4)
+    coarse[0, 0, 1, 1:3] = 1.0
+    coarse[1, 0, 2, 0] = 1.0
+    with torch.no_grad():
+        expected = block(x, s, coarse)
+    deployed = deploy(block, backend=backend)
+    calls = []
+    original = functional.upsample_concat_pack
+    monkeypatch.setattr("binarize.engine.fusion.upsample_concat_pack",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        got = deployed(x, s, coarse)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the C kernels take the fused path; the torch backend builds the concatenation as before
+    assert len(calls) == (1 if backend == "c" else 0)
+    if backend == "c":  # a cropped up-sampling (odd skip size) falls back to the concatenation
+        with torch.no_grad():
+            odd = deployed(x, s[..., :13], coarse)
+            torch.testing.assert_close(odd, block(x, s[..., :13], coarse), rtol=1e-4, atol=1e-4)
+        assert len(calls) == 1

@@ -66,6 +66,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         _int, _ptr, _i64, _ptr, _int,  # relu, positions, npos, out, nthreads
     ]
     lib.bz_sparse_fconv.restype = _int
+    lib.bz_upsample_concat_pack.argtypes = [_ptr, _i64, _i64, _i64, _i64, _int, _ptr, _ptr, _int, _ptr, _ptr, _int]
+    lib.bz_upsample_concat_pack.restype = _int
     lib.bz_masked_add.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64]
     lib.bz_masked_add.restype = _int
 

@@ -252,7 +252,7 @@ def binary_conv2d(
     Fusion with neighbours (C backend; the torch backend gives the same floats):
     ``residual`` [N, RC, OH, OW] (RC divides the output channels) is the operand of the epilogue's
     ("residual", None) ops; ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
-    (skips packing; ``x`` still gives the shape); ``output_bits`` (int64, ``N * OH*OW *
+    (skips packing; ``x`` still gives the shape and may be a ``meta`` tensor); ``output_bits`` (int64, ``N * OH*OW *
     ceil(O/64)`` words, dense calls without groups) receives the output packed again for the next
     binary layer, bit = ``y + output_bits_bias >= 0``.  Returns the float output.
     """
@@ -272,17 +272,21 @@ def binary_conv2d(
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
     epilogue = epilogue or Epilogue()
+    # with packed_input, x may be a 'meta' tensor that only gives the shape (nothing was built)
+    device = packed_input.device if packed_input is not None and x.device.type == "meta" else x.device
     if out is None:
         allocate = torch.zeros if positions is not None and zero_rest else torch.empty
-        out = allocate(n, weights.out_channels, oh, ow, device=x.device)
+        out = allocate(n, weights.out_channels, oh, ow, device=device)
     elif out.shape != (n, weights.out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, weights.out_channels, oh, ow)}")
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
-    if backend == "c" and x.device.type != "cpu":
-        raise ValueError(f"the C kernels run on the CPU; the input is on {x.device}")
+    if backend == "c" and device.type != "cpu":
+        raise ValueError(f"the C kernels run on the CPU; the input is on {device}")
     # the kernels read CPU memory; tensors on other devices take the (same-result) torch path
-    use_c = x.device.type == "cpu" and (backend == "c" or (backend == "auto" and _lib.library() is not None))
+    use_c = device.type == "cpu" and (backend == "c" or (backend == "auto" and _lib.library() is not None))
+    if x.device.type == "meta" and not use_c:
+        raise ValueError("a 'meta' input (shape only) needs packed_input and the C kernels")
     if residual is not None:
         if residual.shape[0] != n or residual.shape[2:] != (oh, ow) or weights.out_channels % residual.shape[1]:
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not fit the output "
@@ -442,6 +446,41 @@ def upsample2x(x: torch.Tensor, num_threads: Optional[int] = None, backend: str 
     if status != 0:
         raise RuntimeError(f"bz_upsample2x rejected its arguments (status {status})")
     return out
+
+
+def upsample_concat_pack(low: torch.Tensor, skips: Sequence[torch.Tensor],
+                         biases: Sequence[Optional[torch.Tensor]],
+                         num_threads: Optional[int] = None) -> Optional[List[torch.Tensor]]:
+    """``pack_activations(cat([upsample2x(low), *skips], 1), bias)`` for each bias, in one pass that
+    never builds the concatenation (the decoder's up-sample + skip + binary conv pattern).
+
+    ``low`` [N, CL, h, w]; every skip [N, SC, 2h, 2w].  Returns one int64 word tensor
+    [N, 4hw, 1, ceil(C/64)] per bias, or None when the C kernels cannot take these tensors.
+    """
+    lib = _lib.library()
+    tensors = [low, *skips]
+    if (lib is None or low.dim() != 4 or not 1 <= len(biases) <= 4 or len(skips) > 8
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 for t in tensors)):
+        return None
+    n, cl, h, w = low.shape
+    if any(s.shape[0] != n or s.shape[2:] != (2 * h, 2 * w) for s in skips):
+        return None
+    tensors = [t.contiguous() for t in tensors]
+    channels = cl + sum(s.shape[1] for s in skips)
+    vectors = [None if b is None else _vector(b) for b in biases]
+    if any(v is not None and v.numel() != channels for v in vectors):
+        raise ValueError(f"every bias needs {channels} values (the concatenation's channels)")
+    words = math.ceil(channels / 64)
+    outs = [torch.empty(n * 4 * h * w * words + 1, dtype=torch.int64) for _ in biases]
+    skip_ptrs = (ctypes.c_void_p * max(1, len(skips)))(*[t.data_ptr() for t in tensors[1:]])
+    skip_channels = (ctypes.c_int64 * max(1, len(skips)))(*[t.shape[1] for t in tensors[1:]])
+    bias_ptrs = (ctypes.c_void_p * len(vectors))(*[None if v is None else v.data_ptr() for v in vectors])
+    out_ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
+    status = lib.bz_upsample_concat_pack(tensors[0].data_ptr(), n, cl, h, w, len(skips), skip_ptrs, skip_channels,
+                                         len(vectors), bias_ptrs, out_ptrs, _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_upsample_concat_pack rejected its arguments (status {status})")
+    return [o[:-1].view(n, 4 * h * w, 1, words) for o in outs]
 
 
 def binary_linear(

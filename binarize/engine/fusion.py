@@ -28,7 +28,14 @@ from torch import nn
 
 from binarize.engine import _lib
 from binarize.engine.blocks import block_layers, install_block
-from binarize.engine.functional import MAX_OPS, Epilogue, avg_pool2x2, pointwise, upsample2x
+from binarize.engine.functional import (
+    MAX_OPS,
+    Epilogue,
+    avg_pool2x2,
+    pointwise,
+    upsample2x,
+    upsample_concat_pack,
+)
 from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
 from binarize.nn.blocks import ElasticShortcutBlock, MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
@@ -344,6 +351,31 @@ def _install_folded(conv: nn.Conv2d, name: str, report: DeployReport, consumed: 
         report.fused.setdefault(name, []).append(prefix + site.name)
 
 
+_MASK_INFO_ATTR = "_binarize_mask_info"
+
+
+def _mask_info(mask: torch.Tensor) -> dict:
+    """Facts about a mask shared by every sparse branch that reads it in one forward (density,
+    active map, position lists): cached on the mask's base tensor, keyed by the view's geometry
+    and dropped when the tensor's version changes.  Inference tensors (no version) get no cache."""
+    if mask.is_inference():
+        return {}
+    base = mask._base if mask._base is not None else mask
+    cache = getattr(base, _MASK_INFO_ATTR, None)
+    if cache is None or cache[0] != base._version:
+        cache = (base._version, {})
+        setattr(base, _MASK_INFO_ATTR, cache)
+    key = (mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()), mask.dtype)
+    return cache[1].setdefault(key, {})
+
+
+def _record_density(branch: MaskedBranch, mask: torch.Tensor, info: dict) -> None:
+    """``branch.record_density(mask)``, computed once per mask."""
+    if "density" not in info:
+        info["density"] = float((mask != 0).float().mean())
+    branch.mask_density = info["density"]
+
+
 class SparseMaskedForward:
     """Forward of a deployed ``MaskedBranch``: ``body(x) * mask`` where every convolution of the body
     (the packed binary conv and folded full-precision ones) computes only the positions inside the
@@ -363,23 +395,28 @@ class SparseMaskedForward:
                 radius += (max(module.kernel_size) // 2) * dilation
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.branch.record_density(mask)
-        x, _, _ = self._run(x, mask, len(self.branch))
+        info = _mask_info(mask)
+        _record_density(self.branch, mask, info)
+        x, _, _ = self._run(x, mask, len(self.branch), info=info)
         return x * mask
 
-    def _run(self, x: torch.Tensor, mask: torch.Tensor, stop: int, gathered: bool = False) -> tuple:
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, stop: int, gathered: bool = False,
+             info: Optional[dict] = None, packed_input: Optional[torch.Tensor] = None) -> tuple:
         """Children ``[0, stop)`` with the convolutions sparse; returns (x, active map, usable).
 
         ``gathered``: the caller reads the result only at the mask's positions, so the last
-        convolution (at ``stop - 1``) need not zero the outputs it skips."""
+        convolution (at ``stop - 1``) need not zero the outputs it skips.  ``packed_input``: the
+        binary conv's input already packed (``x`` then only gives the shape)."""
         children = list(self.branch)
         for module in children[: self.conv_index]:
             x = module(x)
-        active = mask != 0
-        usable = active.dim() == 4 and active.shape[0] == x.shape[0] and active.shape[-2:] == x.shape[-2:]
-        if usable:
-            active = active.any(dim=1, keepdim=True)
-        positions: Dict[int, torch.Tensor] = {}
+        info = {} if info is None else info
+        usable = mask.dim() == 4 and mask.shape[0] == x.shape[0] and mask.shape[-2:] == x.shape[-2:]
+        if "active" not in info:
+            active = mask != 0
+            info["active"] = active.any(dim=1, keepdim=True) if active.dim() == 4 else active
+        active = info["active"]
+        positions: Dict[int, torch.Tensor] = info.setdefault("positions", {})
         for index in range(self.conv_index, stop):
             module = children[index]
             impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.forward
@@ -396,26 +433,35 @@ class SparseMaskedForward:
                     limit = SPARSE_LIMIT_PACKED
                 else:
                     limit = SPARSE_LIMIT_FOLDED_C if impl.sparse_in_c(x) else SPARSE_LIMIT_FOLDED
+                extra = {"packed_input": packed_input} if index == self.conv_index and packed_input is not None else {}
                 if selected.numel() <= limit * active.numel():
-                    x = impl(x, positions=selected, zero_rest=not (gathered and index == stop - 1))
+                    x = impl(x, positions=selected, zero_rest=not (gathered and index == stop - 1), **extra)
                     continue
+            if index == self.conv_index and packed_input is not None:
+                x = module.__dict__["_impl"](x, packed_input=packed_input)
+                continue
             x = module(x)
         return x, active, usable
 
-    def masked_add(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def masked_add(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor,
+                   packed_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``body(x) * mask + dense`` computing the body's per-position tail (activations, shifts)
-        and the masked sum only at the mask's non-zero positions (the rest of ``dense`` is kept)."""
+        and the masked sum only at the mask's non-zero positions (the rest of ``dense`` is kept).
+        ``packed_input``: the binary conv's input already packed (callers check ``accepts_packed``)."""
         branch = self.branch
-        branch.record_density(mask)
+        info = _mask_info(mask)
+        _record_density(branch, mask, info)
         stop = self.tail_start
         if stop is None or mask.dim() != 4 or mask.shape[1] != 1 or dense.dim() != 4:
             return self(x, mask) + dense
         usable = mask.shape[0] == x.shape[0] and mask.shape[-2:] == x.shape[-2:] and x.dim() == 4
-        y, active, usable = self._run(x, mask, stop, gathered=usable)
+        y, active, usable = self._run(x, mask, stop, gathered=usable, info=info, packed_input=packed_input)
         if not usable or y.shape != dense.shape:
             return self(x, mask) + dense  # not the shapes of a sparse-assisted pair: the plain sum
         n, c, h, w = y.shape
-        positions = torch.nonzero(mask.reshape(-1)).reshape(-1)
+        if "nonzero" not in info:
+            info["nonzero"] = torch.nonzero(mask.reshape(-1)).reshape(-1)
+        positions = info["nonzero"]
         # the values at the positions as a [1, C, K, 1] map, so per-channel modules apply unchanged
         columns = y.transpose(0, 1).reshape(c, n * h * w).index_select(1, positions)
         columns = columns.view(1, c, -1, 1)
@@ -435,6 +481,13 @@ class SparseMaskedForward:
         # (body * mask) + dense, element by element as in the float model
         flat[batch, :, pixel] = (values * weights).t() + flat[batch, :, pixel]
         return out
+
+    def accepts_packed(self, x_shape: Sequence[int], mask: torch.Tensor) -> bool:
+        """True when ``masked_add`` takes the sparse path (no dense fallback) for inputs of this
+        shape, so its binary conv can read a packed input."""
+        return (self.tail_start is not None and mask.dim() == 4 and mask.shape[1] == 1 and len(x_shape) == 4
+                and mask.shape[0] == x_shape[0] and tuple(mask.shape[-2:]) == tuple(x_shape[-2:])
+                and isinstance(list(self.branch)[self.conv_index].__dict__.get("_impl"), PackedConv2d))
 
     @property
     def tail_start(self) -> Optional[int]:
@@ -475,6 +528,60 @@ class SparsePairForward:
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dense = self.pair.dense(x)
         return self.pair.sparse.forward.masked_add(x, mask, dense)
+
+
+class UpsampleConcatPairForward:
+    """``pair(cat([upsample2x(low), *skips], 1), mask)`` whose two binary convs read bits packed
+    straight from the parts, so the full-size concatenation is never built or read (BiMatting's
+    decoder: up-sample, concatenate the encoder feature and image, sparse-assisted pair).
+
+    Installed as ``pair.upsample_concat_forward``; returns None when it cannot take the inputs
+    (the caller then builds the concatenation)."""
+
+    def __init__(self, pair: SparseAssistedPair, num_threads: Optional[int]) -> None:
+        self.pair = pair
+        self.num_threads = num_threads
+        self.dense_index = _first_packed_conv(pair.dense)
+
+    def __call__(self, upsample: nn.Module, low: torch.Tensor, skips: Sequence[torch.Tensor],
+                 mask: torch.Tensor) -> Optional[torch.Tensor]:
+        resample = upsample.__dict__.get("forward")
+        sparse = self.pair.sparse.__dict__.get("forward")
+        if (self.dense_index is None or not isinstance(resample, ResampleForward) or resample.kind != "upsample"
+                or resample.backend == "torch" or not isinstance(sparse, SparseMaskedForward)
+                or low.dim() != 4 or not skips or any(s.dim() != 4 for s in skips)):
+            return None
+        n, low_channels, h, w = low.shape
+        shape = (n, low_channels + sum(s.shape[1] for s in skips), 2 * h, 2 * w)
+        if not sparse.accepts_packed(shape, mask):
+            return None
+        dense_children = list(self.pair.dense)
+        dense_impl = dense_children[self.dense_index].__dict__["_impl"]
+        sparse_impl = list(self.pair.sparse)[sparse.conv_index].__dict__["_impl"]
+        words = upsample_concat_pack(low, skips, [dense_impl.spec.bias, sparse_impl.spec.bias], self.num_threads)
+        if words is None:
+            return None
+        meta = torch.empty(shape, device="meta")
+        dense = dense_impl(meta, packed_input=words[0])
+        for module in dense_children[self.dense_index + 1:]:
+            dense = module(dense)
+        return sparse.masked_add(meta, mask, dense, packed_input=words[1])
+
+
+def _first_packed_conv(branch: nn.Module) -> Optional[int]:
+    """Index of a branch's first module when it is a packed binary conv with only pass-through
+    modules (fused shifts, sign slots) before it; else None."""
+    if not isinstance(branch, nn.Sequential):
+        return None
+    for index, module in enumerate(branch):
+        if isinstance(module, BinaryConv2d):
+            impl = module.__dict__.get("_impl")
+            if isinstance(impl, PackedConv2d) and not impl.spec.sample_scale and impl.padding_mode == "zeros":
+                return index
+            return None
+        if not (type(module) is nn.Identity or isinstance(module.__dict__.get("forward"), Passthrough)):
+            return None
+    return None
 
 
 def _install_sparse(branch: MaskedBranch, name: str, report: DeployReport) -> None:
@@ -701,6 +808,8 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
             if type(module) is SparseAssistedPair and isinstance(module.sparse.__dict__.get("forward"),
                                                                  SparseMaskedForward):
                 module.forward = SparsePairForward(module)
+                if fuse:
+                    module.upsample_concat_forward = UpsampleConcatPairForward(module, num_threads)
     if fuse:
         _install_resampling(model, report, options)
     return report

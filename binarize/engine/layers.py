@@ -203,12 +203,16 @@ class PackedConv2d:
         self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops)
 
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                 zero_rest: bool = True) -> torch.Tensor:
+                 zero_rest: bool = True, packed_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer's output (and the fused tail's) for x [N, C, H, W] or [C, H, W].
 
         ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs; the rest are 0
         (uninitialized with ``zero_rest=False``, for callers that read only those outputs).
+        ``packed_input``: ``x`` already packed with this layer's input shift (``x`` then only gives
+        the shape, see ``binary_conv2d``).
         """
+        if packed_input is not None and (self.spec.sample_scale or self.padding_mode != "zeros"):
+            raise ValueError("packed_input needs a plain-sign input binarizer and zero padding")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -221,7 +225,8 @@ class PackedConv2d:
         y = binary_conv2d(x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
                           padding=padding, dilation=self.dilation, pad_value=self.pad_value,
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
-                          backend=self.backend, zero_rest=zero_rest or positions is None)
+                          backend=self.backend, zero_rest=zero_rest or positions is None,
+                          packed_input=packed_input)
         if self.spec.sample_scale:
             shifted = x if self.spec.bias is None else x + self.spec.bias.to(x.device).view(1, -1, 1, 1)
             y = y * shifted.float().abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)

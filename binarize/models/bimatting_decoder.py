@@ -162,6 +162,20 @@ def _upsample_concat(upsample: nn.Module, x: Tensor, skips: Sequence[Tensor]) ->
     return torch.cat([x, *[s.flatten(0, 1) for s in skips]], dim=1)
 
 
+def _pair_on_upsampled(pair: SparseAssistedPair, upsample: nn.Module, x: Tensor, skips: Sequence[Tensor],
+                       coarse_mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """``pair(cat([upsample(x), *skips]), mask)`` on flattened [BT, ...] maps, and the mask (the coarse
+    incoherent mask resized to the skips' size).  A deployed pair may take the parts directly
+    (``upsample_concat_forward``, set by binarize.engine.deploy: the concatenation is never built)."""
+    mask = _resize_mask(coarse_mask, skips[-1].shape[-2:])
+    fused = getattr(pair, "upsample_concat_forward", None)
+    if fused is not None:
+        out = fused(upsample, x.flatten(0, 1), [s.flatten(0, 1) for s in skips], mask)
+        if out is not None:
+            return out, mask
+    return pair(_upsample_concat(upsample, x, skips), mask), mask
+
+
 def _resize_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinearly resize the coarse incoherent mask (values become fractional at the edges)."""
     return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
@@ -184,9 +198,8 @@ class UpsamplingBlock(nn.Module):
     def forward(self, x: Tensor, f: Tensor, s: Tensor, r: Optional[Tensor], coarse_mask: Tensor
                 ) -> Tuple[Tensor, Tensor]:
         batch, time = s.shape[:2]
-        x = _upsample_concat(self.upsample, x, [f, s])
-        mask = _resize_mask(coarse_mask, x.shape[-2:])
-        x = self.conv(x, mask).unflatten(0, (batch, time))
+        x, mask = _pair_on_upsampled(self.conv, self.upsample, x, [f, s], coarse_mask)
+        x = x.unflatten(0, (batch, time))
         a, b = x.split(self.out_channels // 2, dim=2)
         b, r = self.gru(b, r, mask.unflatten(0, (batch, time)))
         return torch.cat([a, b], dim=2), r
@@ -218,9 +231,8 @@ class OutputBlock(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor, coarse_mask: Tensor) -> Tensor:
         batch, time = s.shape[:2]
-        x = _upsample_concat(self.upsample, x, [s])
-        mask = _resize_mask(coarse_mask, x.shape[-2:])
-        return self.conv(x, mask).unflatten(0, (batch, time))
+        x, _ = _pair_on_upsampled(self.conv, self.upsample, x, [s], coarse_mask)
+        return x.unflatten(0, (batch, time))
 
 
 class Projection(nn.Module):

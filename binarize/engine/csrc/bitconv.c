@@ -830,6 +830,87 @@ BZ_EXPORT int bz_upsample2x(const float *x, float *out, int64_t NC, int64_t H, i
     return 0;
 }
 
+/* bits of np <= 64 pixels for nc <= 64 channels read from per-channel rows: one word per pixel */
+BZ_CLONES static void pack_rows(const float *const *rows, int64_t nc, int64_t np, const float *bias, u64 *dst,
+                                int64_t dst_stride) {
+    uint32_t lo[64], hi[64];
+    for (int64_t i = 0; i < np; ++i) lo[i] = hi[i] = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+        const float *row = rows[c];
+        const float b = bias ? bias[c] : 0.0f;
+        const uint32_t bit = (uint32_t)1 << (c & 31);
+        uint32_t *acc = c < 32 ? lo : hi;
+        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i] + b >= 0.0f) ? bit : 0u;
+    }
+    for (int64_t i = 0; i < np; ++i) dst[i * dst_stride] = (u64)lo[i] | ((u64)hi[i] << 32);
+}
+
+/*
+ * Packs cat([upsample2x(low), skip_0, ..., skip_{K-1}], dim=1) without building it: low is
+ * [N][CL][h][w], skip k is [N][SC_k][2h][2w] (all contiguous).  The up-sampled values are those of
+ * bz_upsample2x, so the bits equal packing the concatenation.  For each of nb biases (nullable
+ * entries: no shift) outs[b] receives [N][4hw][ceil(C/64)] words, bit = value + bias >= 0.
+ */
+BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, int64_t h, int64_t w, int nskips,
+                                      const float *const *skips, const int64_t *skip_channels, int nb,
+                                      const float *const *biases, u64 *const *outs, int nthreads) {
+    if (N < 1 || CL < 0 || h < 1 || w < 1 || nskips < 0 || nskips > 8 || nb < 1 || nb > 4) return -1;
+    int64_t C = CL;
+    for (int k = 0; k < nskips; ++k) {
+        if (skip_channels[k] < 1) return -1;
+        C += skip_channels[k];
+    }
+    if (C < 1) return -1;
+    const int64_t OH = 2 * h, OW = 2 * w, P = OH * OW, NW = (C + 63) / 64;
+    const int parallel = nthreads > 1 && N * C * P >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel;
+    int status = 0;
+#pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
+    {
+        float *up = (float *)malloc(sizeof(float) * (size_t)(CL * OW + 1));
+        const float **rows = (const float **)malloc(sizeof(float *) * (size_t)C);
+        if (!up || !rows) {
+#pragma omp atomic write
+            status = -2;
+        } else {
+            int64_t job;
+#pragma omp for schedule(static)
+            for (job = 0; job < N * OH; ++job) {
+                const int64_t n = job / OH, oh = job % OH;
+                int64_t h0;
+                float lh0, lh1;
+                if (oh == 0) { h0 = 0; lh0 = 1.0f; lh1 = 0.0f; }
+                else if (oh & 1) { h0 = oh / 2; lh0 = 0.75f; lh1 = 0.25f; }
+                else { h0 = oh / 2 - 1; lh0 = 0.25f; lh1 = 0.75f; }
+                const int64_t h1 = h0 + (h0 < h - 1 ? 1 : 0);
+                for (int64_t c = 0; c < CL; ++c) {
+                    const float *src = low + (n * CL + c) * h * w;
+                    upsample_row(src + h0 * w, src + h1 * w, lh0, lh1, up + c * OW, w);
+                    rows[c] = up + c * OW;
+                }
+                int64_t c = CL;
+                for (int k = 0; k < nskips; ++k)
+                    for (int64_t j = 0; j < skip_channels[k]; ++j, ++c)
+                        rows[c] = skips[k] + ((n * skip_channels[k] + j) * OH + oh) * OW;
+                for (int64_t p0 = 0; p0 < OW; p0 += 64) {
+                    const int64_t np = (OW - p0) < 64 ? (OW - p0) : 64;
+                    const float *block[64];
+                    for (int64_t wd = 0; wd < NW; ++wd) {
+                        const int64_t c0 = 64 * wd, nc = (C - c0) < 64 ? (C - c0) : 64;
+                        for (int64_t q = 0; q < nc; ++q) block[q] = rows[c0 + q] + p0;
+                        for (int b = 0; b < nb; ++b)
+                            pack_rows(block, nc, np, biases[b] ? biases[b] + c0 : NULL,
+                                      outs[b] + (n * P + oh * OW + p0) * NW + wd, NW);
+                    }
+                }
+            }
+        }
+        free(up);
+        free(rows);
+    }
+    return status;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Sparse full-precision convolution (stride 1, zero padding) at a list of output positions     */
 /* ------------------------------------------------------------------------------------------ */
