@@ -264,6 +264,16 @@ BZ_INLINE int64_t im2col_pixel(const conv_args *a, int64_t n, int64_t g, int64_t
                 }
             return a->KH * a->KW;
         }
+        if (NWG == 1 && a->KW * CG <= 64) { /* a kernel row's taps fit one word: one append per row */
+            for (int64_t kh = 0; kh < a->KH; ++kh) {
+                const u64 *src = base + kh * step_h;
+                u64 row = 0;
+                for (int64_t kw = 0; kw < a->KW; ++kw) row |= src[kw * step_w] << (kw * CG);
+                put_bits(&bw, row, (int)(a->KW * CG));
+            }
+            flush_bits(&bw);
+            return a->KH * a->KW;
+        }
         for (int64_t kh = 0; kh < a->KH; ++kh)
             for (int64_t kw = 0; kw < a->KW; ++kw) put_tap(&bw, base + kh * step_h + kw * step_w, NWG, tail);
         flush_bits(&bw);
@@ -517,25 +527,64 @@ BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
 }
 
 /* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops;
- * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL) */
+ * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL).  One pass: each vector of
+ * 8 outputs goes through the whole op chain in registers (same operations, same order as the
+ * scalar tail, so every element rounds the same way). */
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
                          int np, float *y, const float *res) {
     const float sc = a->scale ? a->scale[oc] : 1.0f;
     const float sh = a->shift ? a->shift[oc] : 0.0f;
-    for (int i = 0; i < np; ++i) {
-        const float v = (float)(base[i] - 2 * popc[i]) * sc;
-        y[i] = v + sh;
-    }
-    for (int q = 0; q < a->nops; ++q) {
-        const float c = a->op_args[q] ? a->op_args[q][oc] : 0.0f;
-        switch (a->ops[q]) {
-        case BZ_OP_ADD: for (int i = 0; i < np; ++i) y[i] = y[i] + c; break;
-        case BZ_OP_MUL: for (int i = 0; i < np; ++i) y[i] = y[i] * c; break;
-        case BZ_OP_PRELU: prelu_run(y, np, c); break;
-        case BZ_OP_RELU: for (int i = 0; i < np; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f; break;
-        case BZ_OP_RESIDUAL: for (int i = 0; i < np; ++i) y[i] = y[i] + res[i]; break;
-        default: break;
+    float cv[BZ_MAX_OPS];
+    for (int q = 0; q < a->nops; ++q) cv[q] = a->op_args[q] ? a->op_args[q][oc] : 0.0f;
+    int i = 0;
+#if defined(__GNUC__)
+    for (; i + 8 <= np; i += 8) {
+        bz_v8i b, p;
+        memcpy(&b, base + i, sizeof b);
+        memcpy(&p, popc + i, sizeof p);
+        bz_v8f v = __builtin_convertvector(b - 2 * p, bz_v8f) * sc;
+        v = v + sh;
+        for (int q = 0; q < a->nops; ++q) {
+            switch (a->ops[q]) {
+            case BZ_OP_ADD: v = v + cv[q]; break;
+            case BZ_OP_MUL: v = v * cv[q]; break;
+            case BZ_OP_PRELU: {
+                const bz_v8f n = v * cv[q];
+                const bz_v8i keep = v >= 0.0f;
+                v = (bz_v8f)(((bz_v8i)v & keep) | ((bz_v8i)n & ~keep));
+                break;
+            }
+            case BZ_OP_RELU: {
+                const bz_v8i keep = v > 0.0f;
+                v = (bz_v8f)((bz_v8i)v & keep);
+                break;
+            }
+            case BZ_OP_RESIDUAL: {
+                bz_v8f r;
+                memcpy(&r, res + i, sizeof r);
+                v = v + r;
+                break;
+            }
+            default: break;
+            }
         }
+        memcpy(y + i, &v, sizeof v);
+    }
+#endif
+    for (; i < np; ++i) {
+        float v = (float)(base[i] - 2 * popc[i]) * sc;
+        v = v + sh;
+        for (int q = 0; q < a->nops; ++q) {
+            switch (a->ops[q]) {
+            case BZ_OP_ADD: v = v + cv[q]; break;
+            case BZ_OP_MUL: v = v * cv[q]; break;
+            case BZ_OP_PRELU: { const float n = v * cv[q]; v = v >= 0.0f ? v : n; break; }
+            case BZ_OP_RELU: v = v > 0.0f ? v : 0.0f; break;
+            case BZ_OP_RESIDUAL: v = v + res[i]; break;
+            default: break;
+            }
+        }
+        y[i] = v;
     }
 }
 
