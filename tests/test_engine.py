@@ -460,7 +460,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="backend"):
         deploy(nn.Identity(), backend="gpu")
     with pytest.raises(ValueError, match="epilogue op"):
-        Epilogue(ops=[("sigmoid", None)])
+        Epilogue(ops=[("softplus", None)])
     with pytest.raises(ValueError, match="already deployed"):
         deploy(deploy(nn.Sequential(BinaryConv2d(4, 4, 1), nn.BatchNorm2d(4))))
 

@@ -229,3 +229,33 @@ def test_decoder_pairs_read_the_packed_parts_without_building_the_concatenation(
             odd = deployed(x, s[..., :13], coarse)
             torch.testing.assert_close(odd, block(x, s[..., :13], coarse), rtol=1e-4, atol=1e-4)
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "tanh"])
+def test_gate_activations_in_the_epilogue_match_torch(op):
+    """The kernels' vectorised sigmoid / tanh (conv epilogue, 8 lanes + scalar tail) stay within a
+    couple of float32 ulps of PyTorch, over the whole range including saturation and tiny values."""
+    from binarize.engine.functional import pointwise
+
+    reference = getattr(torch, op)
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(5000) * 3,
+                   torch.tensor([0.0, -0.0, 1e-8, -1e-8, 0.6249, 0.6251, -0.6251, 88.0, -88.0, 95.0, -95.0])])
+    exact = reference(x.double())
+    tolerance = 3 * torch.finfo(torch.float32).eps * exact.abs().clamp_min(1e-30) + 1e-45
+    got_pointwise = pointwise(x.view(1, 1, -1), Epilogue(ops=[(op, None)])).view(-1)
+    assert bool(((got_pointwise.double() - exact).abs() <= tolerance).all())
+    weights = pack_weights(torch.ones(8, 1, 1, 1, dtype=torch.bool))  # dot = +-1: y = scale * sign(x)
+    inputs = torch.ones(1, 1, 1, x.numel())
+    for backend in BACKENDS:
+        got = binary_conv2d(inputs, weights, epilogue=Epilogue(scale=torch.full((8,), 1.0), shift=None,
+                                                               ops=[("mul", torch.ones(8)), (op, None)]),
+                            backend=backend)
+        assert torch.allclose(got, reference(torch.ones(())).expand_as(got), rtol=0, atol=1e-7)
+    # the full range through the conv epilogue: per-channel shifts place each input value
+    shifts = x[: 8 * 1000].view(8, 1000)
+    for column in range(0, 1000, 250):
+        epilogue = Epilogue(scale=torch.zeros(8), shift=shifts[:, column].contiguous(), ops=[(op, None)])
+        for backend in BACKENDS:
+            got = binary_conv2d(torch.ones(1, 1, 3, 11), weights, epilogue=epilogue, backend=backend)
+            want = reference(shifts[:, column].double()).view(1, 8, 1, 1).expand_as(got)
+            assert torch.allclose(got.double(), want, rtol=3 * torch.finfo(torch.float32).eps, atol=1e-30)

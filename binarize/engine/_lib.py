@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 

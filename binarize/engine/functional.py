@@ -20,7 +20,7 @@ from binarize.engine import _lib
 
 OUT_BLOCK = 8  # output channels interleaved in the packed weights (OB in bitconv.c)
 PAD_MODES = {0.0: 0, 1.0: 1, -1.0: -1}
-OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4, "residual": 5}
+OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4, "residual": 5, "sigmoid": 6, "tanh": 7}
 MAX_OPS = 8
 
 Pair = Tuple[int, int]
@@ -86,7 +86,9 @@ class Epilogue:
 
     ``y = dot * scale + shift`` (two roundings, no FMA), then each op of ``ops`` in order:
     ("add", v), ("mul", v), ("prelu", slope) with per-channel vectors, ("relu", None), or
-    ("residual", None): add the float map passed to the conv as ``residual`` (a shortcut).
+    ("residual", None): add the float map passed to the conv as ``residual`` (a shortcut),
+    ("sigmoid", None) or ("tanh", None) (the C kernels' vectorised versions are within ~2 ulp of
+    PyTorch's, like any two libm implementations).
     """
 
     scale: Optional[torch.Tensor] = None
@@ -137,6 +139,10 @@ class Epilogue:
                 y = torch.where(y >= 0, y, y * vec(arg))
             elif name == "residual":
                 y = y + _repeat_channels(residual, y.shape[1])
+            elif name == "sigmoid":
+                y = torch.sigmoid(y)
+            elif name == "tanh":
+                y = torch.tanh(y)
             else:
                 y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y

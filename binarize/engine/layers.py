@@ -109,6 +109,10 @@ def epilogue_ops(module: nn.Module, channels: int) -> Optional[List[Tuple[str, O
         return [("prelu", _channel_vector(module, module.weight, channels))]
     if kind is nn.ReLU:
         return [("relu", None)]
+    if kind is nn.Sigmoid:
+        return [("sigmoid", None)]
+    if kind is nn.Tanh:
+        return [("tanh", None)]
     if kind is RPReLU and module.shift_in.channels == channels:
         return [*epilogue_ops(module.shift_in, channels), *epilogue_ops(module.prelu, channels),
                 *epilogue_ops(module.shift_out, channels)]

@@ -54,7 +54,8 @@ typedef uint64_t u64;
 
 /* epilogue ops applied after y = dot * scale[o] + shift[o] */
 /* BZ_OP_RESIDUAL adds a float map (the conv's residual operand) element by element */
-enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4, BZ_OP_RESIDUAL = 5 };
+enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4, BZ_OP_RESIDUAL = 5, BZ_OP_SIGMOID = 6,
+       BZ_OP_TANH = 7 };
 #define BZ_MAX_OPS 8
 
 /* smallest jobs worth a parallel region: floats packed, (pixel x output x word) popcounts */
@@ -115,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 8; }
+BZ_EXPORT int bz_abi_version(void) { return 9; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -511,6 +512,77 @@ static microkernel_fn select_microkernel(int kernel) {
 typedef float bz_v8f __attribute__((vector_size(32), aligned(4)));
 typedef int32_t bz_v8i __attribute__((vector_size(32), aligned(4)));
 #endif
+/* exp, sigmoid and tanh for the gate epilogues, vectorised (8 lanes) with a scalar twin that does
+ * the same operations.  exp: Cody-Waite reduction x = n ln2 + r and the degree-6 polynomial of
+ * Cephes' expf (S. L. Moshier, Cephes Mathematical Library); tanh: Cephes' tanhf (odd polynomial
+ * below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above).  Within ~2 ulp of libm / PyTorch. */
+#define BZ_EXP_POLY(r, z) \
+    (((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) + 4.1665795894e-2f) * \
+         (r) + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) * (z) + (r)) + 1.0f)
+#define BZ_TANH_POLY(z) \
+    ((((-5.70498872745e-3f * (z) + 2.06390887954e-2f) * (z) - 5.37397155531e-2f) * (z) + 1.33314422036e-1f) * \
+         (z) - 3.33332819422e-1f)
+
+static inline float bz_expf(float x) {
+    x = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.3365447504f ? -87.3365447504f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    const float y = BZ_EXP_POLY(r, z);
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline float bz_sigmoidf(float x) { return 1.0f / (1.0f + bz_expf(-x)); }
+
+static inline float bz_tanhf(float x) {
+    const float ax = fabsf(x);
+    if (ax < 0.625f) {
+        const float z = x * x;
+        return BZ_TANH_POLY(z) * z * x + x;
+    }
+    const float t = 1.0f - 2.0f / (bz_expf(2.0f * ax) + 1.0f);
+    return x < 0.0f ? -t : t;
+}
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* the 8-lane helpers are always inlined */
+BZ_INLINE bz_v8f bz_v8_select(bz_v8i keep, bz_v8f a, bz_v8f b) {
+    return (bz_v8f)(((bz_v8i)a & keep) | ((bz_v8i)b & ~keep));
+}
+
+BZ_INLINE bz_v8f bz_v8_exp(bz_v8f x) {
+    const bz_v8f hi = x * 0.0f + 88.3762626647949f, lo = x * 0.0f - 87.3365447504f;
+    x = bz_v8_select(x > hi, hi, x);
+    x = bz_v8_select(x < lo, lo, x);
+    bz_v8f t = x * 1.44269504088896341f + 0.5f;
+    /* floor of t: truncate, then step down where truncation went up (negative non-integers) */
+    bz_v8f n = __builtin_convertvector(__builtin_convertvector(t, bz_v8i), bz_v8f);
+    n = bz_v8_select(n > t, n - 1.0f, n);
+    bz_v8f r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const bz_v8f z = r * r;
+    const bz_v8f y = BZ_EXP_POLY(r, z);
+    const bz_v8i bits = (__builtin_convertvector(n, bz_v8i) + 127) << 23;
+    return y * (bz_v8f)bits;
+}
+
+BZ_INLINE bz_v8f bz_v8_sigmoid(bz_v8f x) { return 1.0f / (1.0f + bz_v8_exp(-x)); }
+
+BZ_INLINE bz_v8f bz_v8_tanh(bz_v8f x) {
+    const bz_v8i sign = (bz_v8i)x & (int32_t)0x80000000;
+    const bz_v8f ax = (bz_v8f)((bz_v8i)x & (int32_t)0x7fffffff);
+    const bz_v8f z = x * x;
+    const bz_v8f small = BZ_TANH_POLY(z) * z * x + x;
+    const bz_v8f t = 1.0f - 2.0f / (bz_v8_exp(2.0f * ax) + 1.0f);
+    const bz_v8f large = (bz_v8f)((bz_v8i)t | sign);
+    return bz_v8_select(ax < 0.625f, small, large);
+}
+#endif
+
 BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
     int64_t i = 0;
 #if defined(__GNUC__)
@@ -565,6 +637,8 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
                 v = v + r;
                 break;
             }
+            case BZ_OP_SIGMOID: v = bz_v8_sigmoid(v); break;
+            case BZ_OP_TANH: v = bz_v8_tanh(v); break;
             default: break;
             }
         }
@@ -581,6 +655,8 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
             case BZ_OP_PRELU: { const float n = v * cv[q]; v = v >= 0.0f ? v : n; break; }
             case BZ_OP_RELU: v = v > 0.0f ? v : 0.0f; break;
             case BZ_OP_RESIDUAL: v = v + res[i]; break;
+            case BZ_OP_SIGMOID: v = bz_sigmoidf(v); break;
+            case BZ_OP_TANH: v = bz_tanhf(v); break;
             default: break;
             }
         }
@@ -770,6 +846,8 @@ BZ_CLONES static void pointwise_row(const float *src, float *dst, int64_t np, in
         case BZ_OP_MUL: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] * v; break;
         case BZ_OP_PRELU: prelu_run(dst, np, v); break;
         case BZ_OP_RELU: for (int64_t i = 0; i < np; ++i) dst[i] = dst[i] > 0.0f ? dst[i] : 0.0f; break;
+        case BZ_OP_SIGMOID: for (int64_t i = 0; i < np; ++i) dst[i] = bz_sigmoidf(dst[i]); break;
+        case BZ_OP_TANH: for (int64_t i = 0; i < np; ++i) dst[i] = bz_tanhf(dst[i]); break;
         default: break;
         }
     }
