@@ -1129,21 +1129,29 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
 }
 
 /* out[n][c][p] = vals[c][k] * weights[k] + out[n][c][p] at the K positions n*P + p (each listed
- * once): the masked sum of a sparse-assisted pair, with the float model's rounding (product, then sum) */
+ * once): the masked sum of a sparse-assisted pair, with the float model's rounding (product, then sum).
+ * Positions are split into (sample, pixel) once, not once per channel (64-bit divisions are slow). */
 BZ_EXPORT int bz_masked_add(float *out, int64_t N, int64_t C, int64_t P, const float *vals, const float *weights,
                             const int64_t *positions, int64_t K) {
     if (N < 1 || C < 1 || P < 1 || K < 0) return -1;
+    int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K + 1));
+    if (!offset) return -2;
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t pos = positions[k];
+        const int64_t n = pos / P;
+        offset[k] = (n < 0 || n >= N) ? -1 : n * C * P + pos % P; /* element (n, 0, p) */
+    }
     for (int64_t c = 0; c < C; ++c) {
         const float *v = vals + c * K;
+        float *plane = out + c * P;
         for (int64_t k = 0; k < K; ++k) {
-            const int64_t pos = positions[k];
-            const int64_t n = pos / P;
-            if (n < 0 || n >= N) continue;
-            float *dst = out + (n * C + c) * P + pos % P;
+            if (offset[k] < 0) continue;
+            float *dst = plane + offset[k];
             const float product = v[k] * weights[k];
             *dst = product + *dst;
         }
     }
+    free(offset);
     return 0;
 }
 
