@@ -259,3 +259,28 @@ def test_gate_activations_in_the_epilogue_match_torch(op):
             got = binary_conv2d(torch.ones(1, 1, 3, 11), weights, epilogue=epilogue, backend=backend)
             want = reference(shifts[:, column].double()).view(1, 8, 1, 1).expand_as(got)
             assert torch.allclose(got.double(), want, rtol=3 * torch.finfo(torch.float32).eps, atol=1e-30)
+
+
+def test_untraceable_pointwise_convs_run_as_one_gemm():
+    from binarize.engine.fusion import FoldedConv2dForward
+
+    class Head(nn.Module):  # branches on ndim: torch.fx cannot trace it, so no container fusion
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 4, 1)
+            self.spatial = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            if x.ndim == 5:
+                return self.forward(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+            return self.spatial(self.conv(x))
+
+    head = Head().eval()
+    x = torch.randn(2, 3, 16, 9, 7)
+    with torch.no_grad():
+        expected = head(x)
+        deployed = deploy(head)
+        got = deployed(x)
+    assert isinstance(deployed.conv.__dict__.get("forward"), FoldedConv2dForward)
+    assert "forward" not in deployed.spatial.__dict__  # only unpadded 1x1 convs become GEMMs
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
