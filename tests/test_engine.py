@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import randomize_stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -234,17 +235,7 @@ def test_zero_activation_is_plus_one_in_the_engine():
 
 
 def _randomize_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 or name.endswith("bias") or "move" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    return model.eval()
+    return randomize_stats(model, seed)
 
 
 def _unit(cin: int, cout: int, k: int) -> list:

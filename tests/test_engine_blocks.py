@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import randomize_stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,18 +21,7 @@ BACKENDS = ("c", "torch") if available() else ("torch",)
 
 
 def _randomized(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial shifts, PReLU slopes and BatchNorm statistics (a fresh block is nearly an identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 1 or "bias" in name or "move" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        for name, b in module.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-    return module.eval()
+    return randomize_stats(module, seed, mean_scale=0.3)
 
 
 @FAST
