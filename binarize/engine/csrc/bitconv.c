@@ -132,13 +132,14 @@ static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 #define BZ_CLONES
 #endif
 
-/* one 64-channel word for np <= 64 pixels: 32-bit halves so the compare vectorises per lane */
-BZ_CLONES static void pack_block(const float *x, int64_t sc, int64_t sp, int64_t nc, int64_t np,
-                                 const float *bias, u64 *dst, int64_t dst_stride) {
+/* one 64-channel word for np <= 64 pixels, channel c read from rows[c][i * sp]: 32-bit halves so
+ * the compare vectorises per lane */
+BZ_CLONES static void pack_rows(const float *const *rows, int64_t sp, int64_t nc, int64_t np, const float *bias,
+                                u64 *dst, int64_t dst_stride) {
     uint32_t lo[64], hi[64];
     for (int64_t i = 0; i < np; ++i) lo[i] = hi[i] = 0;
     for (int64_t c = 0; c < nc; ++c) {
-        const float *row = x + c * sc;
+        const float *row = rows[c];
         const float b = bias ? bias[c] : 0.0f;
         const uint32_t bit = (uint32_t)1 << (c & 31);
         uint32_t *acc = c < 32 ? lo : hi;
@@ -149,6 +150,14 @@ BZ_CLONES static void pack_block(const float *x, int64_t sc, int64_t sp, int64_t
         }
     }
     for (int64_t i = 0; i < np; ++i) dst[i * dst_stride] = (u64)lo[i] | ((u64)hi[i] << 32);
+}
+
+/* the same for channels at a fixed stride: channel c's row starts at x + c * sc */
+static void pack_block(const float *x, int64_t sc, int64_t sp, int64_t nc, int64_t np, const float *bias, u64 *dst,
+                       int64_t dst_stride) {
+    const float *rows[64];
+    for (int64_t c = 0; c < nc; ++c) rows[c] = x + c * sc;
+    pack_rows(rows, sp, nc, np, bias, dst, dst_stride);
 }
 
 /*
@@ -915,6 +924,15 @@ BZ_EXPORT int bz_avgpool2x2(const float *x, float *out, int64_t NC, int64_t H, i
     return 0;
 }
 
+/* Source rows h0, h1 and weights of output row oh of a 2x bilinear up-sampling of H rows
+ * (align_corners=False: 0.25 / 0.75, the first row copies row 0, the last row is clamped). */
+static void upsample_source_rows(int64_t oh, int64_t H, int64_t *h0, int64_t *h1, float *lh0, float *lh1) {
+    if (oh == 0) { *h0 = 0; *lh0 = 1.0f; *lh1 = 0.0f; }
+    else if (oh & 1) { *h0 = oh / 2; *lh0 = 0.75f; *lh1 = 0.25f; }
+    else { *h0 = oh / 2 - 1; *lh0 = 0.25f; *lh1 = 0.75f; }
+    *h1 = *h0 + (*h0 < H - 1 ? 1 : 0);
+}
+
 /* One output row of the 2x bilinear up-sampling (align_corners=False): the weights of a 2x
  * scale are 0.25 / 0.75 (1 / 0 on the first row and column), computed as PyTorch does:
  * lh0 * (lw0 * a + lw1 * b) + lh1 * (lw0 * c + lw1 * d). */
@@ -945,31 +963,13 @@ BZ_EXPORT int bz_upsample2x(const float *x, float *out, int64_t NC, int64_t H, i
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
     for (job = 0; job < NC * OH; ++job) {
         const int64_t plane = job / OH, oh = job % OH;
-        int64_t h0;
+        int64_t h0, h1;
         float lh0, lh1;
-        if (oh == 0) { h0 = 0; lh0 = 1.0f; lh1 = 0.0f; }
-        else if (oh & 1) { h0 = oh / 2; lh0 = 0.75f; lh1 = 0.25f; }
-        else { h0 = oh / 2 - 1; lh0 = 0.25f; lh1 = 0.75f; }
-        const int64_t h1 = h0 + (h0 < H - 1 ? 1 : 0);
+        upsample_source_rows(oh, H, &h0, &h1, &lh0, &lh1);
         const float *src = x + plane * H * W;
         upsample_row(src + h0 * W, src + h1 * W, lh0, lh1, out + plane * out_plane + oh * OW, W);
     }
     return 0;
-}
-
-/* bits of np <= 64 pixels for nc <= 64 channels read from per-channel rows: one word per pixel */
-BZ_CLONES static void pack_rows(const float *const *rows, int64_t nc, int64_t np, const float *bias, u64 *dst,
-                                int64_t dst_stride) {
-    uint32_t lo[64], hi[64];
-    for (int64_t i = 0; i < np; ++i) lo[i] = hi[i] = 0;
-    for (int64_t c = 0; c < nc; ++c) {
-        const float *row = rows[c];
-        const float b = bias ? bias[c] : 0.0f;
-        const uint32_t bit = (uint32_t)1 << (c & 31);
-        uint32_t *acc = c < 32 ? lo : hi;
-        for (int64_t i = 0; i < np; ++i) acc[i] |= (row[i] + b >= 0.0f) ? bit : 0u;
-    }
-    for (int64_t i = 0; i < np; ++i) dst[i * dst_stride] = (u64)lo[i] | ((u64)hi[i] << 32);
 }
 
 /*
@@ -1004,12 +1004,9 @@ BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, i
 #pragma omp for schedule(static)
             for (job = 0; job < N * OH; ++job) {
                 const int64_t n = job / OH, oh = job % OH;
-                int64_t h0;
+                int64_t h0, h1;
                 float lh0, lh1;
-                if (oh == 0) { h0 = 0; lh0 = 1.0f; lh1 = 0.0f; }
-                else if (oh & 1) { h0 = oh / 2; lh0 = 0.75f; lh1 = 0.25f; }
-                else { h0 = oh / 2 - 1; lh0 = 0.25f; lh1 = 0.75f; }
-                const int64_t h1 = h0 + (h0 < h - 1 ? 1 : 0);
+                upsample_source_rows(oh, h, &h0, &h1, &lh0, &lh1);
                 for (int64_t c = 0; c < CL; ++c) {
                     const float *src = low + (n * CL + c) * h * w;
                     upsample_row(src + h0 * w, src + h1 * w, lh0, lh1, up + c * OW, w);
@@ -1026,7 +1023,7 @@ BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, i
                         const int64_t c0 = 64 * wd, nc = (C - c0) < 64 ? (C - c0) : 64;
                         for (int64_t q = 0; q < nc; ++q) block[q] = rows[c0 + q] + p0;
                         for (int b = 0; b < nb; ++b)
-                            pack_rows(block, nc, np, biases[b] ? biases[b] + c0 : NULL,
+                            pack_rows(block, 1, nc, np, biases[b] ? biases[b] + c0 : NULL,
                                       outs[b] + (n * P + oh * OW + p0) * NW + wd, NW);
                     }
                 }
