@@ -51,6 +51,13 @@ class PackedWeights:
         return self.tap_popcount.shape[0] // self.groups
 
 
+def _pack_words(bits: torch.Tensor) -> np.ndarray:
+    """Boolean CPU tensor [..., K] -> uint64 words [..., ceil(K/64)], bit i of word j = element
+    64*j + i (little-endian), tail bits zero."""
+    bits = F.pad(bits, (0, math.ceil(bits.shape[-1] / 64) * 64 - bits.shape[-1]))
+    return np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
+
+
 def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
     """Pack a boolean weight-sign tensor [O, C/groups, KH, KW] (True = +1) once, at deploy."""
     if positive.dim() != 4:
@@ -64,8 +71,7 @@ def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
     bits = positive.detach().to("cpu", torch.bool).permute(0, 2, 3, 1).reshape(groups, og, taps * cg)
     bits = F.pad(bits, (0, 0, 0, ogp - og))  # padded output channels: all -1, results discarded
     n_words = math.ceil(taps * cg / 64)
-    bits = F.pad(bits, (0, n_words * 64 - taps * cg))  # tail bits are zero, as in the activations
-    packed = np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
+    packed = _pack_words(bits)  # tail bits are zero, as in the activations
     packed = packed.reshape(groups, ogp // OUT_BLOCK, OUT_BLOCK, n_words).transpose(0, 1, 3, 2)
     words = torch.from_numpy(np.ascontiguousarray(packed).view(np.int64).copy())
     tap_popcount = bits[..., : taps * cg].reshape(groups, ogp, taps, cg).sum(-1, dtype=torch.int32)
@@ -220,11 +226,8 @@ def pack_activations_torch(x: torch.Tensor, bias: Optional[torch.Tensor] = None)
     n, c, h, w = x.shape
     if bias is not None:
         x = x + _vector(bias).to(x.device).view(1, -1, 1, 1)
-    words = math.ceil(c / 64)
-    bits = (x >= 0).permute(0, 2, 3, 1).reshape(n, h * w, c).cpu()
-    bits = F.pad(bits, (0, words * 64 - c))
-    packed = np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
-    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64)).reshape(n, h * w, 1, words)
+    packed = _pack_words((x >= 0).permute(0, 2, 3, 1).reshape(n, h * w, c).cpu())
+    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64)).reshape(n, h * w, 1, -1)
 
 
 def binary_conv2d(

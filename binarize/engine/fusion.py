@@ -371,9 +371,11 @@ def _mask_info(mask: torch.Tensor) -> dict:
 
 def _record_density(branch: MaskedBranch, mask: torch.Tensor, info: dict) -> None:
     """``branch.record_density(mask)``, computed once per mask."""
-    if "density" not in info:
-        info["density"] = float((mask != 0).float().mean())
-    branch.mask_density = info["density"]
+    if "density" in info:
+        branch.mask_density = info["density"]
+    else:
+        branch.record_density(mask)
+        info["density"] = branch.mask_density
 
 
 class SparseMaskedForward:
@@ -420,6 +422,7 @@ class SparseMaskedForward:
         for index in range(self.conv_index, stop):
             module = children[index]
             impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.forward
+            extra = {"packed_input": packed_input} if index == self.conv_index and packed_input is not None else {}
             sparse_ok = (usable and index in self.radius_after and tuple(module.stride) == (1, 1)
                          and isinstance(impl, (PackedConv2d, FoldedConv2dForward)))
             if sparse_ok:
@@ -433,14 +436,10 @@ class SparseMaskedForward:
                     limit = SPARSE_LIMIT_PACKED
                 else:
                     limit = SPARSE_LIMIT_FOLDED_C if impl.sparse_in_c(x) else SPARSE_LIMIT_FOLDED
-                extra = {"packed_input": packed_input} if index == self.conv_index and packed_input is not None else {}
                 if selected.numel() <= limit * active.numel():
                     x = impl(x, positions=selected, zero_rest=not (gathered and index == stop - 1), **extra)
                     continue
-            if index == self.conv_index and packed_input is not None:
-                x = module.__dict__["_impl"](x, packed_input=packed_input)
-                continue
-            x = module(x)
+            x = impl(x, **extra) if extra else module(x)
         return x, active, usable
 
     def masked_add(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor,
@@ -821,7 +820,7 @@ def _install_pointwise_gemms(model: nn.Module, backend: str) -> None:
     whose forward branches on ``x.ndim``) also run as one GEMM (2x faster than oneDNN's 1x1 conv
     on a 16 -> 4 full-resolution map here; equal up to float summation order)."""
     for module in model.modules():
-        if (type(module) is nn.Conv2d and "forward" not in module.__dict__ and module.kernel_size == (1, 1)
-                and module.stride == (1, 1) and module.groups == 1 and module.dilation == (1, 1)
-                and not any(module._reversed_padding_repeated_twice)):
-            module.forward = FoldedConv2dForward(module, None, False, backend)
+        if type(module) is nn.Conv2d and "forward" not in module.__dict__ and module.kernel_size == (1, 1):
+            forward = FoldedConv2dForward(module, None, False, backend)
+            if forward.pointwise:
+                module.forward = forward
