@@ -478,6 +478,46 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_hybrid(const u64 *A, 
 }
 #undef BZ_CNT
 
+/* AVX2 for convolutions whose im2col row is a single word (LW == 1: 1x1 convs of <= 64 channels):
+ * vectorised over pixels instead of output channels, 8 pixels x 8 outputs per pass and no
+ * per-call set-up, which costs more than the counting itself at one word.  Fills P[j][i] for
+ * j < OB and i < np. */
+__attribute__((target("avx2,popcnt"))) static void mk_avx2_word(const u64 *A, int64_t lda, int np,
+                                                                 const u64 *Wb, int32_t *P, int64_t ldp) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    int i = 0;
+    for (; i + 8 <= np; i += 8) {
+        __m256i a0, a1;
+        if (lda == 1) {
+            a0 = _mm256_loadu_si256((const __m256i *)(A + i));
+            a1 = _mm256_loadu_si256((const __m256i *)(A + i + 4));
+        } else {
+            const u64 *r = A + i * lda;
+            a0 = _mm256_setr_epi64x((long long)r[0], (long long)r[lda], (long long)r[2 * lda], (long long)r[3 * lda]);
+            r += 4 * lda;
+            a1 = _mm256_setr_epi64x((long long)r[0], (long long)r[lda], (long long)r[2 * lda], (long long)r[3 * lda]);
+        }
+        for (int j = 0; j < OB; ++j) {
+            const __m256i w = _mm256_set1_epi64x((long long)Wb[j]);
+            const __m256i x0 = _mm256_xor_si256(a0, w), x1 = _mm256_xor_si256(a1, w);
+            __m256i c0 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low)),
+                                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low)));
+            __m256i c1 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low)),
+                                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low)));
+            c0 = _mm256_sad_epu8(c0, zero); /* pixels 0..3, one count per 64-bit lane */
+            c1 = _mm256_sad_epu8(c1, zero); /* pixels 4..7 */
+            const __m256i both = _mm256_or_si256(c0, _mm256_slli_epi64(c1, 32));
+            _mm256_storeu_si256((__m256i *)(P + j * ldp + i), _mm256_permutevar8x32_epi32(both, order));
+        }
+    }
+    for (; i < np; ++i)
+        for (int j = 0; j < OB; ++j) P[j * ldp + i] = (int32_t)__builtin_popcountll(A[i * lda] ^ Wb[j]);
+}
+
 /* AVX-512 VPOPCNTDQ: one vector = one word of all 8 output channels */
 __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
     const u64 *A, int64_t lda, int npix, const u64 *Wb, int64_t LW, int32_t *P, int64_t ldp) {
@@ -513,6 +553,19 @@ static microkernel_fn select_microkernel(int kernel) {
     (void)kernel;
     return mk_generic;
 #endif
+}
+
+/* all np pixels of a tile at once, for LW == 1 (NULL: use the micro-kernel) */
+typedef void (*word_kernel_fn)(const u64 *, int64_t, int, const u64 *, int32_t *, int64_t);
+
+static word_kernel_fn select_word_kernel(int kernel, int64_t LW) {
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    if (LW == 1 && (kernel == BZ_KERNEL_AVX2 || kernel == BZ_KERNEL_AVX2_HYBRID)) return mk_avx2_word;
+#else
+    (void)kernel;
+    (void)LW;
+#endif
+    return NULL;
 }
 
 /* y = y >= 0 ? y : y * slope, in place.  Written as a bitwise select of both results: compilers
@@ -607,16 +660,62 @@ BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
     for (; i < np; ++i) { const float n = y[i] * slope; y[i] = y[i] >= 0.0f ? y[i] : n; }
 }
 
-/* epilogue of one output channel over np pixels: y = (base - 2*popc) * scale + shift, then ops;
- * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL).  One pass: each vector of
- * 8 outputs goes through the whole op chain in registers (same operations, same order as the
- * scalar tail, so every element rounds the same way). */
+/* one op over a row of np floats, in place (vectorised; the scalar tail does the same
+ * operations, so every element rounds the same way) */
+BZ_INLINE void op_run(int op, float cv, float *y, int np, const float *res) {
+    int i = 0;
+#if defined(__GNUC__)
+#define BZ_OP_LOOP(expr)                                  \
+    for (; i + 8 <= np; i += 8) {                         \
+        bz_v8f v;                                         \
+        memcpy(&v, y + i, sizeof v);                      \
+        v = (expr);                                       \
+        memcpy(y + i, &v, sizeof v);                      \
+    }
+    switch (op) {
+    case BZ_OP_ADD: BZ_OP_LOOP(v + cv) break;
+    case BZ_OP_MUL: BZ_OP_LOOP(v * cv) break;
+    case BZ_OP_PRELU: BZ_OP_LOOP(bz_v8_select(v >= 0.0f, v, v * cv)) break;
+    case BZ_OP_RELU: BZ_OP_LOOP((bz_v8f)((bz_v8i)v & (v > 0.0f))) break;
+    case BZ_OP_RESIDUAL:
+        for (; i + 8 <= np; i += 8) {
+            bz_v8f v, r;
+            memcpy(&v, y + i, sizeof v);
+            memcpy(&r, res + i, sizeof r);
+            v = v + r;
+            memcpy(y + i, &v, sizeof v);
+        }
+        break;
+    case BZ_OP_SIGMOID: BZ_OP_LOOP(bz_v8_sigmoid(v)) break;
+    case BZ_OP_TANH: BZ_OP_LOOP(bz_v8_tanh(v)) break;
+    default: break;
+    }
+#undef BZ_OP_LOOP
+#endif
+    for (; i < np; ++i) {
+        float v = y[i];
+        switch (op) {
+        case BZ_OP_ADD: v = v + cv; break;
+        case BZ_OP_MUL: v = v * cv; break;
+        case BZ_OP_PRELU: { const float n = v * cv; v = v >= 0.0f ? v : n; break; }
+        case BZ_OP_RELU: v = v > 0.0f ? v : 0.0f; break;
+        case BZ_OP_RESIDUAL: v = v + res[i]; break;
+        case BZ_OP_SIGMOID: v = bz_sigmoidf(v); break;
+        case BZ_OP_TANH: v = bz_tanhf(v); break;
+        default: break;
+        }
+        y[i] = v;
+    }
+}
+
+/* epilogue of one output channel over np <= TP pixels: y = (base - 2*popc) * scale + shift, then
+ * the ops one after another over the row, which stays in L1 (a loop over the ops inside the pixel
+ * loop keeps the value on the stack: a store-to-load chain of several cycles per op and vector).
+ * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL). */
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
-                         int np, float *y, const float *res) {
+                                   int np, float *y, const float *res) {
     const float sc = a->scale ? a->scale[oc] : 1.0f;
     const float sh = a->shift ? a->shift[oc] : 0.0f;
-    float cv[BZ_MAX_OPS];
-    for (int q = 0; q < a->nops; ++q) cv[q] = a->op_args[q] ? a->op_args[q][oc] : 0.0f;
     int i = 0;
 #if defined(__GNUC__)
     for (; i + 8 <= np; i += 8) {
@@ -625,52 +724,14 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
         memcpy(&p, popc + i, sizeof p);
         bz_v8f v = __builtin_convertvector(b - 2 * p, bz_v8f) * sc;
         v = v + sh;
-        for (int q = 0; q < a->nops; ++q) {
-            switch (a->ops[q]) {
-            case BZ_OP_ADD: v = v + cv[q]; break;
-            case BZ_OP_MUL: v = v * cv[q]; break;
-            case BZ_OP_PRELU: {
-                const bz_v8f n = v * cv[q];
-                const bz_v8i keep = v >= 0.0f;
-                v = (bz_v8f)(((bz_v8i)v & keep) | ((bz_v8i)n & ~keep));
-                break;
-            }
-            case BZ_OP_RELU: {
-                const bz_v8i keep = v > 0.0f;
-                v = (bz_v8f)((bz_v8i)v & keep);
-                break;
-            }
-            case BZ_OP_RESIDUAL: {
-                bz_v8f r;
-                memcpy(&r, res + i, sizeof r);
-                v = v + r;
-                break;
-            }
-            case BZ_OP_SIGMOID: v = bz_v8_sigmoid(v); break;
-            case BZ_OP_TANH: v = bz_v8_tanh(v); break;
-            default: break;
-            }
-        }
         memcpy(y + i, &v, sizeof v);
     }
 #endif
     for (; i < np; ++i) {
-        float v = (float)(base[i] - 2 * popc[i]) * sc;
-        v = v + sh;
-        for (int q = 0; q < a->nops; ++q) {
-            switch (a->ops[q]) {
-            case BZ_OP_ADD: v = v + cv[q]; break;
-            case BZ_OP_MUL: v = v * cv[q]; break;
-            case BZ_OP_PRELU: { const float n = v * cv[q]; v = v >= 0.0f ? v : n; break; }
-            case BZ_OP_RELU: v = v > 0.0f ? v : 0.0f; break;
-            case BZ_OP_RESIDUAL: v = v + res[i]; break;
-            case BZ_OP_SIGMOID: v = bz_sigmoidf(v); break;
-            case BZ_OP_TANH: v = bz_tanhf(v); break;
-            default: break;
-            }
-        }
-        y[i] = v;
+        const float v = (float)(base[i] - 2 * popc[i]) * sc;
+        y[i] = v + sh;
     }
+    for (int q = 0; q < a->nops; ++q) op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y, np, res);
 }
 
 typedef struct {
@@ -685,7 +746,7 @@ typedef struct {
 } tile_buffers;
 
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
-static void conv_tile(const conv_args *a, microkernel_fn mk, int pb, int64_t g, int64_t n, int64_t p0,
+static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word_kernel, int pb, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
     const int64_t OHW = a->OH * a->OW;
     const int64_t taps = a->KH * a->KW;
@@ -719,9 +780,13 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int pb, int64_t g, 
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
         const u64 *Wb = a->w + (g * nblocks + ob) * a->LW * OB;
-        for (int i0 = 0; i0 < np; i0 += pb) {
-            const int npix = (np - i0) < pb ? (np - i0) : pb;
-            mk(A + i0 * lda, lda, npix, Wb, a->LW, buf->P + i0, TP);
+        if (word_kernel) {
+            word_kernel(A, lda, np, Wb, buf->P, TP);
+        } else {
+            for (int i0 = 0; i0 < np; i0 += pb) {
+                const int npix = (np - i0) < pb ? (np - i0) : pb;
+                mk(A + i0 * lda, lda, npix, Wb, a->LW, buf->P + i0, TP);
+            }
         }
         const int jmax = (a->OG - ob * OB) < OB ? (int)(a->OG - ob * OB) : OB;
         for (int j = 0; j < jmax; ++j) {
@@ -767,6 +832,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, int pb, int64_t g, 
 static void conv_run(const conv_args *a, int nthreads) {
     const int kernel = best_kernel();
     const microkernel_fn mk = select_microkernel(kernel);
+    const word_kernel_fn word_kernel = select_word_kernel(kernel, a->LW);
     const int pb = kernel == BZ_KERNEL_AVX2_HYBRID ? 5 : PB;
     const int64_t OHW = a->OH * a->OW;
     /* dense: tiles never cross an image, so each output row segment is contiguous */
@@ -791,11 +857,11 @@ static void conv_run(const conv_args *a, int nthreads) {
             if (a->positions) {
                 const int64_t start = t * TP;
                 const int np = (int)((a->npos - start) < TP ? (a->npos - start) : TP);
-                conv_tile(a, mk, pb, g, 0, 0, a->positions + start, np, &buf);
+                conv_tile(a, mk, word_kernel, pb, g, 0, 0, a->positions + start, np, &buf);
             } else {
                 const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * TP;
                 const int np = (int)((OHW - p0) < TP ? (OHW - p0) : TP);
-                conv_tile(a, mk, pb, g, n, p0, NULL, np, &buf);
+                conv_tile(a, mk, word_kernel, pb, g, n, p0, NULL, np, &buf);
             }
         }
         free(buf.A);
