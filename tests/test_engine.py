@@ -518,21 +518,25 @@ def test_deploy_moves_pooling_and_upsampling_to_the_kernels():
 @needs_c
 @FAST
 @given(cin=st.integers(1, 9), cout=st.sampled_from([3, 8, 16, 24, 40]), k=st.sampled_from([1, 3, 5]),
-       dilation=st.integers(1, 2), relu=st.booleans(), seed=st.integers(0, 2**16))
-def test_sparse_float_conv_kernel_matches_dense_conv_at_positions(cin, cout, k, dilation, relu, seed):
+       dilation=st.integers(1, 2), relu=st.booleans(), height=st.integers(1, 20), width=st.integers(1, 20),
+       density=st.sampled_from([0.4, 1.0]), seed=st.integers(0, 2**16))
+def test_sparse_float_conv_kernel_matches_dense_conv_at_positions(cin, cout, k, dilation, relu, height, width,
+                                                                  density, seed):
+    # maps large enough for runs of four interior positions (the vectorised path) and small ones
+    # where every window crosses the border
     from binarize.engine.fusion import FoldedConv2dForward
 
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=True)
     folded = FoldedConv2dForward(conv, None, relu)
-    x = torch.randn(2, cin, 7, 9)
+    x = torch.randn(2, cin, height, width)
     dense = folded(x)
-    positions = torch.nonzero(torch.rand(dense[:, :1].numel()) < 0.4).reshape(-1)
+    positions = torch.nonzero(torch.rand(dense[:, :1].numel()) < density).reshape(-1)
     assert folded.sparse_in_c(x)
     got = folded(x, positions=positions)
     expected = torch.zeros_like(dense).permute(1, 0, 2, 3).reshape(cout, -1)
     expected[:, positions] = dense.permute(1, 0, 2, 3).reshape(cout, -1)[:, positions]
-    expected = expected.reshape(cout, 2, 7, 9).permute(1, 0, 2, 3)
+    expected = expected.reshape(cout, 2, height, width).permute(1, 0, 2, 3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -835,13 +835,23 @@ static void conv_run(const conv_args *a, int nthreads) {
     const word_kernel_fn word_kernel = select_word_kernel(kernel, a->LW);
     const int pb = kernel == BZ_KERNEL_AVX2_HYBRID ? 5 : PB;
     const int64_t OHW = a->OH * a->OW;
+    const int64_t npix = a->positions ? a->npos : a->N * OHW;
+    const double work = (double)npix * (double)a->G * (double)a->OGP * (double)(a->LW + 2);
+    const int parallel = nthreads > 1 && work >= BZ_CONV_PARALLEL_MIN;
+    /* tiles of TP pixels, or smaller ones (multiples of 8) when there would be too few to keep
+     * every thread busy to the end: small maps with many channels (a 576-pixel map is 9 tiles,
+     * so one of two threads would wait for a whole tile's work) */
+    int64_t tp = TP;
+    if (parallel && (npix + TP - 1) / TP < 8 * (int64_t)nthreads) {
+        tp = (npix + 8 * nthreads - 1) / (8 * nthreads);
+        tp = (tp + 7) / 8 * 8;
+        if (tp < 8) tp = 8;
+        if (tp > TP) tp = TP;
+    }
     /* dense: tiles never cross an image, so each output row segment is contiguous */
-    const int64_t tiles_per_image = (OHW + TP - 1) / TP;
-    const int64_t ntiles = a->positions ? (a->npos + TP - 1) / TP : a->N * tiles_per_image;
+    const int64_t tiles_per_image = (OHW + tp - 1) / tp;
+    const int64_t ntiles = a->positions ? (a->npos + tp - 1) / tp : a->N * tiles_per_image;
     const int64_t njobs = ntiles * a->G;
-    const double work = (double)(a->positions ? a->npos : a->N * OHW) * (double)a->G * (double)a->OGP *
-                        (double)(a->LW + 2);
-    const int parallel = nthreads > 1 && njobs > 1 && work >= BZ_CONV_PARALLEL_MIN;
     (void)parallel; /* unused without OpenMP */
 #pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
     {
@@ -850,17 +860,17 @@ static void conv_run(const conv_args *a, int nthreads) {
         buf.P = (int32_t *)malloc(sizeof(int32_t) * (size_t)(OB * TP));
         buf.inv = (int32_t *)malloc(sizeof(int32_t) * (size_t)(TP * a->KH * a->KW));
         int64_t job;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
         for (job = 0; job < njobs; ++job) {
             const int64_t g = job / ntiles, t = job % ntiles;
             if (!buf.A || !buf.P || !buf.inv) continue;
             if (a->positions) {
-                const int64_t start = t * TP;
-                const int np = (int)((a->npos - start) < TP ? (a->npos - start) : TP);
+                const int64_t start = t * tp;
+                const int np = (int)((a->npos - start) < tp ? (a->npos - start) : tp);
                 conv_tile(a, mk, word_kernel, pb, g, 0, 0, a->positions + start, np, &buf);
             } else {
-                const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * TP;
-                const int np = (int)((OHW - p0) < TP ? (OHW - p0) : TP);
+                const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tp;
+                const int np = (int)((OHW - p0) < tp ? (OHW - p0) : tp);
                 conv_tile(a, mk, word_kernel, pb, g, n, p0, NULL, np, &buf);
             }
         }
@@ -1157,6 +1167,62 @@ BZ_CLONES static void sparse_fconv_point(const float *restrict x, int64_t C, int
     }
 }
 
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+/* Four positions whose windows lie inside the map, 8 or 16 output channels (nv = O / 8): each
+ * weight vector loaded once feeds four positions' fused multiply-adds, with all accumulators in
+ * registers.  src[i] points at position i's window origin in channel 0. */
+__attribute__((target("avx2,fma"))) static void sparse_fconv_quad(const float *const src[4], int64_t HW,
+                                                                   int64_t C, const float *restrict w,
+                                                                   const float *restrict bias, int nv,
+                                                                   int64_t KH, int64_t KW, int64_t step_h,
+                                                                   int64_t step_w, float acc[4][16]) {
+    __m256 a00 = _mm256_loadu_ps(bias), a10 = a00, a20 = a00, a30 = a00;
+    __m256 a01 = nv > 1 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps(), a11 = a01, a21 = a01, a31 = a01;
+    const int64_t O = 8 * nv;
+    for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw) {
+            const int64_t off = kh * step_h + kw * step_w;
+            const float *p0 = src[0] + off, *p1 = src[1] + off, *p2 = src[2] + off, *p3 = src[3] + off;
+            const float *wt = w + (kh * KW + kw) * O;
+            const int64_t wstep = KH * KW * O;
+            if (nv == 2) {
+                for (int64_t c = 0; c < C; ++c, wt += wstep) {
+                    const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
+                    const int64_t e = c * HW;
+                    __m256 v = _mm256_broadcast_ss(p0 + e);
+                    a00 = _mm256_fmadd_ps(w0, v, a00); a01 = _mm256_fmadd_ps(w1, v, a01);
+                    v = _mm256_broadcast_ss(p1 + e);
+                    a10 = _mm256_fmadd_ps(w0, v, a10); a11 = _mm256_fmadd_ps(w1, v, a11);
+                    v = _mm256_broadcast_ss(p2 + e);
+                    a20 = _mm256_fmadd_ps(w0, v, a20); a21 = _mm256_fmadd_ps(w1, v, a21);
+                    v = _mm256_broadcast_ss(p3 + e);
+                    a30 = _mm256_fmadd_ps(w0, v, a30); a31 = _mm256_fmadd_ps(w1, v, a31);
+                }
+            } else {
+                for (int64_t c = 0; c < C; ++c, wt += wstep) {
+                    const __m256 w0 = _mm256_loadu_ps(wt);
+                    const int64_t e = c * HW;
+                    a00 = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(p0 + e), a00);
+                    a10 = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(p1 + e), a10);
+                    a20 = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(p2 + e), a20);
+                    a30 = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(p3 + e), a30);
+                }
+            }
+        }
+    _mm256_storeu_ps(acc[0], a00); _mm256_storeu_ps(acc[1], a10);
+    _mm256_storeu_ps(acc[2], a20); _mm256_storeu_ps(acc[3], a30);
+    if (nv == 2) {
+        _mm256_storeu_ps(acc[0] + 8, a01); _mm256_storeu_ps(acc[1] + 8, a11);
+        _mm256_storeu_ps(acc[2] + 8, a21); _mm256_storeu_ps(acc[3] + 8, a31);
+    }
+}
+
+static int fma_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
 /* out[n][o][p] (zeroed by the caller) = conv(x)[n][o][p] (+ ReLU) at the flattened positions
  * n*OH*OW + p; x [N][C][H][W], w [C][KH][KW][O]. */
 BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const float *w,
@@ -1166,6 +1232,11 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
     if (N < 1 || C < 1 || O < 1 || O > 4096 || KH < 1 || KW < 1 || OH < 1 || OW < 1) return -1;
     const int parallel = nthreads > 1 && (double)npos * (double)(C * KH * KW * O) >= BZ_CONV_PARALLEL_MIN;
     (void)parallel;
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    const int quad = fma_available();
+#else
+    const int quad = 0;
+#endif
     int status = 0;
 #pragma omp parallel num_threads(clamp_threads(nthreads)) if (parallel)
     {
@@ -1174,16 +1245,43 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
 #pragma omp atomic write
             status = -2;
         } else {
-            int64_t i;
+            int64_t q;
 #pragma omp for schedule(static)
-            for (i = 0; i < npos; ++i) {
-                const int64_t pos = positions[i];
-                const int64_t n = pos / (OH * OW), pixel = pos % (OH * OW);
-                if (n < 0 || n >= N) continue;
-                sparse_fconv_point(x + n * C * H * W, C, H, W, w, bias, O, KH, KW, PH, PW, DH, DW, pixel / OW,
-                                   pixel % OW, acc);
-                float *dst = out + n * O * OH * OW + pixel;
-                for (int64_t o = 0; o < O; ++o) dst[o * OH * OW] = relu && !(acc[o] > 0.0f) ? 0.0f : acc[o];
+            for (q = 0; q < (npos + 3) / 4; ++q) {
+                const int64_t i0 = 4 * q, i1 = (i0 + 4) < npos ? (i0 + 4) : npos;
+                int64_t n4[4], pix4[4];
+                int inside = i1 - i0 == 4 && quad && O <= 16 && O % 8 == 0;
+                for (int64_t i = i0; i < i1; ++i) {
+                    const int64_t pos = positions[i], n = pos / (OH * OW), pixel = pos % (OH * OW);
+                    const int64_t ih0 = pixel / OW - PH, iw0 = pixel % OW - PW;
+                    n4[i - i0] = n;
+                    pix4[i - i0] = pixel;
+                    inside = inside && n >= 0 && n < N && ih0 >= 0 && ih0 + (KH - 1) * DH < H && iw0 >= 0 &&
+                             iw0 + (KW - 1) * DW < W;
+                }
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+                if (inside) {
+                    const float *src[4];
+                    float acc4[4][16];
+                    for (int i = 0; i < 4; ++i)
+                        src[i] = x + n4[i] * C * H * W + (pix4[i] / OW - PH) * W + (pix4[i] % OW - PW);
+                    sparse_fconv_quad(src, H * W, C, w, bias, (int)(O / 8), KH, KW, DH * W, DW, acc4);
+                    for (int i = 0; i < 4; ++i) {
+                        float *dst = out + n4[i] * O * OH * OW + pix4[i];
+                        for (int64_t o = 0; o < O; ++o)
+                            dst[o * OH * OW] = relu && !(acc4[i][o] > 0.0f) ? 0.0f : acc4[i][o];
+                    }
+                    continue;
+                }
+#endif
+                for (int64_t i = i0; i < i1; ++i) {
+                    const int64_t n = n4[i - i0], pixel = pix4[i - i0];
+                    if (n < 0 || n >= N) continue;
+                    sparse_fconv_point(x + n * C * H * W, C, H, W, w, bias, O, KH, KW, PH, PW, DH, DW, pixel / OW,
+                                       pixel % OW, acc);
+                    float *dst = out + n * O * OH * OW + pixel;
+                    for (int64_t o = 0; o < O; ++o) dst[o * OH * OW] = relu && !(acc[o] > 0.0f) ? 0.0f : acc[o];
+                }
             }
             free(acc);
         }
