@@ -186,6 +186,47 @@ def test_upsample_concat_pack_equals_packing_the_concatenation(n, low_channels, 
     assert upsample_concat_pack(low, [torch.randn(n, 2, 2 * h + 1, 2 * w)], biases) is None
 
 
+@pytest.mark.skipif(not available(), reason="C kernels not built")
+@FAST
+@given(n=st.integers(1, 2), part_channels=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+       h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_concat_pack_equals_packing_the_concatenation(n, part_channels, h, w, seed):
+    from binarize.engine.functional import concat_pack
+
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, c, h, w, generator=g) for c in part_channels]
+    concat = torch.cat(parts, dim=1)
+    biases = [torch.randn(concat.shape[1], generator=g) * 0.3, None]
+    for got, bias in zip(concat_pack(parts, biases), biases):
+        assert torch.equal(got, pack_activations(concat, bias, 1))
+    # parts of another size give None (the caller builds the concatenation instead)
+    assert concat_pack([*parts, torch.randn(n, 2, h + 1, w)], biases) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recurrent_gates_read_the_packed_parts_without_building_the_concatenation(backend, monkeypatch):
+    from binarize.engine import functional
+    from binarize.models.bimatting_decoder import MaskedConvGRU
+
+    gru = _randomized(MaskedConvGRU(6), 11)
+    x = torch.randn(1, 3, 6, 9, 10)  # [B, T, C, H, W]
+    mask = torch.zeros(1, 3, 1, 9, 10)
+    mask[0, :, 0, 2:5, 3:8] = 0.5
+    mask[0, 1, 0, 7, 9] = 1.0
+    with torch.no_grad():
+        expected = gru(x, None, mask)
+    deployed = deploy(gru, backend=backend)
+    calls = []
+    original = functional.concat_pack
+    monkeypatch.setattr("binarize.engine.fusion.concat_pack", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        got = deployed(x, None, mask)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    # two gates per frame take the fused path with the C kernels; the torch backend concatenates
+    assert len(calls) == (6 if backend == "c" else 0)
+
+
 def _output_block(seed: int = 5):
     from binarize.models.bimatting_decoder import OutputBlock
 

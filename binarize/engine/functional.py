@@ -466,30 +466,60 @@ def upsample_concat_pack(low: torch.Tensor, skips: Sequence[torch.Tensor],
     ``low`` [N, CL, h, w]; every skip [N, SC, 2h, 2w].  Returns one int64 word tensor
     [N, 4hw, 1, ceil(C/64)] per bias, or None when the C kernels cannot take these tensors.
     """
+    if low.dim() != 4:
+        return None
+    n, _, h, w = low.shape
+    return _pack_parts(low, skips, biases, (n, 2 * h, 2 * w), num_threads)
+
+
+def concat_pack(parts: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                num_threads: Optional[int] = None) -> Optional[List[torch.Tensor]]:
+    """``pack_activations(cat(parts, 1), bias)`` for each bias, in one pass over the parts (the
+    concatenation is never built: a recurrent gate's ``cat([x, h])``).  Parts [N, C_k, H, W];
+    returns one int64 word tensor [N, HW, 1, ceil(C/64)] per bias, or None when the C kernels
+    cannot take these tensors."""
+    if not parts or parts[0].dim() != 4:
+        return None
+    n, _, h, w = parts[0].shape
+    return _pack_parts(None, parts, biases, (n, h, w), num_threads)
+
+
+def _pack_parts(low: Optional[torch.Tensor], parts: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                size: Tuple[int, int, int], num_threads: Optional[int]) -> Optional[List[torch.Tensor]]:
+    """Packed words of cat([upsample2x(low) if low is given, *parts], 1) (all [N, C, H, W] at ``size``
+    (N, H, W)) for each bias, by the C kernels; None when they cannot take these tensors."""
     lib = _lib.library()
-    tensors = [low, *skips]
-    if (lib is None or low.dim() != 4 or not 1 <= len(biases) <= 4 or len(skips) > 8
+    tensors = ([] if low is None else [low]) + list(parts)
+    if (lib is None or not 1 <= len(biases) <= 4 or not 1 <= len(tensors) <= 9 or len(parts) > 8
             or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 for t in tensors)):
         return None
-    n, cl, h, w = low.shape
-    if any(s.shape[0] != n or s.shape[2:] != (2 * h, 2 * w) for s in skips):
+    n, height, width = size
+    if any(p.shape[0] != n or tuple(p.shape[2:]) != (height, width) for p in parts):
         return None
     tensors = [t.contiguous() for t in tensors]
-    channels = cl + sum(s.shape[1] for s in skips)
+    parts = tensors[len(tensors) - len(parts):]
+    channels = sum(t.shape[1] for t in tensors)
     vectors = [None if b is None else _vector(b) for b in biases]
     if any(v is not None and v.numel() != channels for v in vectors):
         raise ValueError(f"every bias needs {channels} values (the concatenation's channels)")
     words = math.ceil(channels / 64)
-    outs = [torch.empty(n * 4 * h * w * words + 1, dtype=torch.int64) for _ in biases]
-    skip_ptrs = (ctypes.c_void_p * max(1, len(skips)))(*[t.data_ptr() for t in tensors[1:]])
-    skip_channels = (ctypes.c_int64 * max(1, len(skips)))(*[t.shape[1] for t in tensors[1:]])
+    pixels = height * width
+    outs = [torch.empty(n * pixels * words + 1, dtype=torch.int64) for _ in biases]
+    part_ptrs = (ctypes.c_void_p * max(1, len(parts)))(*[t.data_ptr() for t in parts])
+    part_channels = (ctypes.c_int64 * max(1, len(parts)))(*[t.shape[1] for t in parts])
     bias_ptrs = (ctypes.c_void_p * len(vectors))(*[None if v is None else v.data_ptr() for v in vectors])
     out_ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
-    status = lib.bz_upsample_concat_pack(tensors[0].data_ptr(), n, cl, h, w, len(skips), skip_ptrs, skip_channels,
-                                         len(vectors), bias_ptrs, out_ptrs, _num_threads(num_threads))
+    threads = _num_threads(num_threads)
+    if low is None:
+        status = lib.bz_concat_pack(n, height, width, len(parts), part_ptrs, part_channels, len(vectors), bias_ptrs,
+                                    out_ptrs, threads)
+    else:
+        status = lib.bz_upsample_concat_pack(tensors[0].data_ptr(), n, low.shape[1], low.shape[2], low.shape[3],
+                                             len(parts), part_ptrs, part_channels, len(vectors), bias_ptrs, out_ptrs,
+                                             threads)
     if status != 0:
-        raise RuntimeError(f"bz_upsample_concat_pack rejected its arguments (status {status})")
-    return [o[:-1].view(n, 4 * h * w, 1, words) for o in outs]
+        raise RuntimeError(f"packing the concatenation: the C kernel rejected its arguments (status {status})")
+    return [o[:-1].view(n, pixels, 1, words) for o in outs]
 
 
 def binary_linear(

@@ -32,6 +32,7 @@ from binarize.engine.functional import (
     MAX_OPS,
     Epilogue,
     avg_pool2x2,
+    concat_pack,
     pointwise,
     upsample2x,
     upsample_concat_pack,
@@ -530,35 +531,50 @@ class SparsePairForward:
         return self.pair.sparse.forward.masked_add(x, mask, dense)
 
 
-class UpsampleConcatPairForward:
-    """``pair(cat([upsample2x(low), *skips], 1), mask)`` whose two binary convs read bits packed
-    straight from the parts, so the full-size concatenation is never built or read (BiMatting's
-    decoder: up-sample, concatenate the encoder feature and image, sparse-assisted pair).
+class ConcatPairForward:
+    """``pair(cat(parts, 1), mask)`` whose two binary convs read bits packed straight from the parts,
+    so the concatenation is never built or read: BiMatting's decoder up-samples, concatenates the
+    encoder feature and image (``upsample_concat``), and its recurrent gates concatenate input and
+    state (``concat``) before a sparse-assisted pair.
 
-    Installed as ``pair.upsample_concat_forward``; returns None when it cannot take the inputs
-    (the caller then builds the concatenation)."""
+    Installed as ``pair.upsample_concat_forward`` and ``pair.concat_forward``; both return None when
+    they cannot take the inputs (the caller then builds the concatenation)."""
 
     def __init__(self, pair: SparseAssistedPair, num_threads: Optional[int]) -> None:
         self.pair = pair
         self.num_threads = num_threads
         self.dense_index = _first_packed_conv(pair.dense)
 
-    def __call__(self, upsample: nn.Module, low: torch.Tensor, skips: Sequence[torch.Tensor],
-                 mask: torch.Tensor) -> Optional[torch.Tensor]:
+    def upsample_concat(self, upsample: nn.Module, low: torch.Tensor, skips: Sequence[torch.Tensor],
+                        mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """``pair(cat([upsample(low), *skips], 1), mask)`` (``upsample`` a deployed bilinear 2x)."""
         resample = upsample.__dict__.get("forward")
-        sparse = self.pair.sparse.__dict__.get("forward")
-        if (self.dense_index is None or not isinstance(resample, ResampleForward) or resample.kind != "upsample"
-                or resample.backend == "torch" or not isinstance(sparse, SparseMaskedForward)
+        if (not isinstance(resample, ResampleForward) or resample.kind != "upsample" or resample.backend == "torch"
                 or low.dim() != 4 or not skips or any(s.dim() != 4 for s in skips)):
             return None
         n, low_channels, h, w = low.shape
         shape = (n, low_channels + sum(s.shape[1] for s in skips), 2 * h, 2 * w)
-        if not sparse.accepts_packed(shape, mask):
+        return self._run(shape, mask, lambda biases: upsample_concat_pack(low, skips, biases, self.num_threads))
+
+    def concat(self, parts: Sequence[torch.Tensor], mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """``pair(cat(parts, 1), mask)``."""
+        if not parts or any(p.dim() != 4 for p in parts):
+            return None
+        n, _, h, w = parts[0].shape
+        shape = (n, sum(p.shape[1] for p in parts), h, w)
+        return self._run(shape, mask, lambda biases: concat_pack(parts, biases, self.num_threads))
+
+    def _run(self, shape: tuple, mask: torch.Tensor, pack) -> Optional[torch.Tensor]:
+        sparse = self.pair.sparse.__dict__.get("forward")
+        if (self.dense_index is None or not isinstance(sparse, SparseMaskedForward)
+                or not sparse.accepts_packed(shape, mask)):
             return None
         dense_children = list(self.pair.dense)
         dense_impl = dense_children[self.dense_index].__dict__["_impl"]
         sparse_impl = list(self.pair.sparse)[sparse.conv_index].__dict__["_impl"]
-        words = upsample_concat_pack(low, skips, [dense_impl.spec.bias, sparse_impl.spec.bias], self.num_threads)
+        if "torch" in (dense_impl.backend, sparse_impl.backend):
+            return None  # packed inputs need the C kernels
+        words = pack([dense_impl.spec.bias, sparse_impl.spec.bias])
         if words is None:
             return None
         meta = torch.empty(shape, device="meta")
@@ -809,7 +825,9 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
                                                                  SparseMaskedForward):
                 module.forward = SparsePairForward(module)
                 if fuse:
-                    module.upsample_concat_forward = UpsampleConcatPairForward(module, num_threads)
+                    fused = ConcatPairForward(module, num_threads)
+                    module.upsample_concat_forward = fused.upsample_concat
+                    module.concat_forward = fused.concat
     if fuse:
         _install_resampling(model, report, options)
         _install_pointwise_gemms(model, backend)

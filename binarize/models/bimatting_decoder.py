@@ -109,8 +109,8 @@ class MaskedConvGRU(nn.Module):
         )
 
     def step(self, x: Tensor, h: Tensor, mask: Tensor) -> Tensor:
-        r, z = self.ih(torch.cat([x, h], dim=1), mask).split(self.channels, dim=1)
-        c = self.hh(torch.cat([x, r * h], dim=1), mask)
+        r, z = _pair_on_concat(self.ih, [x, h], mask).split(self.channels, dim=1)
+        c = _pair_on_concat(self.hh, [x, r * h], mask)
         return (1 - z) * h + z * c
 
     def forward(self, x: Tensor, h: Optional[Tensor], mask: Tensor) -> Tuple[Tensor, Tensor]:
@@ -174,6 +174,17 @@ def _pair_on_upsampled(pair: SparseAssistedPair, upsample: nn.Module, x: Tensor,
         if out is not None:
             return out, mask
     return pair(_upsample_concat(upsample, x, skips), mask), mask
+
+
+def _pair_on_concat(pair: SparseAssistedPair, parts: Sequence[Tensor], mask: Tensor) -> Tensor:
+    """``pair(cat(parts, 1), mask)``; a deployed pair may take the parts directly (``concat_forward``,
+    set by binarize.engine.deploy: the concatenation is never built)."""
+    fused = getattr(pair, "concat_forward", None)
+    if fused is not None:
+        out = fused(parts, mask)
+        if out is not None:
+            return out
+    return pair(torch.cat(list(parts), dim=1), mask)
 
 
 def _resize_mask(mask: Tensor, size: Sequence[int]) -> Tensor:

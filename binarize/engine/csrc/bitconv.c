@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 9; }
+BZ_EXPORT int bz_abi_version(void) { return 10; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -1054,17 +1054,20 @@ BZ_EXPORT int bz_upsample2x(const float *x, float *out, int64_t NC, int64_t H, i
  * bz_upsample2x, so the bits equal packing the concatenation.  For each of nb biases (nullable
  * entries: no shift) outs[b] receives [N][4hw][ceil(C/64)] words, bit = value + bias >= 0.
  */
-BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, int64_t h, int64_t w, int nskips,
-                                      const float *const *skips, const int64_t *skip_channels, int nb,
-                                      const float *const *biases, u64 *const *outs, int nthreads) {
-    if (N < 1 || CL < 0 || h < 1 || w < 1 || nskips < 0 || nskips > 8 || nb < 1 || nb > 4) return -1;
+/* Pack cat([upsample2x(low), *parts], 1) for nb input shifts in one pass over the parts: the
+ * concatenation (and the up-sampled map) is never built.  low [N][CL][OH/2][OW/2] (CL may be 0);
+ * part k [N][part_channels[k]][OH][OW]; outs[b] [N][OH*OW][ceil(C/64)] words. */
+static int concat_pack_run(const float *low, int64_t N, int64_t CL, int64_t h, int64_t w, int64_t OH, int64_t OW,
+                           int nparts, const float *const *parts, const int64_t *part_channels, int nb,
+                           const float *const *biases, u64 *const *outs, int nthreads) {
+    if (N < 1 || CL < 0 || OH < 1 || OW < 1 || nparts < 0 || nparts > 8 || nb < 1 || nb > 4) return -1;
     int64_t C = CL;
-    for (int k = 0; k < nskips; ++k) {
-        if (skip_channels[k] < 1) return -1;
-        C += skip_channels[k];
+    for (int k = 0; k < nparts; ++k) {
+        if (part_channels[k] < 1) return -1;
+        C += part_channels[k];
     }
     if (C < 1) return -1;
-    const int64_t OH = 2 * h, OW = 2 * w, P = OH * OW, NW = (C + 63) / 64;
+    const int64_t P = OH * OW, NW = (C + 63) / 64;
     const int parallel = nthreads > 1 && N * C * P >= BZ_PACK_PARALLEL_MIN;
     (void)parallel;
     int status = 0;
@@ -1080,18 +1083,20 @@ BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, i
 #pragma omp for schedule(static)
             for (job = 0; job < N * OH; ++job) {
                 const int64_t n = job / OH, oh = job % OH;
-                int64_t h0, h1;
-                float lh0, lh1;
-                upsample_source_rows(oh, h, &h0, &h1, &lh0, &lh1);
-                for (int64_t c = 0; c < CL; ++c) {
-                    const float *src = low + (n * CL + c) * h * w;
-                    upsample_row(src + h0 * w, src + h1 * w, lh0, lh1, up + c * OW, w);
-                    rows[c] = up + c * OW;
+                if (CL) {
+                    int64_t h0, h1;
+                    float lh0, lh1;
+                    upsample_source_rows(oh, h, &h0, &h1, &lh0, &lh1);
+                    for (int64_t c = 0; c < CL; ++c) {
+                        const float *src = low + (n * CL + c) * h * w;
+                        upsample_row(src + h0 * w, src + h1 * w, lh0, lh1, up + c * OW, w);
+                        rows[c] = up + c * OW;
+                    }
                 }
                 int64_t c = CL;
-                for (int k = 0; k < nskips; ++k)
-                    for (int64_t j = 0; j < skip_channels[k]; ++j, ++c)
-                        rows[c] = skips[k] + ((n * skip_channels[k] + j) * OH + oh) * OW;
+                for (int k = 0; k < nparts; ++k)
+                    for (int64_t j = 0; j < part_channels[k]; ++j, ++c)
+                        rows[c] = parts[k] + ((n * part_channels[k] + j) * OH + oh) * OW;
                 for (int64_t p0 = 0; p0 < OW; p0 += 64) {
                     const int64_t np = (OW - p0) < 64 ? (OW - p0) : 64;
                     const float *block[64];
@@ -1109,6 +1114,22 @@ BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, i
         free(rows);
     }
     return status;
+}
+
+BZ_EXPORT int bz_upsample_concat_pack(const float *low, int64_t N, int64_t CL, int64_t h, int64_t w, int nskips,
+                                      const float *const *skips, const int64_t *skip_channels, int nb,
+                                      const float *const *biases, u64 *const *outs, int nthreads) {
+    if (h < 1 || w < 1) return -1;
+    return concat_pack_run(low, N, CL, h, w, 2 * h, 2 * w, nskips, skips, skip_channels, nb, biases, outs,
+                           nthreads);
+}
+
+/* Pack cat(parts, 1) (each [N][part_channels[k]][H][W]) for nb input shifts, without building it. */
+BZ_EXPORT int bz_concat_pack(int64_t N, int64_t H, int64_t W, int nparts, const float *const *parts,
+                             const int64_t *part_channels, int nb, const float *const *biases, u64 *const *outs,
+                             int nthreads) {
+    if (nparts < 1) return -1;
+    return concat_pack_run(NULL, N, 0, 1, 1, H, W, nparts, parts, part_channels, nb, biases, outs, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
