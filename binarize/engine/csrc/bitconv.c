@@ -745,6 +745,24 @@ typedef struct {
     float r[TP]; /* gathered residual values (listed positions) */
 } tile_buffers;
 
+BZ_INLINE void prefetch_rows(const conv_args *a, int64_t g, int64_t n, int64_t p0, int np, int64_t ob) {
+#if defined(__GNUC__)
+    const int64_t OHW = a->OH * a->OW;
+    const int64_t jmax = (a->OG - ob * OB) < OB ? (a->OG - ob * OB) : OB;
+    for (int64_t j = 0; j < jmax; ++j) {
+        const int64_t oc = g * a->OG + ob * OB + j;
+        const float *out = a->out + (n * a->O + oc) * OHW + p0;
+        const float *res = a->residual ? a->residual + (n * a->res_channels + oc % a->res_channels) * OHW + p0 : NULL;
+        for (int i = 0; i < np; i += 16) {
+            __builtin_prefetch(out + i, 1, 3);
+            if (res) __builtin_prefetch(res + i, 0, 3);
+        }
+    }
+#else
+    (void)a; (void)g; (void)n; (void)p0; (void)np; (void)ob;
+#endif
+}
+
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
 static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word_kernel, int pb, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
@@ -780,6 +798,10 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
         const u64 *Wb = a->w + (g * nblocks + ob) * a->LW * OB;
+        if (!idx) /* the block's output rows (and residual rows) are far apart in memory: one stream
+                   * per channel, more than the hardware prefetchers follow; ask for them now so they
+                   * arrive while the popcounts run */
+            prefetch_rows(a, g, n, p0, np, ob);
         if (word_kernel) {
             word_kernel(A, lda, np, Wb, buf->P, TP);
         } else {
