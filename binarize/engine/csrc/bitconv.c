@@ -743,6 +743,7 @@ typedef struct {
     int32_t border[TP]; /* tile pixels with padded taps */
     float y[TP];
     float r[TP]; /* gathered residual values (listed positions) */
+    int64_t image[TP], pixel[TP]; /* listed positions split into (sample, pixel) once per tile */
 } tile_buffers;
 
 BZ_INLINE void prefetch_rows(const conv_args *a, int64_t g, int64_t n, int64_t p0, int np, int64_t ob) {
@@ -789,6 +790,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     } else {
         for (int i = 0; i < np; ++i) {
             const int64_t gi = idx[i], pix = gi % OHW;
+            buf->image[i] = gi / OHW;
+            buf->pixel[i] = pix;
             buf->nvalid[i] = (int32_t)im2col_pixel(a, gi / OHW, g, pix / a->OW, pix % a->OW,
                                                    buf->A + i * lda, buf->inv + i * taps);
             buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
@@ -829,15 +832,10 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                 epilogue_row(a, oc, popc, buf->base, np, a->out + (n * a->O + oc) * OHW + p0, res);
             } else {
                 if (a->residual)
-                    for (int i = 0; i < np; ++i) {
-                        const int64_t gi = idx[i];
-                        buf->r[i] = a->residual[((gi / OHW) * a->res_channels + rc) * OHW + gi % OHW];
-                    }
+                    for (int i = 0; i < np; ++i)
+                        buf->r[i] = a->residual[(buf->image[i] * a->res_channels + rc) * OHW + buf->pixel[i]];
                 epilogue_row(a, oc, popc, buf->base, np, buf->y, buf->r);
-                for (int i = 0; i < np; ++i) {
-                    const int64_t gi = idx[i];
-                    a->out[((gi / OHW) * a->O + oc) * OHW + gi % OHW] = buf->y[i];
-                }
+                for (int i = 0; i < np; ++i) a->out[(buf->image[i] * a->O + oc) * OHW + buf->pixel[i]] = buf->y[i];
             }
         }
     }
