@@ -367,8 +367,10 @@ def test_full_precision_conv_folding_and_sparse_second_conv():
         expected = pair(x, mask)
     deployed = deploy(pair)
     report = deploy_report(deployed)
-    assert report.fused["dense.5"] == ["dense.6", "dense.7"]  # BN and ReLU folded into the fp conv
-    assert report.fused["sparse.5"] == ["sparse.6", "sparse.7"]
+    # dense branch: the fp 1x1 conv (with its BN and ReLU) becomes the binary conv's channel mix
+    assert report.fused["dense.2"] == ["dense.0", "dense.3", "dense.4", "dense.5", "dense.6", "dense.7"]
+    assert deployed.dense[2]._impl.epilogue.mix.relu
+    assert report.fused["sparse.5"] == ["sparse.6", "sparse.7"]  # BN and ReLU folded into the fp 3x3 conv
     torch.testing.assert_close(deployed(x, mask), expected, rtol=1e-4, atol=1e-4)
     # the fp 3x3 conv's sparse path computes exactly the listed positions
     folded = deployed.sparse[5].forward

@@ -227,6 +227,74 @@ def test_recurrent_gates_read_the_packed_parts_without_building_the_concatenatio
     assert len(calls) == (6 if backend == "c" else 0)
 
 
+# ------------------------------------------------------------------ channel mix (fused pointwise float conv)
+@FAST
+@given(cin=st.integers(1, 80), mid=st.integers(1, 40), out=st.integers(1, 40), kernel=st.sampled_from([1, 3]),
+       groups=st.sampled_from([1, 2]), relu=st.booleans(), sparse=st.booleans(), n=st.integers(1, 2),
+       h=st.integers(1, 9), w=st.integers(1, 13), seed=st.integers(0, 2**16))
+def test_channel_mix_equals_a_pointwise_conv_after_the_epilogue(cin, mid, out, kernel, groups, relu, sparse, n, h, w,
+                                                                 seed):
+    from binarize.engine.functional import ChannelMix
+
+    cin, mid = cin * groups, mid * groups
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g)
+    positive = torch.randn(mid, cin // groups, kernel, kernel, generator=g) >= 0
+    scale, shift = torch.rand(mid, generator=g), torch.randn(mid, generator=g)
+    mix_weight, mix_bias = torch.randn(out, mid, generator=g) * 0.2, torch.randn(out, generator=g)
+    signs = torch.where(x >= 0, 1.0, -1.0).double()
+    dot = F.conv2d(signs, positive.double() * 2 - 1, None, 1, kernel // 2, 1, groups).float()
+    y = (dot * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).clamp_min(0)
+    expected = F.conv2d(y.double(), mix_weight.double()[:, :, None, None], mix_bias.double()).float()
+    expected = expected.clamp_min(0) if relu else expected
+    positions = torch.nonzero(torch.rand(n * h * w, generator=g) < 0.5).reshape(-1) if sparse else None
+    epilogue = Epilogue(scale=scale, shift=shift, ops=[("relu", None)], mix=ChannelMix(mix_weight, mix_bias, relu))
+    for backend in BACKENDS:
+        got = binary_conv2d(x, pack_weights(positive, groups), padding=kernel // 2, epilogue=epilogue,
+                            positions=positions, backend=backend)
+        assert got.shape == (n, out, h, w)
+        if positions is None:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        else:  # the listed outputs, zeros elsewhere
+            flat_got, flat_expected = got.transpose(0, 1).reshape(out, -1), expected.transpose(0, 1).reshape(out, -1)
+            torch.testing.assert_close(flat_got[:, positions], flat_expected[:, positions], rtol=1e-5, atol=1e-4)
+            rest = torch.ones(n * h * w, dtype=torch.bool)
+            rest[positions] = False
+            assert not bool(flat_got[:, rest].any())
+
+
+def test_channel_mix_rejects_what_it_cannot_follow():
+    from binarize.engine.functional import ChannelMix
+
+    weights = pack_weights(torch.ones(8, 4, 1, 1, dtype=torch.bool))
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="channel mix takes 6 channels, the conv gives 8"):
+        binary_conv2d(x, weights, epilogue=Epilogue(mix=ChannelMix(torch.ones(2, 6), torch.zeros(2))))
+    with pytest.raises(ValueError, match="output_bits cannot follow a channel mix"):
+        binary_conv2d(x, weights, epilogue=Epilogue(mix=ChannelMix(torch.ones(2, 8), torch.zeros(2))),
+                      output_bits=torch.zeros(9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="needs as many biases"):
+        ChannelMix(torch.ones(2, 8), torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deploy_fuses_a_pointwise_float_conv_after_a_binary_conv(backend):
+    from binarize.nn.blocks import shifted_binary_conv
+
+    model = _randomized(nn.Sequential(*shifted_binary_conv(11, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                                      nn.Conv2d(12, 7, 1), nn.BatchNorm2d(7), nn.ReLU(),
+                                      nn.Conv2d(7, 5, 1)), 3).eval()
+    x = torch.randn(2, 11, 9, 10)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model, backend=backend)
+    fused = deploy_report(deployed).fused
+    # the first 1x1 conv with its BN and ReLU rides on the binary conv; the last stays a plain conv
+    assert fused["2"] == ["0", "3", "4", "5", "6", "7"]
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+
+
 def _output_block(seed: int = 5):
     from binarize.models.bimatting_decoder import OutputBlock
 

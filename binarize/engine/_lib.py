@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -50,7 +50,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         _ptr, _ptr, _int, _ptr, _ptr,  # scale, shift, nops, ops, op_args
         _ptr, _i64,  # residual, res_channels
         _ptr, _ptr, _i64,  # out, positions, npos
-        _ptr, _ptr, _int,  # out_bits, out_bias, nthreads
+        _ptr, _ptr,  # out_bits, out_bias
+        _ptr, _ptr, _i64, _int,  # mix_w, mix_b, mix_out, mix_relu
+        _int,  # nthreads
     ]
     lib.bz_conv.restype = _int
     lib.bz_pointwise.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _int]

@@ -87,6 +87,41 @@ def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
 
 
 @dataclass
+class ChannelMix:
+    """A full-precision 1x1 convolution fused after an epilogue's ops: ``y' = weight @ y + bias``
+    per pixel, then ReLU if ``relu`` (a binary conv followed by a small pointwise float conv, as in
+    BiMatting's output block).  The C kernels compute it on each tile while its outputs are in
+    cache, so the binary conv's own output map is never written; sums round in another order than
+    PyTorch's (float rounding, like any two GEMMs)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    relu: bool = False
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight.detach().to("cpu", torch.float32).contiguous()
+        if self.weight.dim() != 2:
+            raise ValueError(f"a channel mix weight is [out, in], got shape {tuple(self.weight.shape)}")
+        self.bias = _vector(self.bias)
+        if self.bias.numel() != self.weight.shape[0]:
+            raise ValueError(f"a channel mix of {self.weight.shape[0]} outputs needs as many biases, "
+                             f"got {self.bias.numel()}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
+
+    def apply_torch(self, y: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(y.device, y.dtype)[:, :, None, None]
+        y = F.conv2d(y, weight, self.bias.to(y.device, y.dtype))
+        return y.clamp_min(0) if self.relu else y
+
+
+@dataclass
 class Epilogue:
     """Per-output-channel float work fused after the integer dot product.
 
@@ -94,12 +129,14 @@ class Epilogue:
     ("add", v), ("mul", v), ("prelu", slope) with per-channel vectors, ("relu", None), or
     ("residual", None): add the float map passed to the conv as ``residual`` (a shortcut),
     ("sigmoid", None) or ("tanh", None) (the C kernels' vectorised versions are within ~2 ulp of
-    PyTorch's, like any two libm implementations).
+    PyTorch's, like any two libm implementations).  ``mix``: a :class:`ChannelMix` after the ops
+    (the conv then returns ``mix.out_channels`` channels).
     """
 
     scale: Optional[torch.Tensor] = None
     shift: Optional[torch.Tensor] = None
     ops: List[Tuple[str, Optional[torch.Tensor]]] = field(default_factory=list)
+    mix: Optional[ChannelMix] = None
 
     def __post_init__(self) -> None:
         if len(self.ops) > MAX_OPS:
@@ -151,7 +188,11 @@ class Epilogue:
                 y = torch.tanh(y)
             else:
                 y = torch.where(y > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        return y
+        return y if self.mix is None else self.mix.apply_torch(y)
+
+    def without_mix(self) -> Epilogue:
+        """The same epilogue up to its ops (no channel mix)."""
+        return self if self.mix is None else Epilogue(scale=self.scale, shift=self.shift, ops=list(self.ops))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -281,13 +322,21 @@ def binary_conv2d(
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
     epilogue = epilogue or Epilogue()
+    out_channels = weights.out_channels
+    if epilogue.mix is not None:
+        if epilogue.mix.in_channels != weights.out_channels:
+            raise ValueError(f"the channel mix takes {epilogue.mix.in_channels} channels, the conv gives "
+                             f"{weights.out_channels}")
+        if output_bits is not None:
+            raise ValueError("output_bits cannot follow a channel mix")
+        out_channels = epilogue.mix.out_channels
     # with packed_input, x may be a 'meta' tensor that only gives the shape (nothing was built)
     device = packed_input.device if packed_input is not None and x.device.type == "meta" else x.device
     if out is None:
         allocate = torch.zeros if positions is not None and zero_rest else torch.empty
-        out = allocate(n, weights.out_channels, oh, ow, device=device)
-    elif out.shape != (n, weights.out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, weights.out_channels, oh, ow)}")
+        out = allocate(n, out_channels, oh, ow, device=device)
+    elif out.shape != (n, out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, out_channels, oh, ow)}")
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
     if backend == "c" and device.type != "cpu":
@@ -305,6 +354,13 @@ def binary_conv2d(
         raise ValueError("the epilogue has a 'residual' op but no residual tensor was given")
     if output_bits is not None and (positions is not None or groups != 1):
         raise ValueError("output_bits needs a dense call (no positions) without groups")
+    if use_c and epilogue.mix is not None and (positions is not None or groups != 1):
+        # the kernels mix channels on dense ungrouped tiles only: mix the binary conv's output here
+        y = binary_conv2d(x, weights, input_bias=input_bias, stride=stride, padding=padding, dilation=dilation,
+                          pad_value=pad_value, epilogue=epilogue.without_mix(), positions=positions,
+                          num_threads=num_threads, backend=backend, zero_rest=False, residual=residual,
+                          packed_input=packed_input)
+        return _scatter(out, epilogue.mix.apply_torch(y), positions)
     args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual)
     if use_c:
         return _conv_c(*args, num_threads=_num_threads(num_threads), packed_input=packed_input,
@@ -352,6 +408,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         if npos == 0:
             return out
     nops, codes, pointers = epilogue.c_arguments()
+    mix = epilogue.mix
     status = lib.bz_conv(
         packed.data_ptr(), n, h, w, weights.groups, weights.in_channels_per_group,
         weights.words.data_ptr(), weights.tap_popcount.data_ptr(), weights.out_channels,
@@ -361,7 +418,10 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         epilogue.shift.data_ptr() if epilogue.shift is not None else None,
         nops, codes, pointers,
         residual.data_ptr() if residual is not None else None, residual.shape[1] if residual is not None else 0,
-        out.data_ptr(), pos_ptr, npos, bits_ptr, bits_bias_ptr, num_threads,
+        out.data_ptr(), pos_ptr, npos, bits_ptr, bits_bias_ptr,
+        mix.weight.data_ptr() if mix is not None else None, mix.bias.data_ptr() if mix is not None else None,
+        mix.out_channels if mix is not None else 0, int(mix.relu) if mix is not None else 0,
+        num_threads,
     )
     if status != 0:
         raise RuntimeError(f"bz_conv rejected its arguments (status {status})")
@@ -378,16 +438,19 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
         signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
         padding = (0, 0)
     dot = F.conv2d(signs, weights.signs.to(signs.device), None, stride, padding, dilation, weights.groups).round_()
-    y = epilogue.apply_torch(dot, residual=residual)
+    return _scatter(out, epilogue.apply_torch(dot, residual=residual), positions)
+
+
+def _scatter(out: torch.Tensor, y: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` holding ``y`` (all of it, or its values at the flattened ``positions``)."""
     if positions is None:
-        out.copy_(y)
-    else:
-        flat_out = out.view(out.shape[0], out.shape[1], -1)
-        flat_y = y.reshape(y.shape[0], y.shape[1], -1)
-        ohw = flat_y.shape[2]
-        positions = positions.to(device=out.device, dtype=torch.int64)
-        batch, pixel = positions // ohw, positions % ohw
-        flat_out[batch, :, pixel] = flat_y[batch, :, pixel]
+        return out.copy_(y)
+    flat_out = out.view(out.shape[0], out.shape[1], -1)
+    flat_y = y.reshape(y.shape[0], y.shape[1], -1)
+    ohw = flat_y.shape[2]
+    positions = positions.to(device=out.device, dtype=torch.int64)
+    batch, pixel = positions // ohw, positions % ohw
+    flat_out[batch, :, pixel] = flat_y[batch, :, pixel]
     return out
 
 

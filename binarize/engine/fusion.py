@@ -37,7 +37,14 @@ from binarize.engine.functional import (
     upsample2x,
     upsample_concat_pack,
 )
-from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, epilogue_ops
+from binarize.engine.layers import (
+    PackedConv2d,
+    PackedLinear,
+    UnsupportedLayer,
+    epilogue_ops,
+    fold_batchnorm,
+    foldable_batchnorm,
+)
 from binarize.nn.blocks import ElasticShortcutBlock, MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
 from binarize.ops.binarizers import LearnableBias, RPReLU
@@ -223,9 +230,7 @@ class FoldedConv2dForward:
         weight = conv.weight.detach().float()
         bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
         if bn is not None:
-            scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
-            weight = weight * scale.view(-1, 1, 1, 1)
-            bias = (bias - bn.running_mean.detach().float()) * scale + bn.bias.detach().float()
+            weight, bias = fold_batchnorm(weight, bias, bn)
         self.weight, self.bias, self.relu = weight.contiguous(), bias.contiguous(), relu
         self.stride, self.padding = tuple(conv.stride), conv.padding
         self.dilation, self.groups = tuple(conv.dilation), conv.groups
@@ -336,9 +341,7 @@ def _install_folded(conv: nn.Conv2d, name: str, report: DeployReport, consumed: 
     """Fold a following eval BatchNorm (and a ReLU after it) into a full-precision conv's forward."""
     bn, relu, fused = None, False, []
     chain = list(tail)
-    if chain and type(chain[0].module) is nn.BatchNorm2d and not chain[0].module.training and \
-            chain[0].module.num_features == conv.out_channels and chain[0].module.running_mean is not None \
-            and chain[0].module.affine:
+    if chain and foldable_batchnorm(chain[0].module, conv.out_channels):
         bn = chain.pop(0).module
         fused.append(tail[0])
     if chain and type(chain[0].module) is nn.ReLU:

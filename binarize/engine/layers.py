@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from binarize.engine.functional import MAX_OPS, Epilogue, PackedWeights, binary_conv2d, pack_weights
+from binarize.engine.functional import (
+    MAX_OPS,
+    ChannelMix,
+    Epilogue,
+    PackedWeights,
+    binary_conv2d,
+    pack_weights,
+)
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
 from binarize.ops.binarizers import LearnableBias, RPReLU
 
@@ -127,6 +134,48 @@ def epilogue_ops(module: nn.Module, channels: int) -> Optional[List[Tuple[str, O
     return None
 
 
+# largest channel mix fused into a binary conv (in x out channels): beyond it a library GEMM is faster
+_MAX_MIX = 64 * 64
+
+
+def foldable_batchnorm(module: nn.Module, channels: int) -> bool:
+    """True for an eval-mode, affine ``BatchNorm2d`` over ``channels`` with running statistics."""
+    return (type(module) is nn.BatchNorm2d and not module.training and module.num_features == channels
+            and module.affine and module.running_mean is not None and module.running_var is not None)
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The conv weight and bias with an eval BatchNorm after the conv folded in:
+    ``w' = w * gamma / sigma``, ``b' = (b - mean) * gamma / sigma + beta``."""
+    weight = weight.detach().float()
+    bias = bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+    scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    weight = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+    bias = (bias - bn.running_mean.detach().float()) * scale + bn.bias.detach().float()
+    return weight, bias
+
+
+def channel_mix(modules: Tuple[nn.Module, ...], channels: int) -> Tuple[Optional[ChannelMix], int]:
+    """A pointwise full-precision conv (with a BatchNorm and ReLU after it, optionally) at the head of
+    ``modules`` as a :class:`ChannelMix` on ``channels`` inputs, and how many modules it covers."""
+    if not modules:
+        return None, 0
+    conv = modules[0]
+    if (type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or tuple(conv.stride) != (1, 1)
+            or conv.groups != 1 or conv.in_channels != channels or any(conv._reversed_padding_repeated_twice)
+            or conv.in_channels * conv.out_channels > _MAX_MIX):
+        return None, 0
+    weight = conv.weight.detach().float()[:, :, 0, 0]
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+    used = 1
+    if len(modules) > used and foldable_batchnorm(modules[used], conv.out_channels):
+        weight, bias = fold_batchnorm(weight, bias, modules[used])
+        used += 1
+    relu = len(modules) > used and type(modules[used]) is nn.ReLU
+    return ChannelMix(weight, bias, relu), used + int(relu)
+
+
 def _merge_affine(scale: torch.Tensor, shift: Optional[torch.Tensor], ops: list) -> tuple:
     """Fold leading mul/add ops into (scale, shift) so the common case costs one multiply-add."""
     ops = list(ops)
@@ -203,8 +252,12 @@ class PackedConv2d:
             self.fused += 1
         if len(ops) > MAX_OPS:
             raise UnsupportedLayer(f"the post module needs {len(ops)} epilogue ops, the kernel takes {MAX_OPS}")
+        # a pointwise float conv right after the ops is computed on each tile too (its input map,
+        # this layer's output, is then never written)
+        mix, used = channel_mix(tuple(tail)[self.fused:], channels)
+        self.fused += used
         self.bias = None
-        self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops)
+        self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops, mix=mix)
 
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                  zero_rest: bool = True, packed_input: Optional[torch.Tensor] = None) -> torch.Tensor:

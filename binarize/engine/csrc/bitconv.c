@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 10; }
+BZ_EXPORT int bz_abi_version(void) { return 11; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -222,6 +222,12 @@ typedef struct {
      * for the next binary layer, while the tile is still in cache (dense, G == 1 only) */
     u64 *out_bits;
     const float *out_bias;
+    /* nullable: a full-precision 1x1 conv after the epilogue (dense, G == 1 only): the output has
+     * mix_out channels, out = [relu](mix_w [mix_out][O] @ y + mix_b), y never leaves the tile */
+    const float *mix_w, *mix_b;
+    int64_t mix_out;
+    int mix_relu;
+    int mix_fma; /* the CPU has AVX2 + FMA */
 } conv_args;
 
 /* builds a bit string word by word in a register (no read-modify-write of memory) */
@@ -734,6 +740,71 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
     for (int q = 0; q < a->nops; ++q) op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y, np, res);
 }
 
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+static int fma_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* channel mix of one tile with FMA: out[o][i] = [relu](b[o] + sum_c w[o][c] * y[c][i]), 8 pixels
+ * per vector and 4 vectors (32 pixels) per pass, so each weight broadcast feeds four FMAs */
+__attribute__((target("avx2,fma"))) static void mix_tile_fma(const conv_args *a, const float *y, int np,
+                                                             float *out, int64_t ld_out) {
+    const int64_t C = a->O;
+    for (int64_t o = 0; o < a->mix_out; ++o) {
+        const float *w = a->mix_w + o * C;
+        const __m256 b = _mm256_set1_ps(a->mix_b[o]);
+        int i = 0;
+        for (; i + 32 <= np; i += 32) {
+            __m256 s0 = b, s1 = b, s2 = b, s3 = b;
+            for (int64_t c = 0; c < C; ++c) {
+                const __m256 wc = _mm256_set1_ps(w[c]);
+                const float *row = y + c * TP + i;
+                s0 = _mm256_fmadd_ps(wc, _mm256_loadu_ps(row), s0);
+                s1 = _mm256_fmadd_ps(wc, _mm256_loadu_ps(row + 8), s1);
+                s2 = _mm256_fmadd_ps(wc, _mm256_loadu_ps(row + 16), s2);
+                s3 = _mm256_fmadd_ps(wc, _mm256_loadu_ps(row + 24), s3);
+            }
+            if (a->mix_relu) {
+                const __m256 z = _mm256_setzero_ps();
+                s0 = _mm256_max_ps(s0, z); s1 = _mm256_max_ps(s1, z);
+                s2 = _mm256_max_ps(s2, z); s3 = _mm256_max_ps(s3, z);
+            }
+            float *dst = out + o * ld_out + i;
+            _mm256_storeu_ps(dst, s0); _mm256_storeu_ps(dst + 8, s1);
+            _mm256_storeu_ps(dst + 16, s2); _mm256_storeu_ps(dst + 24, s3);
+        }
+        for (; i < np; ++i) {
+            float acc = a->mix_b[o];
+            for (int64_t c = 0; c < C; ++c) acc = fmaf(w[c], y[c * TP + i], acc);
+            out[o * ld_out + i] = a->mix_relu && !(acc > 0.0f) ? 0.0f : acc;
+        }
+    }
+}
+#endif
+
+static void mix_tile_plain(const conv_args *a, const float *y, int np, float *out, int64_t ld_out) {
+    for (int64_t o = 0; o < a->mix_out; ++o) {
+        const float *w = a->mix_w + o * a->O;
+        for (int i = 0; i < np; ++i) {
+            float acc = a->mix_b[o];
+            for (int64_t c = 0; c < a->O; ++c) acc += w[c] * y[c * TP + i];
+            out[o * ld_out + i] = a->mix_relu && !(acc > 0.0f) ? 0.0f : acc;
+        }
+    }
+}
+
+/* the channel mix of a tile whose epilogue outputs y [O][TP] are done */
+static void mix_tile(const conv_args *a, const float *y, int np, float *out, int64_t ld_out) {
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    if (a->mix_fma) {
+        mix_tile_fma(a, y, np, out, ld_out);
+        return;
+    }
+#endif
+    mix_tile_plain(a, y, np, out, ld_out);
+}
+
 typedef struct {
     u64 *A;          /* [TP][LW] im2col bits */
     int32_t *P;      /* [OB][TP] popcounts */
@@ -744,6 +815,7 @@ typedef struct {
     float y[TP];
     float r[TP]; /* gathered residual values (listed positions) */
     int64_t image[TP], pixel[TP]; /* listed positions split into (sample, pixel) once per tile */
+    float *mixin; /* [O][TP] epilogue outputs awaiting the channel mix (mix_w only) */
 } tile_buffers;
 
 BZ_INLINE void prefetch_rows(const conv_args *a, int64_t g, int64_t n, int64_t p0, int np, int64_t ob) {
@@ -801,9 +873,9 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     const int64_t nblocks = a->OGP / OB;
     for (int64_t ob = 0; ob < nblocks; ++ob) {
         const u64 *Wb = a->w + (g * nblocks + ob) * a->LW * OB;
-        if (!idx) /* the block's output rows (and residual rows) are far apart in memory: one stream
-                   * per channel, more than the hardware prefetchers follow; ask for them now so they
-                   * arrive while the popcounts run */
+        if (!idx && !a->mix_w) /* the block's output rows (and residual rows) are far apart in memory:
+                                * one stream per channel, more than the hardware prefetchers follow;
+                                * ask for them now so they arrive while the popcounts run */
             prefetch_rows(a, g, n, p0, np, ob);
         if (word_kernel) {
             word_kernel(A, lda, np, Wb, buf->P, TP);
@@ -829,7 +901,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
             const int64_t rc = a->residual ? oc % a->res_channels : 0;
             if (!idx) {
                 const float *res = a->residual ? a->residual + (n * a->res_channels + rc) * OHW + p0 : NULL;
-                epilogue_row(a, oc, popc, buf->base, np, a->out + (n * a->O + oc) * OHW + p0, res);
+                float *row = a->mix_w ? buf->mixin + oc * TP : a->out + (n * a->O + oc) * OHW + p0;
+                epilogue_row(a, oc, popc, buf->base, np, row, res);
             } else {
                 if (a->residual)
                     for (int i = 0; i < np; ++i)
@@ -839,6 +912,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
             }
         }
     }
+    if (a->mix_w && !idx) /* every channel of the tile is done (G == 1): the 1x1 conv after it */
+        mix_tile(a, buf->mixin, np, a->out + n * a->mix_out * OHW + p0, OHW);
     if (a->out_bits && !idx) { /* the tile's outputs of every channel are done (G == 1): pack them */
         const int64_t nwo = (a->O + 63) / 64;
         for (int64_t j = 0; j < nwo; ++j) {
@@ -879,11 +954,12 @@ static void conv_run(const conv_args *a, int nthreads) {
         buf.A = (u64 *)malloc(sizeof(u64) * (size_t)(TP * a->LW + 1));
         buf.P = (int32_t *)malloc(sizeof(int32_t) * (size_t)(OB * TP));
         buf.inv = (int32_t *)malloc(sizeof(int32_t) * (size_t)(TP * a->KH * a->KW));
+        buf.mixin = a->mix_w ? (float *)malloc(sizeof(float) * (size_t)(TP * a->O)) : NULL;
         int64_t job;
 #pragma omp for schedule(dynamic, 1)
         for (job = 0; job < njobs; ++job) {
             const int64_t g = job / ntiles, t = job % ntiles;
-            if (!buf.A || !buf.P || !buf.inv) continue;
+            if (!buf.A || !buf.P || !buf.inv || (a->mix_w && !buf.mixin)) continue;
             if (a->positions) {
                 const int64_t start = t * tp;
                 const int np = (int)((a->npos - start) < tp ? (a->npos - start) : tp);
@@ -897,6 +973,7 @@ static void conv_run(const conv_args *a, int nthreads) {
         free(buf.A);
         free(buf.P);
         free(buf.inv);
+        free(buf.mixin);
     }
 }
 
@@ -905,6 +982,8 @@ static void conv_run(const conv_args *a, int nthreads) {
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
  * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops.
+ * mix_w (nullable, dense and G == 1 only): a full-precision 1x1 conv after the epilogue, so `out` has
+ * mix_out channels: out = [relu if mix_relu](mix_w [mix_out][O] @ y + mix_b).
  * out_bits (nullable, dense and G == 1 only): the output packed again, bit = y + out_bias >= 0,
  * [N][OH*OW][ceil(O/64)] words, so a following binary layer need not pack it.
  * Returns 0 on success, -1 on invalid arguments, -2 when out of memory was detected.
@@ -915,7 +994,8 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
                       const float *residual, int64_t res_channels, float *out, const int64_t *positions,
-                      int64_t npos, u64 *out_bits, const float *out_bias, int nthreads) {
+                      int64_t npos, u64 *out_bits, const float *out_bias, const float *mix_w,
+                      const float *mix_b, int64_t mix_out, int mix_relu, int nthreads) {
     conv_args a;
     memset(&a, 0, sizeof(a));
     if (G <= 0 || CG <= 0 || O % G != 0 || OGP % OB != 0 || nops < 0 || nops > BZ_MAX_OPS) return -1;
@@ -934,6 +1014,11 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     for (int q = 0; q < nops; ++q)
         if (ops[q] == BZ_OP_RESIDUAL && !residual) return -1;
     if (out_bits && (G != 1 || positions)) return -1;
+    if (mix_w && (G != 1 || positions || out_bits || !mix_b || mix_out < 1)) return -1;
+    a.mix_w = mix_w; a.mix_b = mix_b; a.mix_out = mix_out; a.mix_relu = mix_relu;
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    a.mix_fma = mix_w ? fma_available() : 0;
+#endif
     conv_run(&a, nthreads);
     return 0;
 }
@@ -1258,10 +1343,6 @@ __attribute__((target("avx2,fma"))) static void sparse_fconv_quad(const float *c
     }
 }
 
-static int fma_available(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 /* out[n][o][p] (zeroed by the caller) = conv(x)[n][o][p] (+ ReLU) at the flattened positions
