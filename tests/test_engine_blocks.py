@@ -225,6 +225,19 @@ def test_recurrent_gates_read_the_packed_parts_without_building_the_concatenatio
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     # two gates per frame take the fused path with the C kernels; the torch backend concatenates
     assert len(calls) == (6 if backend == "c" else 0)
+    assert deployed.update_forward is not None and MaskedConvGRU.update_forward is None
+
+
+@FAST
+@given(size=st.integers(0, 70000), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_gru_update_equals_the_three_torch_ops_bit_for_bit(size, strided, seed):
+    from binarize.engine.functional import gru_update
+
+    g = torch.Generator().manual_seed(seed)
+    h, c = torch.randn(size, generator=g), torch.randn(size, generator=g)
+    z = torch.rand(2 * size, generator=g)[::2] if strided else torch.rand(size, generator=g)
+    for backend in BACKENDS:  # a strided z takes the torch expression
+        assert torch.equal(gru_update(h, z, c, backend=backend), (1 - z) * h + z * c)
 
 
 # ------------------------------------------------------------------ channel mix (fused pointwise float conv)

@@ -502,6 +502,23 @@ def avg_pool2x2(x: torch.Tensor, num_threads: Optional[int] = None, backend: str
     return out
 
 
+def gru_update(h: torch.Tensor, z: torch.Tensor, c: torch.Tensor, num_threads: Optional[int] = None,
+               backend: str = "auto") -> torch.Tensor:
+    """A GRU's state update ``(1 - z) * h + z * c`` in one pass (PyTorch's rounding: each product and
+    the sum rounded separately, so the result equals the three-op expression bit for bit)."""
+    lib = _lib.library() if backend != "torch" else None
+    tensors = (h, z, c)
+    if (lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                           for t in tensors) or not (h.shape == z.shape == c.shape)):
+        return (1 - z) * h + z * c
+    out = torch.empty_like(h)
+    status = lib.bz_gru_update(h.data_ptr(), z.data_ptr(), c.data_ptr(), out.data_ptr(), h.numel(),
+                               _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_gru_update rejected its arguments (status {status})")
+    return out
+
+
 def upsample2x(x: torch.Tensor, num_threads: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Bilinear 2x up-sampling (``align_corners=False``) of an [..., H, W] map.
 

@@ -17,6 +17,7 @@ receptive field of any later spatial conv), so the sparse decoder's savings beco
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -33,6 +34,7 @@ from binarize.engine.functional import (
     Epilogue,
     avg_pool2x2,
     concat_pack,
+    gru_update,
     pointwise,
     upsample2x,
     upsample_concat_pack,
@@ -834,7 +836,16 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
     if fuse:
         _install_resampling(model, report, options)
         _install_pointwise_gemms(model, backend)
+        _install_state_updates(model, options)
     return report
+
+
+def _install_state_updates(model: nn.Module, options: dict) -> None:
+    """Recurrent modules that declare an ``update_forward = None`` slot (BiMatting's ConvGRUs) get
+    the one-pass ``(1 - z) * h + z * c`` kernel (bit-identical to the three PyTorch ops)."""
+    for module in model.modules():
+        if "update_forward" not in module.__dict__ and getattr(type(module), "update_forward", False) is None:
+            module.update_forward = functools.partial(gru_update, **options)
 
 
 def _install_pointwise_gemms(model: nn.Module, backend: str) -> None:

@@ -16,7 +16,7 @@ Every block works on ``[B, T, C, H, W]`` tensors; the recurrent states are ``[B,
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,9 @@ class ConvGRU(nn.Module):
     """Binary ConvGRU (dense): ``r, z = sigmoid(ih([x, h]))``, ``c = tanh(hh([x, r * h]))``,
     ``h = (1 - z) * h + z * c``, iterated over the time axis of ``x`` ([B, T, C, H, W])."""
 
+    # ``(h, z, c) -> (1 - z) * h + z * c`` in one pass, set by binarize.engine.deploy (None: three ops)
+    update_forward: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
+
     def __init__(self, channels: int, state_name: str = "r") -> None:
         super().__init__()
         self.channels = channels
@@ -79,7 +82,7 @@ class ConvGRU(nn.Module):
     def step(self, x: Tensor, h: Tensor) -> Tensor:
         r, z = self.ih(torch.cat([x, h], dim=1)).split(self.channels, dim=1)
         c = self.hh(torch.cat([x, r * h], dim=1))
-        return (1 - z) * h + z * c
+        return _update(self, h, z, c)
 
     def forward(self, x: Tensor, h: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         h = _initial_state(x, h, self.state_name)
@@ -94,6 +97,8 @@ class MaskedConvGRU(nn.Module):
     """Binary ConvGRU whose gates are sparse-assisted pairs (3x3 inside the mask + dense 1x1):
     ``r, z = ih.sparse([x, h]) * m + ih.dense([x, h])``, ``c = hh.sparse([x, r*h]) * m + hh.dense([x, r*h])``
     (each gate's own sigmoid/tanh inside each branch, as in the official ``ConvGRU_Up``)."""
+
+    update_forward: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None  # as in ConvGRU
 
     def __init__(self, channels: int, state_name: str = "r") -> None:
         super().__init__()
@@ -111,7 +116,7 @@ class MaskedConvGRU(nn.Module):
     def step(self, x: Tensor, h: Tensor, mask: Tensor) -> Tensor:
         r, z = _pair_on_concat(self.ih, [x, h], mask).split(self.channels, dim=1)
         c = _pair_on_concat(self.hh, [x, r * h], mask)
-        return (1 - z) * h + z * c
+        return _update(self, h, z, c)
 
     def forward(self, x: Tensor, h: Optional[Tensor], mask: Tensor) -> Tuple[Tensor, Tensor]:
         """``x`` [B, T, C, H, W], ``mask`` [B, T, 1, H, W] (frame t of sample b uses its own mask)."""
@@ -124,6 +129,13 @@ class MaskedConvGRU(nn.Module):
         self.ih.sparse.record_density(mask)
         self.hh.sparse.record_density(mask)
         return torch.stack(outputs, dim=1), h
+
+
+def _update(gru: nn.Module, h: Tensor, z: Tensor, c: Tensor) -> Tensor:
+    """The GRU state update ``(1 - z) * h + z * c`` (by the deployed one-pass kernel when set)."""
+    if gru.update_forward is not None:
+        return gru.update_forward(h, z, c)
+    return (1 - z) * h + z * c
 
 
 def _initial_state(x: Tensor, h: Optional[Tensor], name: str) -> Tensor:

@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 11; }
+BZ_EXPORT int bz_abi_version(void) { return 12; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -1041,6 +1041,31 @@ BZ_CLONES static void pointwise_row(const float *src, float *dst, int64_t np, in
         default: break;
         }
     }
+}
+
+/* out = (1 - z) * h + z * c over n contiguous floats (a GRU's state update), each product and sum
+ * rounded as PyTorch's separate operations round them (no fused multiply-add) */
+BZ_CLONES static void gru_update_run(const float *h, const float *z, const float *c, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float keep = (1.0f - z[i]) * h[i];
+        const float take = z[i] * c[i];
+        out[i] = keep + take;
+    }
+}
+
+BZ_EXPORT int bz_gru_update(const float *h, const float *z, const float *c, float *out, int64_t n, int nthreads) {
+    if (n < 0) return -1;
+    const int64_t chunk = 16384;
+    const int64_t nchunks = (n + chunk - 1) / chunk;
+    const int parallel = nthreads > 1 && n >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel;
+    int64_t k;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
+    for (k = 0; k < nchunks; ++k) {
+        const int64_t start = k * chunk, len = (n - start) < chunk ? (n - start) : chunk;
+        gru_update_run(h + start, z + start, c + start, out + start, len);
+    }
+    return 0;
 }
 
 /* out[n][c][p] = ops(x[n][c][p]) for a contiguous [N][C][P] float tensor (out may equal x) */
