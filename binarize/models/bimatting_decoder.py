@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from binarize.models.rvm_decoder import stack_time
 from binarize.nn.blocks import MaskedBranch, SparseAssistedPair, shifted_binary_conv
 from binarize.nn.layers import LearnableBias
 from binarize.ops import incoherent_mask
@@ -90,7 +91,7 @@ class ConvGRU(nn.Module):
         for t in range(x.shape[1]):
             h = self.step(x[:, t], h)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+        return stack_time(outputs), h
 
 
 class MaskedConvGRU(nn.Module):
@@ -128,7 +129,7 @@ class MaskedConvGRU(nn.Module):
         # the per-frame calls each recorded one frame's density; keep the whole clip's instead
         self.ih.sparse.record_density(mask)
         self.hh.sparse.record_density(mask)
-        return torch.stack(outputs, dim=1), h
+        return stack_time(outputs), h
 
 
 def _update(gru: nn.Module, h: Tensor, z: Tensor, c: Tensor) -> Tensor:

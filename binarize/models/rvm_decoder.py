@@ -83,7 +83,13 @@ class ConvGRU(nn.Module):
         for xt in x.unbind(dim=1):
             h = self.step(xt, h)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+        return stack_time(outputs), h
+
+
+def stack_time(frames: Sequence[Tensor]) -> Tensor:
+    """Per-frame maps [B, ...] stacked along a new time axis 1; a single frame is a view (no copy:
+    streaming inference runs one frame per call)."""
+    return frames[0].unsqueeze(1) if len(frames) == 1 else torch.stack(list(frames), dim=1)
 
 
 class BottleneckBlock(nn.Module):
