@@ -228,6 +228,7 @@ typedef struct {
     int64_t mix_out;
     int mix_relu;
     int mix_fma; /* the CPU has AVX2 + FMA */
+    int chain;   /* BZ_CHAIN_*: the op chain's one-pass loop (BZ_CHAIN_NONE: op passes) */
 } conv_args;
 
 /* builds a bit string word by word in a register (no read-modify-write of memory) */
@@ -718,26 +719,73 @@ BZ_INLINE void op_run(int op, float cv, float *y, int np, const float *res) {
  * the ops one after another over the row, which stays in L1 (a loop over the ops inside the pixel
  * loop keeps the value on the stack: a store-to-load chain of several cycles per op and vector).
  * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL). */
+/* the op chains BiMatting's layers end with, run in one pass with the value in registers (the
+ * same operations in the same order as the op passes, so the same roundings).  sigmoid / tanh
+ * stay separate passes: inlined into the conversion loop they ran ~10% slower (register pressure). */
+enum { BZ_CHAIN_NONE, BZ_CHAIN_PRELU, BZ_CHAIN_RELU, BZ_CHAIN_SHORTCUT };
+
+static int chain_kind(const conv_args *a) {
+    if (a->nops == 1) {
+        switch (a->ops[0]) {
+        case BZ_OP_PRELU: return BZ_CHAIN_PRELU;
+        case BZ_OP_RELU: return BZ_CHAIN_RELU;
+        default: return BZ_CHAIN_NONE;
+        }
+    }
+    /* residual, shift, PReLU, shift: the end of every BiMobileNet block stage */
+    if (a->nops == 4 && a->ops[0] == BZ_OP_RESIDUAL && a->ops[1] == BZ_OP_ADD && a->ops[2] == BZ_OP_PRELU &&
+        a->ops[3] == BZ_OP_ADD)
+        return BZ_CHAIN_SHORTCUT;
+    return BZ_CHAIN_NONE;
+}
+
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
                                    int np, float *y, const float *res) {
     const float sc = a->scale ? a->scale[oc] : 1.0f;
     const float sh = a->shift ? a->shift[oc] : 0.0f;
     int i = 0;
 #if defined(__GNUC__)
-    for (; i + 8 <= np; i += 8) {
-        bz_v8i b, p;
-        memcpy(&b, base + i, sizeof b);
-        memcpy(&p, popc + i, sizeof p);
-        bz_v8f v = __builtin_convertvector(b - 2 * p, bz_v8f) * sc;
-        v = v + sh;
-        memcpy(y + i, &v, sizeof v);
+    float cv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int q = 0; q < a->nops && q < 4; ++q) cv[q] = a->op_args[q] ? a->op_args[q][oc] : 0.0f;
+#define BZ_EPILOGUE_LOOP(CHAIN)                                                      \
+    for (; i + 8 <= np; i += 8) {                                                    \
+        bz_v8i b, p;                                                                 \
+        memcpy(&b, base + i, sizeof b);                                              \
+        memcpy(&p, popc + i, sizeof p);                                              \
+        bz_v8f v = __builtin_convertvector(b - 2 * p, bz_v8f) * sc;                  \
+        v = v + sh;                                                                  \
+        CHAIN;                                                                       \
+        memcpy(y + i, &v, sizeof v);                                                 \
     }
+    switch (a->chain) {
+    case BZ_CHAIN_PRELU: BZ_EPILOGUE_LOOP(v = bz_v8_select(v >= 0.0f, v, v * cv[0])) break;
+    case BZ_CHAIN_RELU: BZ_EPILOGUE_LOOP(v = (bz_v8f)((bz_v8i)v & (v > 0.0f))) break;
+    case BZ_CHAIN_SHORTCUT:
+        BZ_EPILOGUE_LOOP({
+            bz_v8f r;
+            memcpy(&r, res + i, sizeof r);
+            v = v + r;
+            v = v + cv[1];
+            v = bz_v8_select(v >= 0.0f, v, v * cv[2]);
+            v = v + cv[3];
+        })
+        break;
+    default:
+        BZ_EPILOGUE_LOOP((void)0)
+        for (int q = 0; q < a->nops; ++q)
+            op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y, i, res);
+        break;
+    }
+#undef BZ_EPILOGUE_LOOP
 #endif
+    /* the pixels past the last full vector (all of them without vector extensions) */
+    const int tail = i;
     for (; i < np; ++i) {
         const float v = (float)(base[i] - 2 * popc[i]) * sc;
         y[i] = v + sh;
     }
-    for (int q = 0; q < a->nops; ++q) op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y, np, res);
+    for (int q = 0; q < a->nops; ++q)
+        op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y + tail, np - tail, res ? res + tail : NULL);
 }
 
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -1016,6 +1064,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     if (out_bits && (G != 1 || positions)) return -1;
     if (mix_w && (G != 1 || positions || out_bits || !mix_b || mix_out < 1)) return -1;
     a.mix_w = mix_w; a.mix_b = mix_b; a.mix_out = mix_out; a.mix_relu = mix_relu;
+    a.chain = chain_kind(&a);
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
     a.mix_fma = mix_w ? fma_available() : 0;
 #endif
