@@ -943,7 +943,10 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                 for (int b = 0; b < nborder; ++b) {
                     const int i = buf->border[b];
                     const int32_t *inv = buf->inv + i * taps;
-                    for (int32_t q = 0; q < taps - buf->nvalid[i]; ++q) popc[i] -= wpc_o[inv[q]];
+                    const int32_t ninvalid = (int32_t)taps - buf->nvalid[i];
+                    int32_t correction = 0; /* in a register: popc may alias wpc for the compiler */
+                    for (int32_t q = 0; q < ninvalid; ++q) correction += wpc_o[inv[q]];
+                    popc[i] -= correction;
                 }
             }
             const int64_t rc = a->residual ? oc % a->res_channels : 0;
