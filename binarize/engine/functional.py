@@ -216,8 +216,13 @@ def _repeat_channels(residual: Optional[torch.Tensor], channels: int) -> torch.T
 
 
 def _vector(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-channel vector as a contiguous float32 CPU tensor (itself when it already is one: this
+    runs on every kernel call)."""
     if value is None:
         return None
+    if (value.dim() == 1 and value.dtype == torch.float32 and value.device.type == "cpu"
+            and not value.requires_grad and value.is_contiguous()):
+        return value
     return value.detach().to("cpu", torch.float32).reshape(-1).contiguous()
 
 
