@@ -480,7 +480,7 @@ class SparseMaskedForward:
         if lib is not None and out.dtype == values.dtype == weights.dtype == torch.float32 and out.device.type == "cpu":
             values, weights = values.contiguous(), weights.contiguous()
             lib.bz_masked_add(out.data_ptr(), n, c, h * w, values.data_ptr(), weights.data_ptr(),
-                              positions.data_ptr(), positions.numel())
+                              positions.data_ptr(), positions.numel(), torch.get_num_threads())
             return out
         batch, pixel = positions // (h * w), positions % (h * w)
         flat = out.view(n, c, h * w)

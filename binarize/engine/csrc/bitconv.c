@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 12; }
+BZ_EXPORT int bz_abi_version(void) { return 13; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -1492,7 +1492,7 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
  * once): the masked sum of a sparse-assisted pair, with the float model's rounding (product, then sum).
  * Positions are split into (sample, pixel) once, not once per channel (64-bit divisions are slow). */
 BZ_EXPORT int bz_masked_add(float *out, int64_t N, int64_t C, int64_t P, const float *vals, const float *weights,
-                            const int64_t *positions, int64_t K) {
+                            const int64_t *positions, int64_t K, int nthreads) {
     if (N < 1 || C < 1 || P < 1 || K < 0) return -1;
     int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K + 1));
     if (!offset) return -2;
@@ -1501,7 +1501,12 @@ BZ_EXPORT int bz_masked_add(float *out, int64_t N, int64_t C, int64_t P, const f
         const int64_t n = pos / P;
         offset[k] = (n < 0 || n >= N) ? -1 : n * C * P + pos % P; /* element (n, 0, p) */
     }
-    for (int64_t c = 0; c < C; ++c) {
+    /* channels write disjoint planes: split them over the threads */
+    const int parallel = nthreads > 1 && C > 1 && C * K >= BZ_PACK_PARALLEL_MIN;
+    (void)parallel;
+    int64_t c;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads)) if (parallel)
+    for (c = 0; c < C; ++c) {
         const float *v = vals + c * K;
         float *plane = out + c * P;
         for (int64_t k = 0; k < K; ++k) {
