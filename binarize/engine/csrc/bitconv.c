@@ -348,12 +348,18 @@ __attribute__((target("popcnt"))) static void mk_popcnt(const u64 *A, int64_t ld
 
 /* AVX2: one vector = one 64-bit word of 4 output channels; bytes counted with a nibble LUT and
  * summed per 64-bit lane by VPSADBW, so no horizontal reduction is needed. */
+/* the nibble-LUT constants (declared in each AVX2 kernel) and the bit count of each byte of x */
+#define BZ_LUT_CONSTANTS                                                                       \
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,       \
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);      \
+    const __m256i low = _mm256_set1_epi8(0x0f)
+#define BZ_BYTE_COUNTS(x)                                                                      \
+    _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),                        \
+                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)))
 #define BZ_CNT(acc, av, wv)                                                                    \
     do {                                                                                       \
         const __m256i x_ = _mm256_xor_si256(av, wv);                                           \
-        const __m256i lo_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(x_, low));               \
-        const __m256i hi_ = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x_, 4), low)); \
-        acc = _mm256_add_epi8(acc, _mm256_add_epi8(lo_, hi_));                                 \
+        acc = _mm256_add_epi8(acc, BZ_BYTE_COUNTS(x_));                                        \
     } while (0)
 
 __attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t lda, int npix,
@@ -363,9 +369,7 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2(const u64 *A, int64_t
         mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
         return;
     }
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
+    BZ_LUT_CONSTANTS;
     const __m256i zero = _mm256_setzero_si256();
     __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
             s31 = zero;
@@ -421,9 +425,7 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_hybrid(const u64 *A, 
         else mk_scalar_body(A, lda, npix, Wb, LW, P, ldp);
         return;
     }
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
+    BZ_LUT_CONSTANTS;
     const __m256i zero = _mm256_setzero_si256();
     __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, s30 = zero,
             s31 = zero;
@@ -483,7 +485,6 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_hybrid(const u64 *A, 
     P[3 * ldp + 4] = (int32_t)c3; P[4 * ldp + 4] = (int32_t)c4; P[5 * ldp + 4] = (int32_t)c5;
     P[6 * ldp + 4] = (int32_t)c6; P[7 * ldp + 4] = (int32_t)c7;
 }
-#undef BZ_CNT
 
 /* AVX2 for convolutions whose im2col row is a single word (LW == 1: 1x1 convs of <= 64 channels):
  * vectorised over pixels instead of output channels, 8 pixels x 8 outputs per pass and no
@@ -491,9 +492,7 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_hybrid(const u64 *A, 
  * j < OB and i < np. */
 __attribute__((target("avx2,popcnt"))) static void mk_avx2_word(const u64 *A, int64_t lda, int np,
                                                                  const u64 *Wb, int32_t *P, int64_t ldp) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low = _mm256_set1_epi8(0x0f);
+    BZ_LUT_CONSTANTS;
     const __m256i zero = _mm256_setzero_si256();
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     int i = 0;
@@ -511,12 +510,8 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_word(const u64 *A, in
         for (int j = 0; j < OB; ++j) {
             const __m256i w = _mm256_set1_epi64x((long long)Wb[j]);
             const __m256i x0 = _mm256_xor_si256(a0, w), x1 = _mm256_xor_si256(a1, w);
-            __m256i c0 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low)),
-                                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low)));
-            __m256i c1 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low)),
-                                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low)));
-            c0 = _mm256_sad_epu8(c0, zero); /* pixels 0..3, one count per 64-bit lane */
-            c1 = _mm256_sad_epu8(c1, zero); /* pixels 4..7 */
+            const __m256i c0 = _mm256_sad_epu8(BZ_BYTE_COUNTS(x0), zero); /* pixels 0..3, a count per lane */
+            const __m256i c1 = _mm256_sad_epu8(BZ_BYTE_COUNTS(x1), zero); /* pixels 4..7 */
             const __m256i both = _mm256_or_si256(c0, _mm256_slli_epi64(c1, 32));
             _mm256_storeu_si256((__m256i *)(P + j * ldp + i), _mm256_permutevar8x32_epi32(both, order));
         }
@@ -524,6 +519,10 @@ __attribute__((target("avx2,popcnt"))) static void mk_avx2_word(const u64 *A, in
     for (; i < np; ++i)
         for (int j = 0; j < OB; ++j) P[j * ldp + i] = (int32_t)__builtin_popcountll(A[i * lda] ^ Wb[j]);
 }
+
+#undef BZ_CNT
+#undef BZ_BYTE_COUNTS
+#undef BZ_LUT_CONSTANTS
 
 /* AVX-512 VPOPCNTDQ: one vector = one word of all 8 output channels */
 __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
