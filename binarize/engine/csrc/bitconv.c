@@ -769,22 +769,18 @@ BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t
             v = v + cv[3];
         })
         break;
-    default:
-        BZ_EPILOGUE_LOOP((void)0)
-        for (int q = 0; q < a->nops; ++q)
-            op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y, i, res);
-        break;
+    default: BZ_EPILOGUE_LOOP((void)0) break; /* the ops run as passes below */
     }
 #undef BZ_EPILOGUE_LOOP
 #endif
     /* the pixels past the last full vector (all of them without vector extensions) */
-    const int tail = i;
+    const int done = a->chain == BZ_CHAIN_NONE ? 0 : i; /* pixels whose ops the one-pass loop ran */
     for (; i < np; ++i) {
         const float v = (float)(base[i] - 2 * popc[i]) * sc;
         y[i] = v + sh;
     }
     for (int q = 0; q < a->nops; ++q)
-        op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y + tail, np - tail, res ? res + tail : NULL);
+        op_run(a->ops[q], a->op_args[q] ? a->op_args[q][oc] : 0.0f, y + done, np - done, res ? res + done : NULL);
 }
 
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
