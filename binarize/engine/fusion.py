@@ -46,6 +46,7 @@ from binarize.engine.layers import (
     epilogue_ops,
     fold_batchnorm,
     foldable_batchnorm,
+    is_pointwise,
 )
 from binarize.nn.blocks import ElasticShortcutBlock, MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
@@ -238,8 +239,7 @@ class FoldedConv2dForward:
         self.dilation, self.groups = tuple(conv.dilation), conv.groups
         self.padding_mode = conv.padding_mode
         self.explicit_padding = [int(p) for p in conv._reversed_padding_repeated_twice]
-        self.pointwise = (conv.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
-                          and not any(self.explicit_padding))
+        self.pointwise = is_pointwise(conv)
         self.matrix = weight.reshape(weight.shape[0], -1).contiguous()
         self.tap_major = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
         self.channel_major = weight.permute(1, 2, 3, 0).contiguous()  # [C][KH][KW][O] for the C kernel

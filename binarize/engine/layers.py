@@ -156,14 +156,19 @@ def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Ba
     return weight, bias
 
 
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """True for an unpadded, ungrouped 1x1 / stride-1 conv: one matrix product per pixel."""
+    return (conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and not any(conv._reversed_padding_repeated_twice))
+
+
 def channel_mix(modules: Tuple[nn.Module, ...], channels: int) -> Tuple[Optional[ChannelMix], int]:
     """A pointwise full-precision conv (with a BatchNorm and ReLU after it, optionally) at the head of
     ``modules`` as a :class:`ChannelMix` on ``channels`` inputs, and how many modules it covers."""
     if not modules:
         return None, 0
     conv = modules[0]
-    if (type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or tuple(conv.stride) != (1, 1)
-            or conv.groups != 1 or conv.in_channels != channels or any(conv._reversed_padding_repeated_twice)
+    if (type(conv) is not nn.Conv2d or not is_pointwise(conv) or conv.in_channels != channels
             or conv.in_channels * conv.out_channels > _MAX_MIX):
         return None, 0
     weight = conv.weight.detach().float()[:, :, 0, 0]
