@@ -396,3 +396,100 @@ def test_untraceable_pointwise_convs_run_as_one_gemm():
     assert isinstance(deployed.conv.__dict__.get("forward"), FoldedConv2dForward)
     assert "forward" not in deployed.spatial.__dict__  # only unpadded 1x1 convs become GEMMs
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ masked sum accumulated by the kernels
+@FAST
+@given(cin=st.integers(1, 70), cout=st.integers(1, 20), kernel=st.sampled_from([1, 3]), n=st.integers(1, 2),
+       h=st.integers(1, 9), w=st.integers(1, 11), density=st.sampled_from([0.2, 1.0]), seed=st.integers(0, 2**16))
+def test_binary_conv_accumulate_equals_product_then_sum_at_the_positions(cin, cout, kernel, n, h, w, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    packed = pack_weights(torch.rand(cout, cin, kernel, kernel, generator=g) < 0.5)
+    epilogue = Epilogue(scale=torch.rand(cout, generator=g) + 0.5, shift=torch.randn(cout, generator=g),
+                        ops=[("prelu", torch.rand(cout, generator=g))])
+    x = torch.randn(n, cin, h, w, generator=g)
+    weight = torch.rand(n, 1, h, w, generator=g)
+    positions = torch.nonzero(torch.rand(n * h * w, generator=g) < density).reshape(-1)
+    start = torch.randn(n, cout, h, w, generator=g)
+    for backend in BACKENDS:
+        y = binary_conv2d(x, packed, padding=kernel // 2, epilogue=epilogue, backend=backend)
+        expected = start.clone().permute(1, 0, 2, 3).reshape(cout, -1)
+        flat_y = y.permute(1, 0, 2, 3).reshape(cout, -1)
+        expected[:, positions] = flat_y[:, positions] * weight.reshape(-1)[positions] + expected[:, positions]
+        expected = expected.reshape(cout, n, h, w).permute(1, 0, 2, 3)
+        out = start.clone()
+        got = binary_conv2d(x, packed, padding=kernel // 2, epilogue=epilogue, positions=positions, out=out,
+                            accumulate=weight, backend=backend)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, expected)  # bit for bit: the product, then the sum, as torch rounds them
+
+
+def test_accumulate_rejects_what_it_cannot_follow():
+    packed = pack_weights(torch.rand(4, 3, 3, 3) < 0.5)
+    x, out = torch.randn(1, 3, 5, 5), torch.zeros(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="accumulate needs positions"):
+        binary_conv2d(x, packed, padding=1, out=out, accumulate=torch.ones(25))
+    with pytest.raises(ValueError, match="one per output pixel"):
+        binary_conv2d(x, packed, padding=1, out=out, positions=torch.tensor([1, 2]), accumulate=torch.ones(24))
+
+
+@FAST
+@given(cin=st.integers(1, 9), cout=st.sampled_from([3, 8, 16]), relu=st.booleans(), h=st.integers(1, 14),
+       w=st.integers(1, 14), seed=st.integers(0, 2**16))
+def test_sparse_float_conv_accumulate_equals_product_then_sum(cin, cout, relu, h, w, seed):
+    from binarize.engine.fusion import FoldedConv2dForward
+
+    torch.manual_seed(seed)
+    folded = FoldedConv2dForward(nn.Conv2d(cin, cout, 3, padding=1), None, relu)
+    x = torch.randn(2, cin, h, w)
+    weight = torch.rand(2, 1, h, w)
+    positions = torch.nonzero(torch.rand(2 * h * w) < 0.5).reshape(-1)
+    y = folded(x, positions=positions)
+    start = torch.randn(2, cout, h, w)
+    expected = start.clone().permute(1, 0, 2, 3).reshape(cout, -1)
+    flat_y = y.permute(1, 0, 2, 3).reshape(cout, -1)
+    expected[:, positions] = flat_y[:, positions] * weight.reshape(-1)[positions] + expected[:, positions]
+    out = start.clone()
+    got = folded._sparse_c(x, positions, out=out, accumulate=weight)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, expected.reshape(cout, 2, h, w).permute(1, 0, 2, 3))
+
+
+@pytest.mark.skipif(not available(), reason="the fused masked sum needs the compiled kernels")
+@pytest.mark.parametrize("branch", ["gate", "output"])
+def test_sparse_pairs_add_the_masked_branch_inside_its_last_conv(branch, monkeypatch):
+    """The pair's masked sum happens in the last conv's kernel, bit-identical to the gathered sum."""
+    from binarize.engine.fusion import SparseMaskedForward
+    from binarize.models.bimatting_decoder import binary_gate
+    from binarize.nn.blocks import MaskedBranch, SparseAssistedPair, shifted_binary_conv
+
+    torch.manual_seed(5)
+    if branch == "gate":
+        sparse, dense = binary_gate(10, 6, 3, nn.Sigmoid(), shift_after=True), binary_gate(10, 6, 1, nn.Sigmoid(), shift_after=True)
+    else:
+        def body(k):
+            return [*shifted_binary_conv(10, 6, k, padding=k // 2), nn.BatchNorm2d(6), nn.ReLU(),
+                    nn.Conv2d(6, 6, k, 1, k // 2, bias=False), nn.BatchNorm2d(6), nn.ReLU()]
+        sparse, dense = body(3), body(1)
+    pair = _randomized(SparseAssistedPair(MaskedBranch(*sparse), nn.Sequential(*dense)), seed=2)
+    x = torch.randn(2, 10, 12, 13)
+    mask = torch.zeros(2, 1, 12, 13)
+    mask[0, :, 1:4, 2:7] = 0.25
+    mask[1, :, 6:, 9:] = torch.rand(6, 4)
+    with torch.no_grad():
+        expected = pair(x, mask)
+    deployed = deploy(pair)
+    fused = []
+    original = SparseMaskedForward._accumulate
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        fused.append(result is not None)
+        return result
+
+    monkeypatch.setattr(SparseMaskedForward, "_accumulate", spy)
+    got = deployed(x, mask)
+    assert fused == [True]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(SparseMaskedForward, "_accumulate", lambda self, *a, **k: None)
+    assert torch.equal(got, deployed(x, mask))  # the gathered path gives the same bits

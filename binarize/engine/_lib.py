@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 13
+_ABI_VERSION = 14
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -49,7 +49,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         _int, _i64, _i64,  # pad_mode, OH, OW
         _ptr, _ptr, _int, _ptr, _ptr,  # scale, shift, nops, ops, op_args
         _ptr, _i64,  # residual, res_channels
-        _ptr, _ptr, _i64,  # out, positions, npos
+        _ptr, _ptr, _i64, _ptr,  # out, positions, npos, acc_weight
         _ptr, _ptr,  # out_bits, out_bias
         _ptr, _ptr, _i64, _int,  # mix_w, mix_b, mix_out, mix_relu
         _int,  # nthreads
@@ -65,7 +65,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         _ptr, _i64, _i64, _i64, _i64,  # x, N, C, H, W
         _ptr, _ptr, _i64, _i64, _i64,  # w [C][KH][KW][O], bias, O, KH, KW
         _i64, _i64, _i64, _i64, _i64, _i64,  # PH, PW, DH, DW, OH, OW
-        _int, _ptr, _i64, _ptr, _int,  # relu, positions, npos, out, nthreads
+        _int, _ptr, _i64, _ptr, _ptr, _int,  # relu, positions, npos, acc_weight, out, nthreads
     ]
     lib.bz_sparse_fconv.restype = _int
     lib.bz_upsample_concat_pack.argtypes = [_ptr, _i64, _i64, _i64, _i64, _int, _ptr, _ptr, _int, _ptr, _ptr, _int]

@@ -295,6 +295,7 @@ def binary_conv2d(
     packed_input: Optional[torch.Tensor] = None,
     output_bits: Optional[torch.Tensor] = None,
     output_bits_bias: Optional[torch.Tensor] = None,
+    accumulate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Binary convolution ``epilogue(conv(sign(x + input_bias), sign(W)))`` of a [N, C, H, W] input.
 
@@ -309,7 +310,10 @@ def binary_conv2d(
     ("residual", None) ops; ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
     (skips packing; ``x`` still gives the shape and may be a ``meta`` tensor); ``output_bits`` (int64, ``N * OH*OW *
     ceil(O/64)`` words, dense calls without groups) receives the output packed again for the next
-    binary layer, bit = ``y + output_bits_bias >= 0``.  Returns the float output.
+    binary layer, bit = ``y + output_bits_bias >= 0``.  ``accumulate`` (float32, ``N * OH*OW`` values,
+    e.g. a [N, 1, OH, OW] mask; with ``positions`` and ``out``) adds instead of storing:
+    ``out = y * accumulate + out`` at the listed positions, a sparse-assisted pair's masked sum with
+    the same rounding as the two torch operations.  Returns the float output.
     """
     if x.dim() != 4:
         raise ValueError(f"binary_conv2d expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
@@ -359,6 +363,13 @@ def binary_conv2d(
         raise ValueError("the epilogue has a 'residual' op but no residual tensor was given")
     if output_bits is not None and (positions is not None or groups != 1):
         raise ValueError("output_bits needs a dense call (no positions) without groups")
+    if accumulate is not None:
+        if positions is None or epilogue.mix is not None:
+            raise ValueError("accumulate needs positions and no channel mix")
+        if accumulate.numel() != n * oh * ow:
+            raise ValueError(f"accumulate has {accumulate.numel()} values, expected one per output pixel "
+                             f"({n * oh * ow})")
+        accumulate = accumulate.to(device=device, dtype=torch.float32).contiguous()
     if use_c and epilogue.mix is not None and (positions is not None or groups != 1):
         # the kernels mix channels on dense ungrouped tiles only: mix the binary conv's output here
         y = binary_conv2d(x, weights, input_bias=input_bias, stride=stride, padding=padding, dilation=dilation,
@@ -369,8 +380,8 @@ def binary_conv2d(
     args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual)
     if use_c:
         return _conv_c(*args, num_threads=_num_threads(num_threads), packed_input=packed_input,
-                       output_bits=output_bits, output_bits_bias=output_bits_bias)
-    y = _conv_torch(*args)
+                       output_bits=output_bits, output_bits_bias=output_bits_bias, accumulate=accumulate)
+    y = _conv_torch(*args, accumulate=accumulate)
     if output_bits is not None:
         output_bits.copy_(pack_activations_torch(y, output_bits_bias).reshape(output_bits.shape))
     return y
@@ -379,7 +390,8 @@ def binary_conv2d(
 def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual,
             num_threads: int, packed_input: Optional[torch.Tensor] = None,
             output_bits: Optional[torch.Tensor] = None,
-            output_bits_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+            output_bits_bias: Optional[torch.Tensor] = None,
+            accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
     lib = _lib.library()
     if lib is None:
         raise RuntimeError("backend='c' requested but the compiled kernels are not available")
@@ -423,7 +435,8 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         epilogue.shift.data_ptr() if epilogue.shift is not None else None,
         nops, codes, pointers,
         residual.data_ptr() if residual is not None else None, residual.shape[1] if residual is not None else 0,
-        out.data_ptr(), pos_ptr, npos, bits_ptr, bits_bias_ptr,
+        out.data_ptr(), pos_ptr, npos, accumulate.data_ptr() if accumulate is not None else None,
+        bits_ptr, bits_bias_ptr,
         mix.weight.data_ptr() if mix is not None else None, mix.bias.data_ptr() if mix is not None else None,
         mix.out_channels if mix is not None else 0, int(mix.relu) if mix is not None else 0,
         num_threads,
@@ -434,7 +447,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
 
 
 def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions,
-                out, residual=None) -> torch.Tensor:
+                out, residual=None, accumulate=None) -> torch.Tensor:
     x = x.float()
     if input_bias is not None:
         x = x + _vector(input_bias).to(x.device).view(1, -1, 1, 1)
@@ -443,11 +456,13 @@ def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, ep
         signs = F.pad(signs, (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
         padding = (0, 0)
     dot = F.conv2d(signs, weights.signs.to(signs.device), None, stride, padding, dilation, weights.groups).round_()
-    return _scatter(out, epilogue.apply_torch(dot, residual=residual), positions)
+    return _scatter(out, epilogue.apply_torch(dot, residual=residual), positions, accumulate)
 
 
-def _scatter(out: torch.Tensor, y: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
-    """``out`` holding ``y`` (all of it, or its values at the flattened ``positions``)."""
+def _scatter(out: torch.Tensor, y: torch.Tensor, positions: Optional[torch.Tensor],
+             accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out`` holding ``y`` (all of it, or its values at the flattened ``positions``); with
+    ``accumulate`` (one weight per output pixel) ``out = y * accumulate + out`` there instead."""
     if positions is None:
         return out.copy_(y)
     flat_out = out.view(out.shape[0], out.shape[1], -1)
@@ -455,7 +470,11 @@ def _scatter(out: torch.Tensor, y: torch.Tensor, positions: Optional[torch.Tenso
     ohw = flat_y.shape[2]
     positions = positions.to(device=out.device, dtype=torch.int64)
     batch, pixel = positions // ohw, positions % ohw
-    flat_out[batch, :, pixel] = flat_y[batch, :, pixel]
+    values = flat_y[batch, :, pixel]
+    if accumulate is not None:
+        weights = accumulate.reshape(-1).to(out.device).index_select(0, positions)
+        values = values * weights.view(-1, 1) + flat_out[batch, :, pixel]
+    flat_out[batch, :, pixel] = values
     return out
 
 

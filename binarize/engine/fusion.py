@@ -280,9 +280,12 @@ class FoldedConv2dForward:
                 and x.device.type == "cpu" and self.padding_mode == "zeros" and self.groups == 1
                 and self.stride == (1, 1))
 
-    def _sparse_c(self, x: torch.Tensor, positions: torch.Tensor, zero_rest: bool = True) -> Optional[torch.Tensor]:
+    def _sparse_c(self, x: torch.Tensor, positions: torch.Tensor, zero_rest: bool = True,
+                  out: Optional[torch.Tensor] = None, accumulate: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The sparse convolution by the C kernel (ReLU included), or None when it cannot run;
-        outputs off ``positions`` are 0, or uninitialized with ``zero_rest=False``."""
+        outputs off ``positions`` are 0, or uninitialized with ``zero_rest=False``.  With ``out``
+        (contiguous float32) and ``accumulate`` (one float32 weight per output pixel): ``out = y *
+        accumulate + out`` at the positions, in place (a sparse-assisted pair's masked sum)."""
         if not self.sparse_in_c(x):
             return None
         n, c, h, w = x.shape
@@ -292,11 +295,19 @@ class FoldedConv2dForward:
         ow = w + left + right - self.dilation[1] * (kw - 1)
         x = x.contiguous()
         positions = positions.to(torch.int64).contiguous()
-        out = x.new_zeros(n, out_channels, oh, ow) if zero_rest else x.new_empty(n, out_channels, oh, ow)
+        if out is None:
+            out = x.new_zeros(n, out_channels, oh, ow) if zero_rest else x.new_empty(n, out_channels, oh, ow)
+        elif out.shape != (n, out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, out_channels, oh, ow)}")
+        if accumulate is not None:
+            if out is None or accumulate.numel() != n * oh * ow:
+                raise ValueError(f"accumulate needs out and {n * oh * ow} weights, got {accumulate.numel()}")
+            accumulate = accumulate.to(torch.float32).contiguous()
         status = _lib.library().bz_sparse_fconv(
             x.data_ptr(), n, c, h, w, self.channel_major.data_ptr(), self.bias.data_ptr(), out_channels, kh, kw,
             top, left, self.dilation[0], self.dilation[1], oh, ow, int(self.relu), positions.data_ptr(),
-            positions.numel(), out.data_ptr(), torch.get_num_threads())
+            positions.numel(), accumulate.data_ptr() if accumulate is not None else None, out.data_ptr(),
+            torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"bz_sparse_fconv rejected its arguments (status {status})")
         return out
@@ -323,6 +334,23 @@ class FoldedConv2dForward:
         out = x.new_zeros(n, out_channels, oh * ow)
         out[batch, :, pixel] = values
         return out.view(n, out_channels, oh, ow)
+
+
+def _active_map(mask: torch.Tensor, info: dict) -> torch.Tensor:
+    """Where a mask is non-zero in any channel ([N, 1, H, W] bool), once per mask."""
+    if "active" not in info:
+        active = mask != 0
+        info["active"] = active.any(dim=1, keepdim=True) if active.dim() == 4 else active
+    return info["active"]
+
+
+def _positions(info: dict, active: torch.Tensor, radius: int) -> torch.Tensor:
+    """Flattened positions of the active map grown by ``radius`` pixels, once per mask and radius."""
+    positions: Dict[int, torch.Tensor] = info.setdefault("positions", {})
+    if radius not in positions:
+        grown = _dilate(active, radius) if radius else active
+        positions[radius] = torch.nonzero(grown.reshape(-1)).reshape(-1)
+    return positions[radius]
 
 
 def _dilate(active: torch.Tensor, radius: int) -> torch.Tensor:
@@ -421,11 +449,7 @@ class SparseMaskedForward:
             x = module(x)
         info = {} if info is None else info
         usable = mask.dim() == 4 and mask.shape[0] == x.shape[0] and mask.shape[-2:] == x.shape[-2:]
-        if "active" not in info:
-            active = mask != 0
-            info["active"] = active.any(dim=1, keepdim=True) if active.dim() == 4 else active
-        active = info["active"]
-        positions: Dict[int, torch.Tensor] = info.setdefault("positions", {})
+        active = _active_map(mask, info)
         for index in range(self.conv_index, stop):
             module = children[index]
             impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.forward
@@ -433,11 +457,7 @@ class SparseMaskedForward:
             sparse_ok = (usable and index in self.radius_after and tuple(module.stride) == (1, 1)
                          and isinstance(impl, (PackedConv2d, FoldedConv2dForward)))
             if sparse_ok:
-                radius = self.radius_after[index]
-                if radius not in positions:
-                    grown = _dilate(active, radius) if radius else active
-                    positions[radius] = torch.nonzero(grown.reshape(-1)).reshape(-1)
-                selected = positions[radius]
+                selected = _positions(info, active, self.radius_after[index])
                 # gathering windows only pays below some density; above it the dense path is cheaper
                 if isinstance(impl, PackedConv2d):
                     limit = SPARSE_LIMIT_PACKED
@@ -461,13 +481,15 @@ class SparseMaskedForward:
         if stop is None or mask.dim() != 4 or mask.shape[1] != 1 or dense.dim() != 4:
             return self(x, mask) + dense
         usable = mask.shape[0] == x.shape[0] and mask.shape[-2:] == x.shape[-2:] and x.dim() == 4
+        if usable:
+            summed = self._accumulate(x, mask, dense, info, packed_input)
+            if summed is not None:
+                return summed
         y, active, usable = self._run(x, mask, stop, gathered=usable, info=info, packed_input=packed_input)
         if not usable or y.shape != dense.shape:
             return self(x, mask) + dense  # not the shapes of a sparse-assisted pair: the plain sum
         n, c, h, w = y.shape
-        if "nonzero" not in info:
-            info["nonzero"] = torch.nonzero(mask.reshape(-1)).reshape(-1)
-        positions = info["nonzero"]
+        positions = _positions(info, active, 0)  # the mask's non-zero positions (it has one channel)
         # the values at the positions as a [1, C, K, 1] map, so per-channel modules apply unchanged
         columns = y.transpose(0, 1).reshape(c, n * h * w).index_select(1, positions)
         columns = columns.view(1, c, -1, 1)
@@ -487,6 +509,50 @@ class SparseMaskedForward:
         # (body * mask) + dense, element by element as in the float model
         flat[batch, :, pixel] = (values * weights).t() + flat[batch, :, pixel]
         return out
+
+    def _accumulate(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor, info: dict,
+                    packed_input: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``body(x) * mask + dense`` when the body's one convolution is the packed binary conv with
+        everything after it fused: its kernel adds ``y * mask`` straight into ``dense`` at the mask's
+        positions (no output map, gathers or separate sum).  None when that does not apply."""
+        children = list(self.branch)
+        last = self.tail_start - 1
+        module = children[last]
+        impl = module.__dict__.get("_impl") if isinstance(module, BinaryConv2d) else module.__dict__.get("forward")
+        if (not all(isinstance(m.__dict__.get("forward"), Passthrough) for m in children[self.tail_start:])
+                or self.radius_after.get(last) != 0 or _lib.library() is None
+                or mask.dtype != torch.float32 or dense.dtype != torch.float32 or dense.device.type != "cpu"
+                or dense.data_ptr() == x.data_ptr()):
+            return None
+        if isinstance(impl, PackedConv2d) and last == self.conv_index:
+            if (impl.torch_post is not None or impl.spec.sample_scale or impl.backend == "torch"
+                    or tuple(impl.stride) != (1, 1) or impl.padding_mode != "zeros"
+                    or dense.shape != (x.shape[0], impl.weights.out_channels, *x.shape[-2:])):
+                return None
+            for module in children[: self.conv_index]:
+                x = module(x)
+            limit = SPARSE_LIMIT_PACKED
+        elif isinstance(impl, FoldedConv2dForward) and last > self.conv_index and packed_input is None:
+            left, right, top, bottom = impl.explicit_padding
+            kh, kw = impl.weight.shape[-2:]
+            if (impl.backend == "torch" or not impl.sparse_in_c(x) or dense.shape[1] != impl.weight.shape[0]
+                    or top + bottom != impl.dilation[0] * (kh - 1) or left + right != impl.dilation[1] * (kw - 1)):
+                return None
+            limit = SPARSE_LIMIT_FOLDED_C
+        else:
+            return None
+        active = _active_map(mask, info)
+        positions = _positions(info, active, 0)
+        if positions.numel() > limit * active.numel():
+            return None  # dense enough for the dense conv and gathers (the general path)
+        out = dense.contiguous()
+        if isinstance(impl, PackedConv2d):
+            extra = {"packed_input": packed_input} if packed_input is not None else {}
+            return impl(x, positions=positions, out=out, accumulate=mask, **extra)
+        y, _, _ = self._run(x, mask, last, info=info)  # the convolutions before the last one
+        if y.shape[-2:] != dense.shape[-2:]:
+            return self(x, mask) + dense  # not the shapes of a sparse-assisted pair: the plain sum
+        return impl._sparse_c(y, positions, out=out, accumulate=mask)
 
     def accepts_packed(self, x_shape: Sequence[int], mask: torch.Tensor) -> bool:
         """True when ``masked_add`` takes the sparse path (no dense fallback) for inputs of this

@@ -265,16 +265,21 @@ class PackedConv2d:
         self.epilogue = Epilogue(scale=scale, shift=shift, ops=ops, mix=mix)
 
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                 zero_rest: bool = True, packed_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 zero_rest: bool = True, packed_input: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer's output (and the fused tail's) for x [N, C, H, W] or [C, H, W].
 
         ``positions`` (flattened ``n*OH*OW + pixel``) computes only those outputs; the rest are 0
         (uninitialized with ``zero_rest=False``, for callers that read only those outputs).
         ``packed_input``: ``x`` already packed with this layer's input shift (``x`` then only gives
-        the shape, see ``binary_conv2d``).
+        the shape, see ``binary_conv2d``).  ``out`` and ``accumulate`` (batched input, positions,
+        everything after the conv fused): ``out = y * accumulate + out`` at the positions, in place.
         """
         if packed_input is not None and (self.spec.sample_scale or self.padding_mode != "zeros"):
             raise ValueError("packed_input needs a plain-sign input binarizer and zero padding")
+        if accumulate is not None and (self.spec.sample_scale or self.torch_post is not None or x.dim() != 4
+                                       or out is None):
+            raise ValueError("accumulate needs a batched input, out, and a layer whose post-ops are all fused")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -288,7 +293,7 @@ class PackedConv2d:
                           padding=padding, dilation=self.dilation, pad_value=self.pad_value,
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
                           backend=self.backend, zero_rest=zero_rest or positions is None,
-                          packed_input=packed_input)
+                          packed_input=packed_input, out=out, accumulate=accumulate)
         if self.spec.sample_scale:
             shifted = x if self.spec.bias is None else x + self.spec.bias.to(x.device).view(1, -1, 1, 1)
             y = y * shifted.float().abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)

@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 13; }
+BZ_EXPORT int bz_abi_version(void) { return 14; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -218,6 +218,9 @@ typedef struct {
     float *out;
     const int64_t *positions; /* nullable: flattened n*OH*OW + pixel indices to compute */
     int64_t npos;
+    /* nullable (listed positions only): accumulate instead of store, out = y * acc_weight[pos] + out
+     * (a sparse-assisted pair's masked sum, with the mask [N][OH*OW] as the weight) */
+    const float *acc_weight;
     /* nullable: also pack the output (bit = y + out_bias >= 0) into [N][OH*OW][ceil(O/64)] words
      * for the next binary layer, while the tile is still in cache (dense, G == 1 only) */
     u64 *out_bits;
@@ -857,6 +860,7 @@ typedef struct {
     int32_t border[TP]; /* tile pixels with padded taps */
     float y[TP];
     float r[TP]; /* gathered residual values (listed positions) */
+    float wgt[TP]; /* gathered accumulation weights (listed positions with acc_weight) */
     int64_t image[TP], pixel[TP]; /* listed positions split into (sample, pixel) once per tile */
     float *mixin; /* [O][TP] epilogue outputs awaiting the channel mix (mix_w only) */
 } tile_buffers;
@@ -911,6 +915,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                                                    buf->A + i * lda, buf->inv + i * taps);
             buf->base[i] = buf->nvalid[i] * (int32_t)a->CG;
             if (buf->nvalid[i] != taps) buf->border[nborder++] = i;
+            if (a->acc_weight) buf->wgt[i] = a->acc_weight[gi];
         }
     }
     const int64_t nblocks = a->OGP / OB;
@@ -954,7 +959,15 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                     for (int i = 0; i < np; ++i)
                         buf->r[i] = a->residual[(buf->image[i] * a->res_channels + rc) * OHW + buf->pixel[i]];
                 epilogue_row(a, oc, popc, buf->base, np, buf->y, buf->r);
-                for (int i = 0; i < np; ++i) a->out[(buf->image[i] * a->O + oc) * OHW + buf->pixel[i]] = buf->y[i];
+                if (a->acc_weight) { /* (y * weight) + out, rounded as the two torch operations */
+                    for (int i = 0; i < np; ++i) {
+                        float *dst = a->out + (buf->image[i] * a->O + oc) * OHW + buf->pixel[i];
+                        const float product = buf->y[i] * buf->wgt[i];
+                        *dst = product + *dst;
+                    }
+                } else {
+                    for (int i = 0; i < np; ++i) a->out[(buf->image[i] * a->O + oc) * OHW + buf->pixel[i]] = buf->y[i];
+                }
             }
         }
     }
@@ -1027,6 +1040,7 @@ static void conv_run(const conv_args *a, int nthreads) {
  * Binary convolution of packed input `in` ([N][H*W][G][NWG]) with packed weights `w`
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
+ * acc_weight (nullable, with positions only, [N][OH*OW]): add instead of store, out = y * acc_weight + out.
  * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops.
  * mix_w (nullable, dense and G == 1 only): a full-precision 1x1 conv after the epilogue, so `out` has
  * mix_out channels: out = [relu if mix_relu](mix_w [mix_out][O] @ y + mix_b).
@@ -1040,7 +1054,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
                       const float *residual, int64_t res_channels, float *out, const int64_t *positions,
-                      int64_t npos, u64 *out_bits, const float *out_bias, const float *mix_w,
+                      int64_t npos, const float *acc_weight, u64 *out_bits, const float *out_bias, const float *mix_w,
                       const float *mix_b, int64_t mix_out, int mix_relu, int nthreads) {
     conv_args a;
     memset(&a, 0, sizeof(a));
@@ -1052,7 +1066,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     a.pad_mode = pad_mode; a.OH = OH; a.OW = OW;
     a.scale = scale; a.shift = shift; a.nops = nops;
     for (int q = 0; q < nops; ++q) { a.ops[q] = ops[q]; a.op_args[q] = op_args[q]; }
-    a.out = out; a.positions = positions; a.npos = npos;
+    a.out = out; a.positions = positions; a.npos = npos; a.acc_weight = acc_weight;
     a.residual = residual; a.res_channels = res_channels;
     a.out_bits = out_bits; a.out_bias = out_bias;
     if (a.OG > a.OGP) return -1;
@@ -1060,6 +1074,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     for (int q = 0; q < nops; ++q)
         if (ops[q] == BZ_OP_RESIDUAL && !residual) return -1;
     if (out_bits && (G != 1 || positions)) return -1;
+    if (acc_weight && !positions) return -1;
     if (mix_w && (G != 1 || positions || out_bits || !mix_b || mix_out < 1)) return -1;
     a.mix_w = mix_w; a.mix_b = mix_b; a.mix_out = mix_out; a.mix_relu = mix_relu;
     a.chain = chain_kind(&a);
@@ -1417,12 +1432,28 @@ __attribute__((target("avx2,fma"))) static void sparse_fconv_quad(const float *c
 
 #endif
 
+/* one position's O outputs (+ ReLU) into dst (stride OHW between channels): stored, or with a weight
+ * (acc_weight) added as (y * weight) + dst, rounded as the two torch operations */
+BZ_INLINE void fconv_store(float *dst, int64_t OHW, const float *acc, int64_t O, int relu, const float *acc_weight,
+                           int64_t pos) {
+    if (acc_weight) {
+        const float wv = acc_weight[pos];
+        for (int64_t o = 0; o < O; ++o) {
+            const float product = (relu && !(acc[o] > 0.0f) ? 0.0f : acc[o]) * wv;
+            dst[o * OHW] = product + dst[o * OHW];
+        }
+    } else {
+        for (int64_t o = 0; o < O; ++o) dst[o * OHW] = relu && !(acc[o] > 0.0f) ? 0.0f : acc[o];
+    }
+}
+
 /* out[n][o][p] (zeroed by the caller) = conv(x)[n][o][p] (+ ReLU) at the flattened positions
- * n*OH*OW + p; x [N][C][H][W], w [C][KH][KW][O]. */
+ * n*OH*OW + p; x [N][C][H][W], w [C][KH][KW][O].  acc_weight (nullable, [N][OH*OW]): add instead,
+ * out = conv * acc_weight + out (a sparse-assisted pair's masked sum). */
 BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const float *w,
                               const float *bias, int64_t O, int64_t KH, int64_t KW, int64_t PH, int64_t PW,
                               int64_t DH, int64_t DW, int64_t OH, int64_t OW, int relu, const int64_t *positions,
-                              int64_t npos, float *out, int nthreads) {
+                              int64_t npos, const float *acc_weight, float *out, int nthreads) {
     if (N < 1 || C < 1 || O < 1 || O > 4096 || KH < 1 || KW < 1 || OH < 1 || OW < 1) return -1;
     const int parallel = nthreads > 1 && (double)npos * (double)(C * KH * KW * O) >= BZ_CONV_PARALLEL_MIN;
     (void)parallel;
@@ -1460,11 +1491,9 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
                     for (int i = 0; i < 4; ++i)
                         src[i] = x + n4[i] * C * H * W + (pix4[i] / OW - PH) * W + (pix4[i] % OW - PW);
                     sparse_fconv_quad(src, H * W, C, w, bias, (int)(O / 8), KH, KW, DH * W, DW, acc4);
-                    for (int i = 0; i < 4; ++i) {
-                        float *dst = out + n4[i] * O * OH * OW + pix4[i];
-                        for (int64_t o = 0; o < O; ++o)
-                            dst[o * OH * OW] = relu && !(acc4[i][o] > 0.0f) ? 0.0f : acc4[i][o];
-                    }
+                    for (int i = 0; i < 4; ++i)
+                        fconv_store(out + n4[i] * O * OH * OW + pix4[i], OH * OW, acc4[i], O, relu, acc_weight,
+                                    n4[i] * OH * OW + pix4[i]);
                     continue;
                 }
 #endif
@@ -1473,8 +1502,7 @@ BZ_EXPORT int bz_sparse_fconv(const float *x, int64_t N, int64_t C, int64_t H, i
                     if (n < 0 || n >= N) continue;
                     sparse_fconv_point(x + n * C * H * W, C, H, W, w, bias, O, KH, KW, PH, PW, DH, DW, pixel / OW,
                                        pixel % OW, acc);
-                    float *dst = out + n * O * OH * OW + pixel;
-                    for (int64_t o = 0; o < O; ++o) dst[o * OH * OW] = relu && !(acc[o] > 0.0f) ? 0.0f : acc[o];
+                    fconv_store(out + n * O * OH * OW + pixel, OH * OW, acc, O, relu, acc_weight, n * OH * OW + pixel);
                 }
             }
             free(acc);
