@@ -59,8 +59,8 @@ enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4, BZ_OP_RESI
 #define BZ_MAX_OPS 8
 
 /* smallest jobs worth a parallel region: floats packed, (pixel x output x word) popcounts */
-#define BZ_PACK_PARALLEL_MIN 262144
-#define BZ_CONV_PARALLEL_MIN 1000000.0
+#define BZ_PACK_PARALLEL_MIN 32768
+#define BZ_CONV_PARALLEL_MIN 100000.0
 
 enum { BZ_KERNEL_AUTO = 0, BZ_KERNEL_GENERIC = 1, BZ_KERNEL_POPCNT = 2, BZ_KERNEL_AVX2 = 3,
        BZ_KERNEL_AVX512 = 4, BZ_KERNEL_AVX2_HYBRID = 5 };
