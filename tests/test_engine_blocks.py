@@ -63,6 +63,32 @@ def test_residual_epilogue_and_output_bits_match_formula(cin, out_blocks, res_di
             assert torch.equal(again, got)  # x only gives the shape when the input comes packed
 
 
+@FAST
+@given(cin=st.integers(1, 70), operand=st.integers(1, 12), repeats=st.integers(1, 2), kernel=st.sampled_from([1, 3]),
+       sparse=st.booleans(), n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_residual_halves_equal_the_mean_of_the_two_halves(cin, operand, repeats, kernel, sparse, n, h, w, seed):
+    """A shrinking block's shortcut, read by the epilogue from the full map, bit-equal to averaging first."""
+    g = torch.Generator().manual_seed(seed)
+    out_channels = operand * repeats
+    packed = pack_weights(torch.rand(out_channels, cin, kernel, kernel, generator=g) < 0.5)
+    epilogue = Epilogue(scale=torch.rand(out_channels, generator=g), shift=torch.randn(out_channels, generator=g),
+                        ops=[("residual", None), ("add", torch.randn(out_channels, generator=g)),
+                             ("prelu", torch.rand(out_channels, generator=g))])
+    x = torch.randn(n, cin, h, w, generator=g)
+    full = torch.randn(n, 2 * operand, h, w, generator=g)
+    mean = (full[:, :operand] + full[:, operand:]) / 2
+    positions = torch.nonzero(torch.rand(n * h * w, generator=g) < 0.5).reshape(-1) if sparse else None
+    for backend in BACKENDS:
+        expected = binary_conv2d(x, packed, padding=kernel // 2, epilogue=epilogue, residual=mean,
+                                 positions=positions, backend=backend)
+        got = binary_conv2d(x, packed, padding=kernel // 2, epilogue=epilogue, residual=full, residual_halves=True,
+                            positions=positions, backend=backend)
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="does not fit"):
+        binary_conv2d(x, packed, padding=kernel // 2, epilogue=epilogue, residual=full[:, :1], residual_halves=True)
+
+
 def test_residual_and_output_bits_errors():
     x = torch.randn(1, 8, 5, 5)
     weights = pack_weights(torch.rand(6, 8, 1, 1) > 0.5)

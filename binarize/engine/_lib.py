@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 14
+_ABI_VERSION = 15
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -48,7 +48,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,  # KH, KW, SH, SW, PH, PW, DH, DW
         _int, _i64, _i64,  # pad_mode, OH, OW
         _ptr, _ptr, _int, _ptr, _ptr,  # scale, shift, nops, ops, op_args
-        _ptr, _i64,  # residual, res_channels
+        _ptr, _i64, _int,  # residual, res_channels, res_halves
         _ptr, _ptr, _i64, _ptr,  # out, positions, npos, acc_weight
         _ptr, _ptr,  # out_bits, out_bias
         _ptr, _ptr, _i64, _int,  # mix_w, mix_b, mix_out, mix_relu

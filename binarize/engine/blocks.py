@@ -156,17 +156,14 @@ class ElasticShortcutForward:
                       epilogue=self.epilogue1, residual=shortcut, out=out1,
                       packed_input=take_packed(x, self.input_bias) if use_c else None,
                       output_bits=middle_bits, output_bits_bias=self.middle_bias, **options)
-        if self.shrink:  # the official shortcut: the mean of the two channel halves
-            residual = sum(out1.split(self.out_channels, dim=1)) / 2
-        else:
-            residual = out1
         out = torch.empty(n, self.out_channels, oh, ow)
         next_bias = self.pack_next if use_c and not out1.is_inference() else None
         out_bits = (torch.empty(n * oh * ow * math.ceil(self.out_channels / 64), dtype=torch.int64)
                     if next_bias is not None else None)
-        binary_conv2d(out1, self.conv2, input_bias=self.middle_bias, epilogue=self.epilogue2, residual=residual,
-                      out=out, packed_input=middle_bits, output_bits=out_bits, output_bits_bias=next_bias,
-                      **options)
+        # a shrinking block's shortcut, the mean of out1's two channel halves, is read by the epilogue
+        binary_conv2d(out1, self.conv2, input_bias=self.middle_bias, epilogue=self.epilogue2, residual=out1,
+                      residual_halves=self.shrink, out=out, packed_input=middle_bits, output_bits=out_bits,
+                      output_bits_bias=next_bias, **options)
         if out_bits is not None:
             attach_packed(out, next_bias, out_bits)
         setattr(out, _PRODUCER_ATTR, self)

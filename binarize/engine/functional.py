@@ -296,6 +296,7 @@ def binary_conv2d(
     output_bits: Optional[torch.Tensor] = None,
     output_bits_bias: Optional[torch.Tensor] = None,
     accumulate: Optional[torch.Tensor] = None,
+    residual_halves: bool = False,
 ) -> torch.Tensor:
     """Binary convolution ``epilogue(conv(sign(x + input_bias), sign(W)))`` of a [N, C, H, W] input.
 
@@ -307,7 +308,8 @@ def binary_conv2d(
 
     Fusion with neighbours (C backend; the torch backend gives the same floats):
     ``residual`` [N, RC, OH, OW] (RC divides the output channels) is the operand of the epilogue's
-    ("residual", None) ops; ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
+    ("residual", None) ops (with ``residual_halves`` it has 2 * RC channels and the operand is the
+    mean of its two halves, ``(r[:, :RC] + r[:, RC:]) / 2``: a shrinking block's shortcut); ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
     (skips packing; ``x`` still gives the shape and may be a ``meta`` tensor); ``output_bits`` (int64, ``N * OH*OW *
     ceil(O/64)`` words, dense calls without groups) receives the output packed again for the next
     binary layer, bit = ``y + output_bits_bias >= 0``.  ``accumulate`` (float32, ``N * OH*OW`` values,
@@ -355,10 +357,15 @@ def binary_conv2d(
     if x.device.type == "meta" and not use_c:
         raise ValueError("a 'meta' input (shape only) needs packed_input and the C kernels")
     if residual is not None:
-        if residual.shape[0] != n or residual.shape[2:] != (oh, ow) or weights.out_channels % residual.shape[1]:
+        operand_channels = residual.shape[1] // 2 if residual_halves else residual.shape[1]
+        if (residual.shape[0] != n or residual.shape[2:] != (oh, ow) or operand_channels == 0
+                or weights.out_channels % operand_channels or (residual_halves and residual.shape[1] % 2)):
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not fit the output "
                              f"{(n, weights.out_channels, oh, ow)}")
         residual = residual.float().contiguous()
+        if residual_halves and not use_c:
+            residual = (residual[:, :operand_channels] + residual[:, operand_channels:]) / 2
+            residual_halves = False
     elif any(name == "residual" for name, _ in epilogue.ops):
         raise ValueError("the epilogue has a 'residual' op but no residual tensor was given")
     if output_bits is not None and (positions is not None or groups != 1):
@@ -375,12 +382,13 @@ def binary_conv2d(
         y = binary_conv2d(x, weights, input_bias=input_bias, stride=stride, padding=padding, dilation=dilation,
                           pad_value=pad_value, epilogue=epilogue.without_mix(), positions=positions,
                           num_threads=num_threads, backend=backend, zero_rest=False, residual=residual,
-                          packed_input=packed_input)
+                          packed_input=packed_input, residual_halves=residual_halves)
         return _scatter(out, epilogue.mix.apply_torch(y), positions)
     args = (x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions, out, residual)
     if use_c:
         return _conv_c(*args, num_threads=_num_threads(num_threads), packed_input=packed_input,
-                       output_bits=output_bits, output_bits_bias=output_bits_bias, accumulate=accumulate)
+                       output_bits=output_bits, output_bits_bias=output_bits_bias, accumulate=accumulate,
+                       residual_halves=residual_halves)
     y = _conv_torch(*args, accumulate=accumulate)
     if output_bits is not None:
         output_bits.copy_(pack_activations_torch(y, output_bits_bias).reshape(output_bits.shape))
@@ -391,7 +399,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
             num_threads: int, packed_input: Optional[torch.Tensor] = None,
             output_bits: Optional[torch.Tensor] = None,
             output_bits_bias: Optional[torch.Tensor] = None,
-            accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+            accumulate: Optional[torch.Tensor] = None, residual_halves: bool = False) -> torch.Tensor:
     lib = _lib.library()
     if lib is None:
         raise RuntimeError("backend='c' requested but the compiled kernels are not available")
@@ -434,7 +442,8 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,
         epilogue.shift.data_ptr() if epilogue.shift is not None else None,
         nops, codes, pointers,
-        residual.data_ptr() if residual is not None else None, residual.shape[1] if residual is not None else 0,
+        residual.data_ptr() if residual is not None else None,
+        (residual.shape[1] >> int(residual_halves)) if residual is not None else 0, int(residual_halves),
         out.data_ptr(), pos_ptr, npos, accumulate.data_ptr() if accumulate is not None else None,
         bits_ptr, bits_bias_ptr,
         mix.weight.data_ptr() if mix is not None else None, mix.bias.data_ptr() if mix is not None else None,

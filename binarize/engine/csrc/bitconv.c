@@ -116,7 +116,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 14; }
+BZ_EXPORT int bz_abi_version(void) { return 15; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -214,6 +214,9 @@ typedef struct {
     /* residual operand of BZ_OP_RESIDUAL: [N][RC][OH*OW], output channel o reads channel o % RC */
     const float *residual;
     int64_t res_channels;
+    /* 0, or 1: the residual has 2 * res_channels channels and the operand is the mean of its two
+     * halves, (r[c] + r[c + res_channels]) * 0.5 (a shrinking block's shortcut) */
+    int res_halves;
     /* output */
     float *out;
     const int64_t *positions; /* nullable: flattened n*OH*OW + pixel indices to compute */
@@ -859,7 +862,7 @@ typedef struct {
     int32_t nvalid[TP];
     int32_t border[TP]; /* tile pixels with padded taps */
     float y[TP];
-    float r[TP]; /* gathered residual values (listed positions) */
+    float r[TP]; /* residual operand row: gathered (listed positions) or the mean of two halves */
     float wgt[TP]; /* gathered accumulation weights (listed positions with acc_weight) */
     int64_t image[TP], pixel[TP]; /* listed positions split into (sample, pixel) once per tile */
     float *mixin; /* [O][TP] epilogue outputs awaiting the channel mix (mix_w only) */
@@ -872,7 +875,7 @@ BZ_INLINE void prefetch_rows(const conv_args *a, int64_t g, int64_t n, int64_t p
     for (int64_t j = 0; j < jmax; ++j) {
         const int64_t oc = g * a->OG + ob * OB + j;
         const float *out = a->out + (n * a->O + oc) * OHW + p0;
-        const float *res = a->residual ? a->residual + (n * a->res_channels + oc % a->res_channels) * OHW + p0 : NULL;
+        const float *res = a->residual ? a->residual + (n * (a->res_channels << a->res_halves) + oc % a->res_channels) * OHW + p0 : NULL;
         for (int i = 0; i < np; i += 16) {
             __builtin_prefetch(out + i, 1, 3);
             if (res) __builtin_prefetch(res + i, 0, 3);
@@ -950,14 +953,22 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                 }
             }
             const int64_t rc = a->residual ? oc % a->res_channels : 0;
+            const int64_t rsc = a->res_channels << a->res_halves; /* residual channels per sample */
             if (!idx) {
-                const float *res = a->residual ? a->residual + (n * a->res_channels + rc) * OHW + p0 : NULL;
+                const float *res = a->residual ? a->residual + (n * rsc + rc) * OHW + p0 : NULL;
+                if (res && a->res_halves) {
+                    const float *second = res + a->res_channels * OHW;
+                    for (int i = 0; i < np; ++i) buf->r[i] = (res[i] + second[i]) * 0.5f;
+                    res = buf->r;
+                }
                 float *row = a->mix_w ? buf->mixin + oc * TP : a->out + (n * a->O + oc) * OHW + p0;
                 epilogue_row(a, oc, popc, buf->base, np, row, res);
             } else {
                 if (a->residual)
-                    for (int i = 0; i < np; ++i)
-                        buf->r[i] = a->residual[(buf->image[i] * a->res_channels + rc) * OHW + buf->pixel[i]];
+                    for (int i = 0; i < np; ++i) {
+                        const float *r = a->residual + (buf->image[i] * rsc + rc) * OHW + buf->pixel[i];
+                        buf->r[i] = a->res_halves ? (r[0] + r[a->res_channels * OHW]) * 0.5f : r[0];
+                    }
                 epilogue_row(a, oc, popc, buf->base, np, buf->y, buf->r);
                 if (a->acc_weight) { /* (y * weight) + out, rounded as the two torch operations */
                     for (int i = 0; i < np; ++i) {
@@ -1041,7 +1052,8 @@ static void conv_run(const conv_args *a, int nthreads) {
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
  * acc_weight (nullable, with positions only, [N][OH*OW]): add instead of store, out = y * acc_weight + out.
- * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops.
+ * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops; with res_halves
+ * it has 2 * res_channels channels and the operand is the mean of the two halves.
  * mix_w (nullable, dense and G == 1 only): a full-precision 1x1 conv after the epilogue, so `out` has
  * mix_out channels: out = [relu if mix_relu](mix_w [mix_out][O] @ y + mix_b).
  * out_bits (nullable, dense and G == 1 only): the output packed again, bit = y + out_bias >= 0,
@@ -1053,7 +1065,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
                       int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
-                      const float *residual, int64_t res_channels, float *out, const int64_t *positions,
+                      const float *residual, int64_t res_channels, int res_halves, float *out, const int64_t *positions,
                       int64_t npos, const float *acc_weight, u64 *out_bits, const float *out_bias, const float *mix_w,
                       const float *mix_b, int64_t mix_out, int mix_relu, int nthreads) {
     conv_args a;
@@ -1067,7 +1079,7 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     a.scale = scale; a.shift = shift; a.nops = nops;
     for (int q = 0; q < nops; ++q) { a.ops[q] = ops[q]; a.op_args[q] = op_args[q]; }
     a.out = out; a.positions = positions; a.npos = npos; a.acc_weight = acc_weight;
-    a.residual = residual; a.res_channels = res_channels;
+    a.residual = residual; a.res_channels = res_channels; a.res_halves = res_halves ? 1 : 0;
     a.out_bits = out_bits; a.out_bias = out_bias;
     if (a.OG > a.OGP) return -1;
     if (residual && (res_channels <= 0 || O % res_channels != 0)) return -1;
