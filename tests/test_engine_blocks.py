@@ -519,3 +519,45 @@ def test_sparse_pairs_add_the_masked_branch_inside_its_last_conv(branch, monkeyp
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(SparseMaskedForward, "_accumulate", lambda self, *a, **k: None)
     assert torch.equal(got, deployed(x, mask))  # the gathered path gives the same bits
+
+
+# ------------------------------------------------------------------ guided filter's full-resolution step
+@FAST
+@given(n=st.integers(1, 2), channels=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
+       height=st.integers(1, 40), width=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_guided_apply_equals_resize_times_guide_plus_offset(n, channels, h, w, height, width, seed):
+    from binarize.engine.functional import guided_apply
+
+    g = torch.Generator().manual_seed(seed)
+    slope, offset = torch.randn(n, channels, h, w, generator=g), torch.randn(n, channels, h, w, generator=g)
+    guide, last = torch.rand(n, channels - 1, height, width, generator=g), torch.rand(n, 1, height, width, generator=g)
+    size = (height, width)
+    expected = (F.interpolate(slope, size, mode="bilinear", align_corners=False) * torch.cat([guide, last], 1)
+                + F.interpolate(offset, size, mode="bilinear", align_corners=False))
+    for backend in BACKENDS:
+        got = guided_apply(slope, offset, guide, last, backend=backend)
+        # PyTorch's own weights; the sums may round differently in the last bit
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        guided_apply(slope, offset, guide[:, :0] if channels > 1 else torch.rand(n, 1, height, width), last)
+
+
+def test_deployed_refiner_runs_the_full_resolution_step_on_the_kernel(monkeypatch):
+    from binarize.models import create_model
+    from binarize.models.rvm_decoder import DeepGuidedFilterRefiner
+
+    model = _randomized(create_model("bimatting"), seed=4)
+    src = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = model(src, downsample_ratio=0.5)
+    deployed = deploy(model)
+    assert deployed.refiner.full_resolution_forward is not None
+    assert DeepGuidedFilterRefiner.full_resolution_forward is None  # the class slot stays empty
+    calls = []
+    kernel = deployed.refiner.full_resolution_forward
+    monkeypatch.setattr(deployed.refiner, "full_resolution_forward", lambda *a: calls.append(1) or kernel(*a))
+    with torch.no_grad():
+        got = deployed(src, downsample_ratio=0.5)
+    assert calls == [1]
+    for g, e in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 15
+_ABI_VERSION = 16
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -74,6 +74,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bz_concat_pack.restype = _int
     lib.bz_gru_update.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _int]
     lib.bz_gru_update.restype = _int
+    lib.bz_guided_apply.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _int]
+    lib.bz_guided_apply.restype = _int
     lib.bz_masked_add.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int]
     lib.bz_masked_add.restype = _int
 

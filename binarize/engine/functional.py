@@ -552,6 +552,35 @@ def gru_update(h: torch.Tensor, z: torch.Tensor, c: torch.Tensor, num_threads: O
     return out
 
 
+def guided_apply(slope: torch.Tensor, offset: torch.Tensor, guide: torch.Tensor, guide_last: torch.Tensor,
+                 num_threads: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """A guided filter's full-resolution step in one pass: ``resize(slope) * cat([guide, guide_last], 1)
+    + resize(offset)``, ``resize`` being ``F.interpolate(..., size=guide.shape[-2:], mode="bilinear",
+    align_corners=False)``.  ``slope``/``offset`` [N, C, h, w], ``guide`` [N, C-1, H, W], ``guide_last``
+    [N, 1, H, W].  Neither the resized maps nor the concatenated guide are built.  The resize uses
+    PyTorch's source indices and weights; its sums may round differently in the last bit (as in
+    ``upsample2x``), about 6x faster than the torch expression at 1920x1080."""
+    n, channels, h, w = slope.shape
+    height, width = guide.shape[-2:]
+    if (offset.shape != slope.shape or guide.dim() != 4 or guide.shape[:2] != (n, channels - 1)
+            or guide_last.shape != (n, 1, height, width)):
+        raise ValueError(f"guided_apply: slope/offset {tuple(slope.shape)}/{tuple(offset.shape)} do not fit guide "
+                         f"{tuple(guide.shape)} and guide_last {tuple(guide_last.shape)}")
+    tensors = (slope, offset, guide, guide_last)
+    lib = _lib.library() if backend != "torch" else None
+    if lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        size = (height, width)
+        resized = [F.interpolate(t, size, mode="bilinear", align_corners=False) for t in (slope, offset)]
+        return resized[0] * torch.cat([guide, guide_last], dim=1) + resized[1]
+    slope, offset, guide, guide_last = (t.contiguous() for t in tensors)
+    out = slope.new_empty(n, channels, height, width)
+    status = lib.bz_guided_apply(slope.data_ptr(), offset.data_ptr(), n, channels, h, w, guide.data_ptr(),
+                                 guide_last.data_ptr(), height, width, out.data_ptr(), _num_threads(num_threads))
+    if status != 0:
+        raise RuntimeError(f"bz_guided_apply rejected its arguments (status {status})")
+    return out
+
+
 def upsample2x(x: torch.Tensor, num_threads: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Bilinear 2x up-sampling (``align_corners=False``) of an [..., H, W] map.
 

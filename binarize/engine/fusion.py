@@ -35,6 +35,7 @@ from binarize.engine.functional import (
     avg_pool2x2,
     concat_pack,
     gru_update,
+    guided_apply,
     pointwise,
     upsample2x,
     upsample_concat_pack,
@@ -902,16 +903,22 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
     if fuse:
         _install_resampling(model, report, options)
         _install_pointwise_gemms(model, backend)
-        _install_state_updates(model, options)
+        _install_kernel_slots(model, options)
     return report
 
 
-def _install_state_updates(model: nn.Module, options: dict) -> None:
-    """Recurrent modules that declare an ``update_forward = None`` slot (BiMatting's ConvGRUs) get
-    the one-pass ``(1 - z) * h + z * c`` kernel (bit-identical to the three PyTorch ops)."""
+#: kernel slots a model's modules may declare as class attributes set to None (the models never
+#: import the engine): recurrent state updates ``(1 - z) * h + z * c`` (BiMatting's ConvGRUs,
+#: bit-identical to the three PyTorch ops) and the guided filter's full-resolution step
+_KERNEL_SLOTS = {"update_forward": gru_update, "full_resolution_forward": guided_apply}
+
+
+def _install_kernel_slots(model: nn.Module, options: dict) -> None:
+    """Fill the empty kernel slots (``_KERNEL_SLOTS``) of the model's modules with the C kernels."""
     for module in model.modules():
-        if "update_forward" not in module.__dict__ and getattr(type(module), "update_forward", False) is None:
-            module.update_forward = functools.partial(gru_update, **options)
+        for slot, kernel in _KERNEL_SLOTS.items():
+            if slot not in module.__dict__ and getattr(type(module), slot, False) is None:
+                setattr(module, slot, functools.partial(kernel, **options))
 
 
 def _install_pointwise_gemms(model: nn.Module, backend: str) -> None:

@@ -11,7 +11,7 @@ Every block takes time-series tensors ``[B, T, C, H, W]``: per-frame work runs o
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +189,11 @@ class DeepGuidedFilterRefiner(nn.Module):
     bilinearly and applied to the full-resolution image. Subclasses change only the coefficient
     network (``coefficient_net``), e.g. BiMatting's binary one."""
 
+    #: optional one-pass implementation of the full-resolution step ``resize(slope) * cat([src,
+    #: mean], 1) + resize(offset)``, called as ``(slope, offset, src, mean)``; ``binarize.deploy``
+    #: installs the engine's kernel here (the models never import the engine)
+    full_resolution_forward: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None
+
     def __init__(self, hid_channels: int = 16):
         super().__init__()
         self.box_filter = nn.Conv2d(4, 4, kernel_size=3, padding=1, bias=False, groups=4)
@@ -216,7 +221,7 @@ class DeepGuidedFilterRefiner(nn.Module):
     def refine_frames(self, fine_src: Tensor, base_src: Tensor, base_fgr: Tensor, base_pha: Tensor,
                       base_hid: Tensor) -> Tuple[Tensor, Tensor]:
         """The same on frames ``[N, C, H, W]``."""
-        fine_x = torch.cat([fine_src, fine_src.mean(1, keepdim=True)], dim=1)
+        fine_mean = fine_src.mean(1, keepdim=True)
         base_x = torch.cat([base_src, base_src.mean(1, keepdim=True)], dim=1)
         base_y = torch.cat([base_fgr, base_pha], dim=1)
         mean_x = self.box_filter(base_x)
@@ -225,8 +230,12 @@ class DeepGuidedFilterRefiner(nn.Module):
         var_x = self.box_filter(base_x * base_x) - mean_x * mean_x
         slope = self.conv(torch.cat([cov_xy, var_x, base_hid], dim=1))
         offset = mean_y - slope * mean_x
-        size = fine_src.shape[2:]
-        slope = F.interpolate(slope, size, mode="bilinear", align_corners=False)
-        offset = F.interpolate(offset, size, mode="bilinear", align_corners=False)
-        fgr, pha = (slope * fine_x + offset).split([3, 1], dim=1)
+        if self.full_resolution_forward is not None:
+            out = self.full_resolution_forward(slope, offset, fine_src, fine_mean)
+        else:
+            size = fine_src.shape[2:]
+            slope = F.interpolate(slope, size, mode="bilinear", align_corners=False)
+            offset = F.interpolate(offset, size, mode="bilinear", align_corners=False)
+            out = slope * torch.cat([fine_src, fine_mean], dim=1) + offset
+        fgr, pha = out.split([3, 1], dim=1)
         return fgr, pha
