@@ -309,13 +309,14 @@ def binary_conv2d(
     Fusion with neighbours (C backend; the torch backend gives the same floats):
     ``residual`` [N, RC, OH, OW] (RC divides the output channels) is the operand of the epilogue's
     ("residual", None) ops (with ``residual_halves`` it has 2 * RC channels and the operand is the
-    mean of its two halves, ``(r[:, :RC] + r[:, RC:]) / 2``: a shrinking block's shortcut); ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier
-    (skips packing; ``x`` still gives the shape and may be a ``meta`` tensor); ``output_bits`` (int64, ``N * OH*OW *
-    ceil(O/64)`` words, dense calls without groups) receives the output packed again for the next
-    binary layer, bit = ``y + output_bits_bias >= 0``.  ``accumulate`` (float32, ``N * OH*OW`` values,
-    e.g. a [N, 1, OH, OW] mask; with ``positions`` and ``out``) adds instead of storing:
-    ``out = y * accumulate + out`` at the listed positions, a sparse-assisted pair's masked sum with
-    the same rounding as the two torch operations.  Returns the float output.
+    mean of its two halves, ``(r[:, :RC] + r[:, RC:]) / 2``: a shrinking block's shortcut);
+    ``packed_input`` is ``pack_activations(x, input_bias)`` made earlier (skips packing; ``x`` still
+    gives the shape and may be a ``meta`` tensor); ``output_bits`` (int64, ``N * OH*OW * ceil(O/64)``
+    words, dense calls without groups) receives the output packed again for the next binary layer,
+    bit = ``y + output_bits_bias >= 0``.  ``accumulate`` (float32, ``N * OH*OW`` values, e.g. a
+    [N, 1, OH, OW] mask; with ``positions``) adds instead of storing: ``out = y * accumulate + out``
+    at the listed positions, a sparse-assisted pair's masked sum with the same rounding as the two
+    torch operations.  Returns the float output.
     """
     if x.dim() != 4:
         raise ValueError(f"binary_conv2d expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")

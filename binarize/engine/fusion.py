@@ -301,8 +301,9 @@ class FoldedConv2dForward:
         elif out.shape != (n, out_channels, oh, ow) or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, out_channels, oh, ow)}")
         if accumulate is not None:
-            if out is None or accumulate.numel() != n * oh * ow:
-                raise ValueError(f"accumulate needs out and {n * oh * ow} weights, got {accumulate.numel()}")
+            if accumulate.numel() != n * oh * ow:
+                raise ValueError(f"accumulate needs {n * oh * ow} weights (one per output pixel), "
+                                 f"got {accumulate.numel()}")
             accumulate = accumulate.to(torch.float32).contiguous()
         status = _lib.library().bz_sparse_fconv(
             x.data_ptr(), n, c, h, w, self.channel_major.data_ptr(), self.bias.data_ptr(), out_channels, kh, kw,
@@ -513,8 +514,9 @@ class SparseMaskedForward:
 
     def _accumulate(self, x: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor, info: dict,
                     packed_input: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``body(x) * mask + dense`` when the body's one convolution is the packed binary conv with
-        everything after it fused: its kernel adds ``y * mask`` straight into ``dense`` at the mask's
+        """``body(x) * mask + dense`` when everything after the body's last convolution is fused
+        into it and that convolution is the packed binary conv (the gates) or a sparse float conv
+        (the output block): its kernel adds ``y * mask`` straight into ``dense`` at the mask's
         positions (no output map, gathers or separate sum).  None when that does not apply."""
         children = list(self.branch)
         last = self.tail_start - 1
