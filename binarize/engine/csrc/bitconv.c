@@ -580,8 +580,7 @@ static word_kernel_fn select_word_kernel(int kernel, int64_t LW) {
     return NULL;
 }
 
-/* y = y >= 0 ? y : y * slope, in place.  Written as a bitwise select of both results: compilers
- * leave the plain conditional as a (mispredicted) branch, which made PReLU 20x slower than an add. */
+/* 8-lane float / int vectors (GCC / clang vector extensions) for the epilogue's loops */
 #if defined(__GNUC__)
 typedef float bz_v8f __attribute__((vector_size(32), aligned(4)));
 typedef int32_t bz_v8i __attribute__((vector_size(32), aligned(4)));
@@ -657,6 +656,8 @@ BZ_INLINE bz_v8f bz_v8_tanh(bz_v8f x) {
 }
 #endif
 
+/* y = y >= 0 ? y : y * slope, in place.  Written as a bitwise select of both results: compilers
+ * leave the plain conditional as a (mispredicted) branch, which made PReLU 20x slower than an add. */
 BZ_INLINE void prelu_run(float *y, int64_t np, float slope) {
     int64_t i = 0;
 #if defined(__GNUC__)
@@ -720,10 +721,6 @@ BZ_INLINE void op_run(int op, float cv, float *y, int np, const float *res) {
     }
 }
 
-/* epilogue of one output channel over np <= TP pixels: y = (base - 2*popc) * scale + shift, then
- * the ops one after another over the row, which stays in L1 (a loop over the ops inside the pixel
- * loop keeps the value on the stack: a store-to-load chain of several cycles per op and vector).
- * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL). */
 /* the op chains BiMatting's layers end with, run in one pass with the value in registers (the
  * same operations in the same order as the op passes, so the same roundings).  sigmoid / tanh
  * stay separate passes: inlined into the conversion loop they ran ~10% slower (register pressure). */
@@ -744,6 +741,10 @@ static int chain_kind(const conv_args *a) {
     return BZ_CHAIN_NONE;
 }
 
+/* epilogue of one output channel over np <= TP pixels: y = (base - 2*popc) * scale + shift, then
+ * the ops one after another over the row, which stays in L1 (a loop over the ops inside the pixel
+ * loop keeps the value on the stack: a store-to-load chain of several cycles per op and vector).
+ * res: the residual operand's values at these pixels (BZ_OP_RESIDUAL). */
 BZ_CLONES static void epilogue_row(const conv_args *a, int64_t oc, const int32_t *popc, const int32_t *base,
                                    int np, float *y, const float *res) {
     const float sc = a->scale ? a->scale[oc] : 1.0f;
