@@ -32,7 +32,8 @@ class PackedWeights:
 
     ``words`` holds the bits of each output channel's taps back to back (tap-major, channels
     inner); ``tap_popcount[o, t]`` is the number of +1 weights of tap t (the zero-padding
-    correction); ``signs`` keeps the +-1 float weight for the PyTorch fallback.
+    correction); ``signs`` keeps the +-1 float weight for the PyTorch fallback.  ``nibble_tables``
+    (ungrouped k x k convs) feeds the AVX2 table kernel: see ``nibble_tables``.
     """
 
     words: torch.Tensor
@@ -41,6 +42,7 @@ class PackedWeights:
     out_channels: int
     groups: int
     kernel_size: Pair
+    nibble_tables: Optional[torch.Tensor] = None
 
     @property
     def in_channels_per_group(self) -> int:
@@ -56,6 +58,25 @@ def _pack_words(bits: torch.Tensor) -> np.ndarray:
     64*j + i (little-endian), tail bits zero."""
     bits = F.pad(bits, (0, math.ceil(bits.shape[-1] / 64) * 64 - bits.shape[-1]))
     return np.packbits(bits.numpy(), axis=-1, bitorder="little").view(np.uint64)
+
+
+_NIBBLE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(16)], dtype=torch.uint8)
+
+
+def nibble_tables(bits: torch.Tensor, taps: int) -> torch.Tensor:
+    """Look-up tables of the AVX2 table kernel from weight bits [OGP, taps * C] (True = +1).
+
+    Entry ``i`` of output ``o``, tap ``t``, nibble ``k`` (channels 4k..4k+3) is
+    ``popcount(i XOR w)`` with ``w`` the 4 weight bits there, so one byte shuffle counts 4 channels
+    of 32 pixels.  Layout [OGP/4][taps][ceil(C/4)][4][16] uint8 (4 outputs side by side).
+    """
+    ogp = bits.shape[0]
+    channels = bits.shape[1] // taps
+    nibbles = math.ceil(channels / 4)
+    b = F.pad(bits.reshape(ogp, taps, channels), (0, 4 * nibbles - channels)).reshape(ogp, taps, nibbles, 4)
+    weight = (b.to(torch.int64) << torch.arange(4)).sum(-1)
+    table = _NIBBLE_POPCOUNT[torch.arange(16) ^ weight[..., None]]
+    return table.reshape(ogp // 4, 4, taps, nibbles, 16).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
@@ -83,6 +104,7 @@ def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
         out_channels=out_channels,
         groups=groups,
         kernel_size=(kh, kw),
+        nibble_tables=nibble_tables(bits[0], taps) if groups == 1 and taps > 1 else None,
     )
 
 
@@ -437,7 +459,8 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
     mix = epilogue.mix
     status = lib.bz_conv(
         packed.data_ptr(), n, h, w, weights.groups, weights.in_channels_per_group,
-        weights.words.data_ptr(), weights.tap_popcount.data_ptr(), weights.out_channels,
+        weights.words.data_ptr(), weights.tap_popcount.data_ptr(),
+        weights.nibble_tables.data_ptr() if weights.nibble_tables is not None else None, weights.out_channels,
         weights.padded_out_per_group, kh, kw, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], PAD_MODES[float(pad_value)], out.shape[2], out.shape[3],
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,

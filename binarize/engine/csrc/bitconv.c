@@ -63,7 +63,7 @@ enum { BZ_OP_ADD = 1, BZ_OP_MUL = 2, BZ_OP_PRELU = 3, BZ_OP_RELU = 4, BZ_OP_RESI
 #define BZ_CONV_PARALLEL_MIN 100000.0
 
 enum { BZ_KERNEL_AUTO = 0, BZ_KERNEL_GENERIC = 1, BZ_KERNEL_POPCNT = 2, BZ_KERNEL_AVX2 = 3,
-       BZ_KERNEL_AVX512 = 4, BZ_KERNEL_AVX2_HYBRID = 5 };
+       BZ_KERNEL_AVX512 = 4, BZ_KERNEL_AVX2_HYBRID = 5, BZ_KERNEL_AVX2_NIBBLE = 6 };
 
 static int g_forced_kernel = BZ_KERNEL_AUTO;
 
@@ -79,6 +79,7 @@ static int cpu_has(int kernel) {
     case BZ_KERNEL_POPCNT: return __builtin_cpu_supports("popcnt");
     case BZ_KERNEL_AVX2:
     case BZ_KERNEL_AVX2_HYBRID:
+    case BZ_KERNEL_AVX2_NIBBLE:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     case BZ_KERNEL_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
@@ -92,7 +93,7 @@ static int cpu_has(int kernel) {
 static int best_kernel(void) {
     if (g_forced_kernel != BZ_KERNEL_AUTO && cpu_has(g_forced_kernel)) return g_forced_kernel;
     if (cpu_has(BZ_KERNEL_AVX512)) return BZ_KERNEL_AVX512;
-    if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2_HYBRID;
+    if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2_NIBBLE;
     if (cpu_has(BZ_KERNEL_POPCNT)) return BZ_KERNEL_POPCNT;
     return BZ_KERNEL_GENERIC;
 }
@@ -116,7 +117,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 16; }
+BZ_EXPORT int bz_abi_version(void) { return 17; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -235,6 +236,18 @@ typedef struct {
     int mix_relu;
     int mix_fma; /* the CPU has AVX2 + FMA */
     int chain;   /* BZ_CHAIN_*: the op chain's one-pass loop (BZ_CHAIN_NONE: op passes) */
+    /* nullable: nibble tables [OGP/4][KH*KW][NK][4][16] bytes (NK = ceil(CG/4)): entry i of output o,
+     * tap t, nibble k is popcount(i XOR the 4 weight bits there).  With them a dense ungrouped call
+     * on AVX2 counts by table look-ups over the planes below instead of im2col + XOR + popcount. */
+    const uint8_t *tables;
+    int64_t NK;
+    /* the input regrouped for the tables (built by conv_run): byte = the 4 channel bits of nibble k of
+     * one pixel, [N][Hp][NK][SW][Wq] with the padding included (Hp = H + 2 PH rows, Wq columns per
+     * column phase mod SW, so every tap of 32 neighbouring outputs is 32 contiguous bytes) */
+    uint8_t *planes;
+    int64_t plane_cols, plane_k, plane_row, plane_image; /* strides: phase, nibble, row, image */
+    int64_t *tap_offsets;                                  /* [KH*KW] byte offset of each tap */
+    int32_t *valid_rows, *valid_cols; /* [OH], [OW]: taps inside the input (all of them unless zero padding) */
 } conv_args;
 
 /* builds a bit string word by word in a register (no read-modify-write of memory) */
@@ -548,6 +561,116 @@ __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
         for (int j = 0; j < OB; ++j) P[j * ldp + i] = (int32_t)t[j];
     }
 }
+
+/* Counting by table look-up (the nibble tables of conv_args): a plane byte holds 4 input bits of
+ * one pixel, and VPSHUFB maps 32 such bytes through the 16-entry table of one (output, tap, nibble)
+ * to popcount(bits XOR weight bits) at once: 32 pixels x 4 channels per instruction, with no XOR,
+ * no shifts and no im2col.  The padding byte 0x80 reads as 0 (VPSHUFB zeroes bytes whose index has
+ * bit 7 set), which is exact zero padding for free.  Byte sums hold 63 look-ups (63 x 4 < 256) and
+ * are then widened to 16 bits.  Counts of 4 outputs at two vectors of up to 32 neighbouring
+ * outputs (v0, v1) go to P[o * ldp + i0 + lane] for lane < n0 (i1, n1 for v1; n1 = 0: none). */
+#define BZ_WIDEN(acc, o, v)                                                                          \
+    do {                                                                                           \
+        wide[o][v][0] = _mm256_add_epi16(wide[o][v][0], _mm256_unpacklo_epi8(acc, zero));          \
+        wide[o][v][1] = _mm256_add_epi16(wide[o][v][1], _mm256_unpackhi_epi8(acc, zero));          \
+        acc = zero;                                                                                \
+    } while (0)
+#define BZ_WIDEN_ALL()                                                                             \
+    do {                                                                                           \
+        BZ_WIDEN(a00, 0, 0); BZ_WIDEN(a01, 0, 1); BZ_WIDEN(a10, 1, 0); BZ_WIDEN(a11, 1, 1);         \
+        BZ_WIDEN(a20, 2, 0); BZ_WIDEN(a21, 2, 1); BZ_WIDEN(a30, 3, 0); BZ_WIDEN(a31, 3, 1);         \
+    } while (0)
+#define BZ_LOOKUP(acc, table, index) acc = _mm256_add_epi8(acc, _mm256_shuffle_epi8(table, index))
+
+/* the first count (<= 32) pixels of one vector's 16-bit sums (lanes: pixels 0-7,16-23 | 8-15,24-31)
+ * as int32 in pixel order */
+__attribute__((target("avx2"))) static void nibble_store(const __m256i wide[2], int32_t *dst, int count) {
+    const __m256i first = _mm256_permute2x128_si256(wide[0], wide[1], 0x20);  /* pixels 0-15 */
+    const __m256i second = _mm256_permute2x128_si256(wide[0], wide[1], 0x31); /* pixels 16-31 */
+    int32_t tmp[32];
+    int32_t *out = count == 32 ? dst : tmp;
+    _mm256_storeu_si256((__m256i *)out, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(first)));
+    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(first, 1)));
+    _mm256_storeu_si256((__m256i *)(out + 16), _mm256_cvtepu16_epi32(_mm256_castsi256_si128(second)));
+    _mm256_storeu_si256((__m256i *)(out + 24), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(second, 1)));
+    if (out == tmp) memcpy(dst, tmp, sizeof(int32_t) * (size_t)count);
+}
+
+__attribute__((target("avx2"))) static void nibble_counts(const uint8_t *v0, const uint8_t *v1,
+                                                          const int64_t *tap_off, int64_t taps, int64_t NK,
+                                                          int64_t k_stride, const uint8_t *tables, int32_t *P,
+                                                          int64_t ldp, int i0, int n0, int i1, int n1) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i wide[4][2][2]; /* 16-bit sums [output][vector][pixels 0-7,16-23 | 8-15,24-31] */
+    for (int o = 0; o < 4; ++o)
+        for (int v = 0; v < 2; ++v) wide[o][v][0] = wide[o][v][1] = zero;
+    __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
+    const uint8_t *L = tables;
+    int pending = 0;
+    for (int64_t t = 0; t < taps; ++t) {
+        const uint8_t *p0 = v0 + tap_off[t], *p1 = v1 + tap_off[t];
+        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, p1 += k_stride, L += 64) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)p0);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)p1);
+            const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L));
+            BZ_LOOKUP(a00, t0, x0); BZ_LOOKUP(a01, t0, x1);
+            const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 16)));
+            BZ_LOOKUP(a10, t1, x0); BZ_LOOKUP(a11, t1, x1);
+            const __m256i t2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 32)));
+            BZ_LOOKUP(a20, t2, x0); BZ_LOOKUP(a21, t2, x1);
+            const __m256i t3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 48)));
+            BZ_LOOKUP(a30, t3, x0); BZ_LOOKUP(a31, t3, x1);
+            if (++pending == 63) {
+                pending = 0;
+                BZ_WIDEN_ALL();
+            }
+        }
+    }
+    BZ_WIDEN_ALL();
+    for (int o = 0; o < 4; ++o) {
+        nibble_store(wide[o][0], P + o * ldp + i0, n0);
+        if (n1 > 0) nibble_store(wide[o][1], P + o * ldp + i1, n1);
+    }
+}
+
+/* the same for one vector and 8 outputs (tables of outputs 0-3 at t03, of 4-7 at t47): a tile whose
+ * vectors do not pair up, without counting a second vector for nothing */
+__attribute__((target("avx2"))) static void nibble_counts8(const uint8_t *v0, const int64_t *tap_off, int64_t taps,
+                                                           int64_t NK, int64_t k_stride, const uint8_t *t03,
+                                                           const uint8_t *t47, int32_t *P, int64_t ldp, int i0,
+                                                           int n0) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i wide[8][1][2];
+    for (int o = 0; o < 8; ++o) wide[o][0][0] = wide[o][0][1] = zero;
+    __m256i a00 = zero, a10 = zero, a20 = zero, a30 = zero, a40 = zero, a50 = zero, a60 = zero, a70 = zero;
+    const uint8_t *L = t03, *M = t47;
+    int pending = 0;
+    for (int64_t t = 0; t < taps; ++t) {
+        const uint8_t *p0 = v0 + tap_off[t];
+        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, L += 64, M += 64) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)p0);
+            BZ_LOOKUP(a00, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L)), x0);
+            BZ_LOOKUP(a10, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 16))), x0);
+            BZ_LOOKUP(a20, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 32))), x0);
+            BZ_LOOKUP(a30, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 48))), x0);
+            BZ_LOOKUP(a40, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)M)), x0);
+            BZ_LOOKUP(a50, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 16))), x0);
+            BZ_LOOKUP(a60, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 32))), x0);
+            BZ_LOOKUP(a70, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 48))), x0);
+            if (++pending == 63) {
+                pending = 0;
+                BZ_WIDEN(a00, 0, 0); BZ_WIDEN(a10, 1, 0); BZ_WIDEN(a20, 2, 0); BZ_WIDEN(a30, 3, 0);
+                BZ_WIDEN(a40, 4, 0); BZ_WIDEN(a50, 5, 0); BZ_WIDEN(a60, 6, 0); BZ_WIDEN(a70, 7, 0);
+            }
+        }
+    }
+    BZ_WIDEN(a00, 0, 0); BZ_WIDEN(a10, 1, 0); BZ_WIDEN(a20, 2, 0); BZ_WIDEN(a30, 3, 0);
+    BZ_WIDEN(a40, 4, 0); BZ_WIDEN(a50, 5, 0); BZ_WIDEN(a60, 6, 0); BZ_WIDEN(a70, 7, 0);
+    for (int o = 0; o < 8; ++o) nibble_store(wide[o][0], P + o * ldp + i0, n0);
+}
+#undef BZ_LOOKUP
+#undef BZ_WIDEN_ALL
+#undef BZ_WIDEN
 #endif
 
 typedef void (*microkernel_fn)(const u64 *, int64_t, int, const u64 *, int64_t, int32_t *, int64_t);
@@ -887,6 +1010,86 @@ BZ_INLINE void prefetch_rows(const conv_args *a, int64_t g, int64_t n, int64_t p
 #endif
 }
 
+/* ---- the nibble planes (input of the table look-up kernel) ---- */
+
+/* the padding byte of nibble k: 0x80 looks up 0 in every table (exact zero padding); +-1 padding
+ * is the nibble of an all +1 pixel (its valid channel bits set) or of an all -1 pixel (0) */
+static uint8_t pad_nibble(const conv_args *a, int64_t k) {
+    if (a->pad_mode == 0) return 0x80;
+    if (a->pad_mode < 0) return 0;
+    const int64_t valid = a->CG - 4 * k;
+    return valid >= 4 ? 15 : (uint8_t)((1u << valid) - 1);
+}
+
+/* padded row r of image n's planes from the packed input words (the fields in locals: the byte
+ * stores may alias anything, so the compiler would reload them at every store) */
+BZ_CLONES static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
+    const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
+    const int64_t NWG = a->NWG, ih = r - a->PH;
+    uint8_t *restrict dst = a->planes + n * a->plane_image + r * a->plane_row;
+    for (int64_t k = 0; k < NK; ++k) memset(dst + k * k_stride, pad_nibble(a, k), (size_t)k_stride);
+    if (ih < 0 || ih >= a->H) return;
+    const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
+    for (int64_t k = 0; k < NK; ++k) {
+        const u64 *restrict words = src + (k >> 4);
+        const int shift = (int)(k & 15) * 4;
+        for (int64_t phase = 0; phase < SW; ++phase) {
+            /* input columns iw whose padded column iw + PW has this phase, and where they land */
+            const int64_t iw0 = ((phase - PW) % SW + SW) % SW;
+            uint8_t *restrict out = dst + k * k_stride + phase * cols + (iw0 + PW) / SW;
+            const int64_t count = iw0 < W ? (W - iw0 + SW - 1) / SW : 0;
+            if (SW == 1 && NWG == 1)
+                for (int64_t j = 0; j < count; ++j) out[j] = (uint8_t)((words[j] >> shift) & 15);
+            else
+                for (int64_t j = 0; j < count; ++j) out[j] = (uint8_t)((words[(iw0 + j * SW) * NWG] >> shift) & 15);
+        }
+    }
+}
+
+/* taps of a kernel along one axis that fall inside the input at output position o */
+static int32_t valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dilation, int64_t kernel, int64_t size) {
+    int32_t count = 0;
+    for (int64_t q = 0; q < kernel; ++q) {
+        const int64_t i = o * stride - pad + q * dilation;
+        count += i >= 0 && i < size;
+    }
+    return count;
+}
+
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+/* popcounts of output block ob (OB == 8 channels) at the np pixels p0.. of image n, by table
+ * look-up: the tile is cut into vectors of up to 32 neighbouring outputs of one row, counted two by
+ * two (4 outputs at a time), an odd last one alone (8 outputs at a time) */
+static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np, int64_t ob, int32_t *P) {
+    const uint8_t *base[TP];
+    int start[TP], count[TP], nv = 0;
+    for (int i = 0; i < np;) {
+        const int64_t p = p0 + i, oh = p / a->OW, ow = p % a->OW;
+        int len = (int)(a->OW - ow);
+        if (len > 32) len = 32;
+        if (len > np - i) len = np - i;
+        base[nv] = a->planes + n * a->plane_image + oh * a->SH * a->plane_row + ow;
+        start[nv] = i;
+        count[nv++] = len;
+        i += len;
+    }
+    const int64_t taps = a->KH * a->KW, table_block = taps * a->NK * 64;
+    const uint8_t *tables = a->tables + ob * 2 * table_block; /* outputs 0-3 of the block, then 4-7 */
+    int v = 0;
+    for (; v + 1 < nv; v += 2)
+        for (int half = 0; half < 2; ++half)
+            nibble_counts(base[v], base[v + 1], a->tap_offsets, taps, a->NK, a->plane_k, tables + half * table_block,
+                          P + half * 4 * TP, TP, start[v], count[v], start[v + 1], count[v + 1]);
+    if (v < nv)
+        nibble_counts8(base[v], a->tap_offsets, taps, a->NK, a->plane_k, tables, tables + table_block, P, TP,
+                       start[v], count[v]);
+}
+#else
+static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np, int64_t ob, int32_t *P) {
+    (void)a; (void)n; (void)p0; (void)np; (void)ob; (void)P; /* never called: the planes need AVX2 */
+}
+#endif
+
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
 static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word_kernel, int pb, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
@@ -898,7 +1101,13 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     const u64 *A = buf->A;
     int64_t lda = a->LW;
     int nborder = 0;
-    if (direct) {
+    if (a->planes && !idx) { /* table look-ups: padded taps look up 0, the base counts the valid ones */
+        int64_t oh = p0 / a->OW, ow = p0 % a->OW;
+        for (int i = 0; i < np; ++i) {
+            buf->base[i] = a->valid_rows[oh] * a->valid_cols[ow] * (int32_t)a->CG;
+            if (++ow == a->OW) { ow = 0; ++oh; }
+        }
+    } else if (direct) {
         A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
         lda = row_words;
         for (int i = 0; i < np; ++i) buf->base[i] = (int32_t)a->CG;
@@ -929,7 +1138,9 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                                 * one stream per channel, more than the hardware prefetchers follow;
                                 * ask for them now so they arrive while the popcounts run */
             prefetch_rows(a, g, n, p0, np, ob);
-        if (word_kernel) {
+        if (a->planes && !idx) {
+            nibble_tile_counts(a, n, p0, np, ob, buf->P);
+        } else if (word_kernel) {
             word_kernel(A, lda, np, Wb, buf->P, TP);
         } else {
             for (int i0 = 0; i0 < np; i0 += pb) {
@@ -996,7 +1207,8 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
 }
 
 static void conv_run(const conv_args *a, int nthreads) {
-    const int kernel = best_kernel();
+    /* the table kernel counts dense ungrouped calls given tables; the hybrid kernel all others */
+    const int kernel = best_kernel() == BZ_KERNEL_AVX2_NIBBLE ? BZ_KERNEL_AVX2_HYBRID : best_kernel();
     const microkernel_fn mk = select_microkernel(kernel);
     const word_kernel_fn word_kernel = select_word_kernel(kernel, a->LW);
     const int pb = kernel == BZ_KERNEL_AVX2_HYBRID ? 5 : PB;
@@ -1009,9 +1221,10 @@ static void conv_run(const conv_args *a, int nthreads) {
      * so one of two threads would wait for a whole tile's work) */
     int64_t tp = TP;
     if (parallel && (npix + TP - 1) / TP < 8 * (int64_t)nthreads) {
+        const int64_t step = a->planes ? 32 : 8; /* the table kernel counts vectors of 32 outputs */
         tp = (npix + 8 * nthreads - 1) / (8 * nthreads);
-        tp = (tp + 7) / 8 * 8;
-        if (tp < 8) tp = 8;
+        tp = (tp + step - 1) / step * step;
+        if (tp < step) tp = step;
         if (tp > TP) tp = TP;
     }
     /* dense: tiles never cross an image, so each output row segment is contiguous */
@@ -1027,6 +1240,12 @@ static void conv_run(const conv_args *a, int nthreads) {
         buf.inv = (int32_t *)malloc(sizeof(int32_t) * (size_t)(TP * a->KH * a->KW));
         buf.mixin = a->mix_w ? (float *)malloc(sizeof(float) * (size_t)(TP * a->O)) : NULL;
         int64_t job;
+        if (a->planes) { /* the table kernel's input first (the loop ends with a barrier) */
+            const int64_t rows = a->plane_image / a->plane_row;
+            int64_t r;
+#pragma omp for schedule(static)
+            for (r = 0; r < a->N * rows; ++r) nibble_plane_row(a, r / rows, r % rows);
+        }
 #pragma omp for schedule(dynamic, 1)
         for (job = 0; job < njobs; ++job) {
             const int64_t g = job / ntiles, t = job % ntiles;
@@ -1048,9 +1267,43 @@ static void conv_run(const conv_args *a, int nthreads) {
     }
 }
 
+/* use the tables (and allocate their planes) when the call and the CPU allow it: dense, ungrouped,
+ * the AVX2 table kernel selected, and counts that fit 16 bits.  Returns -2 when out of memory. */
+static int nibble_setup(conv_args *a, const uint8_t *tables) {
+    if (!tables || a->positions || a->G != 1 || best_kernel() != BZ_KERNEL_AVX2_NIBBLE ||
+        a->KH * a->KW * a->CG > 65535)
+        return 0;
+    const int64_t rows = a->H + 2 * a->PH, cols = (a->W + 2 * a->PW + a->SW - 1) / a->SW;
+    a->NK = (a->CG + 3) / 4;
+    a->plane_cols = cols;
+    a->plane_k = a->SW * cols;
+    a->plane_row = a->NK * a->plane_k;
+    a->plane_image = rows * a->plane_row;
+    const size_t bytes = (size_t)(a->N * a->plane_image) + 64; /* vectors may read 31 bytes past the end */
+    a->planes = (uint8_t *)malloc(bytes);
+    a->tap_offsets = (int64_t *)malloc(sizeof(int64_t) * (size_t)(a->KH * a->KW));
+    a->valid_rows = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->OH + a->OW));
+    if (!a->planes || !a->tap_offsets || !a->valid_rows) return -2;
+    a->valid_cols = a->valid_rows + a->OH;
+    for (int64_t o = 0; o < a->OH; ++o)
+        a->valid_rows[o] = a->pad_mode ? (int32_t)a->KH : valid_taps(o, a->SH, a->PH, a->DH, a->KH, a->H);
+    for (int64_t o = 0; o < a->OW; ++o)
+        a->valid_cols[o] = a->pad_mode ? (int32_t)a->KW : valid_taps(o, a->SW, a->PW, a->DW, a->KW, a->W);
+    memset(a->planes + bytes - 64, 0x80, 64);
+    for (int64_t kh = 0; kh < a->KH; ++kh)
+        for (int64_t kw = 0; kw < a->KW; ++kw) {
+            const int64_t c = kw * a->DW;
+            a->tap_offsets[kh * a->KW + kw] = kh * a->DH * a->plane_row + (c % a->SW) * cols + c / a->SW;
+        }
+    a->tables = tables;
+    return 0;
+}
+
 /*
  * Binary convolution of packed input `in` ([N][H*W][G][NWG]) with packed weights `w`
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
+ * tables (nullable, G == 1): the weights' nibble tables [OGP/4][KH*KW][ceil(CG/4)][4][16] (see
+ * conv_args), used by the AVX2 table kernel on dense calls.
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
  * acc_weight (nullable, with positions only, [N][OH*OW]): add instead of store, out = y * acc_weight + out.
  * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops; with res_halves
@@ -1062,7 +1315,7 @@ static void conv_run(const conv_args *a, int nthreads) {
  * Returns 0 on success, -1 on invalid arguments, -2 when out of memory was detected.
  */
 BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
-                      const u64 *w, const int32_t *wpc, int64_t O, int64_t OGP, int64_t KH,
+                      const u64 *w, const int32_t *wpc, const uint8_t *tables, int64_t O, int64_t OGP, int64_t KH,
                       int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
@@ -1094,8 +1347,12 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
     a.mix_fma = mix_w ? fma_available() : 0;
 #endif
-    conv_run(&a, nthreads);
-    return 0;
+    int status = nibble_setup(&a, tables);
+    if (status == 0) conv_run(&a, nthreads);
+    free(a.planes);
+    free(a.tap_offsets);
+    free(a.valid_rows);
+    return status;
 }
 /* ------------------------------------------------------------------------------------------ */
 /* Per-channel elementwise chains (shift, scale, PReLU, ReLU) in one pass over a float map      */
