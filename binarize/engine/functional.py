@@ -264,6 +264,16 @@ def _num_threads(num_threads: Optional[int]) -> int:
     return int(num_threads) if num_threads else torch.get_num_threads()
 
 
+def _flat_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float32 [N, C, H, W] whose pixels are one evenly strided axis (contiguous and channels-last
+    inputs as they are), as the kernels address them: x[n*s0 + c*s1 + pixel*s3]."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.stride(2) != x.shape[3] * x.stride(3):
+        x = x.contiguous()
+    return x
+
+
 def pack_activations(x: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
                      num_threads: Optional[int] = None) -> torch.Tensor:
     """Fused ``x + bias >= 0`` and pack: [N, C, H, W] float -> int64 words [N, H*W, G, ceil(C/G/64)].
@@ -274,10 +284,7 @@ def pack_activations(x: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
     if lib is None:
         raise RuntimeError("pack_activations needs the compiled kernels (binarize.engine.available())")
     n, c, h, w = x.shape
-    if x.dtype != torch.float32:
-        x = x.float()
-    if x.stride(2) != w * x.stride(3):  # pixels must be one flat, evenly strided axis
-        x = x.contiguous()
+    x = _flat_pixels(x)
     words_per_group = math.ceil(c // groups / 64)
     out = torch.empty(n * h * w * groups * words_per_group + 1, dtype=torch.int64)
     bias_ptr = None
@@ -428,12 +435,13 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         raise RuntimeError("backend='c' requested but the compiled kernels are not available")
     n, c, h, w = x.shape
     words = n * h * w * weights.groups * math.ceil(c // weights.groups / 64)
+    floats = floats_bias = None  # float input: the kernel binarizes it (x + input_bias >= 0) itself
     if packed_input is not None:
         if packed_input.dtype != torch.int64 or packed_input.numel() != words or not packed_input.is_contiguous():
             raise ValueError(f"packed_input must be {words} contiguous int64 words for input {tuple(x.shape)}")
-        packed = packed_input
     else:
-        packed = pack_activations(x, input_bias, weights.groups, num_threads)
+        floats = _flat_pixels(x)
+        floats_bias = _vector(input_bias) if input_bias is not None else None
     bits_ptr = bits_bias_ptr = None
     if output_bits is not None:
         expected = n * out.shape[2] * out.shape[3] * math.ceil(weights.out_channels / 64)
@@ -458,7 +466,11 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
     nops, codes, pointers = epilogue.c_arguments()
     mix = epilogue.mix
     status = lib.bz_conv(
-        packed.data_ptr(), n, h, w, weights.groups, weights.in_channels_per_group,
+        packed_input.data_ptr() if packed_input is not None else None,
+        floats.data_ptr() if floats is not None else None,
+        *(floats.stride(0), floats.stride(1), floats.stride(3)) if floats is not None else (0, 0, 0),
+        floats_bias.data_ptr() if floats_bias is not None else None,
+        n, h, w, weights.groups, weights.in_channels_per_group,
         weights.words.data_ptr(), weights.tap_popcount.data_ptr(),
         weights.nibble_tables.data_ptr() if weights.nibble_tables is not None else None, weights.out_channels,
         weights.padded_out_per_group, kh, kw, stride[0], stride[1], padding[0], padding[1],

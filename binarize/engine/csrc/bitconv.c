@@ -117,7 +117,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 17; }
+BZ_EXPORT int bz_abi_version(void) { return 18; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -197,8 +197,10 @@ BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t 
 /* ------------------------------------------------------------------------------------------ */
 
 typedef struct {
-    /* input */
+    /* input: packed words, or (in == NULL) floats x[n*xs_n + c*xs_c + pixel*xs_p], bit = x + bias >= 0 */
     const u64 *in;
+    const float *x, *x_bias;
+    int64_t xs_n, xs_c, xs_p;
     int64_t N, H, W, G, CG, NWG;
     /* weights */
     const u64 *w;
@@ -1021,9 +1023,64 @@ static uint8_t pad_nibble(const conv_args *a, int64_t k) {
     return valid >= 4 ? 15 : (uint8_t)((1u << valid) - 1);
 }
 
+/* count plane bytes of one input row from the floats of 4 channels (rows[j], step sp apart):
+ * bit j = rows[j] + bias[j] >= 0 */
+BZ_CLONES static void nibble_from_floats(const float *const rows[4], const float bias[4], int64_t sp,
+                                         int64_t count, uint8_t *restrict out) {
+    const float *restrict r0 = rows[0], *restrict r1 = rows[1], *restrict r2 = rows[2], *restrict r3 = rows[3];
+    const float b0 = bias[0], b1 = bias[1], b2 = bias[2], b3 = bias[3];
+    if (sp == 1) {
+        for (int64_t j = 0; j < count; ++j)
+            out[j] = (uint8_t)((r0[j] + b0 >= 0.0f) | ((r1[j] + b1 >= 0.0f) << 1) | ((r2[j] + b2 >= 0.0f) << 2) |
+                               ((r3[j] + b3 >= 0.0f) << 3));
+    } else {
+        for (int64_t j = 0; j < count; ++j)
+            out[j] = (uint8_t)((r0[j * sp] + b0 >= 0.0f) | ((r1[j * sp] + b1 >= 0.0f) << 1) |
+                               ((r2[j * sp] + b2 >= 0.0f) << 2) | ((r3[j * sp] + b3 >= 0.0f) << 3));
+    }
+}
+
+/* padded row r of image n's planes from the input floats */
+static void nibble_plane_row_floats(const conv_args *a, int64_t n, int64_t r) {
+    uint8_t *dst = a->planes + n * a->plane_image + r * a->plane_row;
+    for (int64_t k = 0; k < a->NK; ++k) memset(dst + k * a->plane_k, pad_nibble(a, k), (size_t)a->plane_k);
+    const int64_t ih = r - a->PH;
+    if (ih < 0 || ih >= a->H) return;
+    const int64_t step = a->SW * a->xs_p; /* between the input columns of one phase */
+    for (int64_t k = 0; k < a->NK; ++k) {
+        const int64_t nc = a->CG - 4 * k < 4 ? a->CG - 4 * k : 4; /* channels in this nibble */
+        for (int64_t phase = 0; phase < a->SW; ++phase) {
+            const int64_t iw0 = ((phase - a->PW) % a->SW + a->SW) % a->SW;
+            if (iw0 >= a->W) continue;
+            const int64_t count = (a->W - iw0 + a->SW - 1) / a->SW;
+            uint8_t *out = dst + k * a->plane_k + phase * a->plane_cols + (iw0 + a->PW) / a->SW;
+            const float *rows[4];
+            float bias[4];
+            for (int64_t j = 0; j < nc; ++j) {
+                const int64_t c = 4 * k + j;
+                rows[j] = a->x + n * a->xs_n + c * a->xs_c + (ih * a->W + iw0) * a->xs_p;
+                bias[j] = a->x_bias ? a->x_bias[c] : 0.0f;
+            }
+            if (nc == 4) {
+                nibble_from_floats(rows, bias, step, count, out);
+                continue;
+            }
+            for (int64_t i = 0; i < count; ++i) { /* the last nibble of fewer than 4 channels */
+                uint8_t v = 0;
+                for (int64_t j = 0; j < nc; ++j) v |= (uint8_t)((rows[j][i * step] + bias[j] >= 0.0f) << j);
+                out[i] = v;
+            }
+        }
+    }
+}
+
 /* padded row r of image n's planes from the packed input words (the fields in locals: the byte
  * stores may alias anything, so the compiler would reload them at every store) */
 BZ_CLONES static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
+    if (!a->in) {
+        nibble_plane_row_floats(a, n, r);
+        return;
+    }
     const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
     const int64_t NWG = a->NWG, ih = r - a->PH;
     uint8_t *restrict dst = a->planes + n * a->plane_image + r * a->plane_row;
@@ -1302,6 +1359,8 @@ static int nibble_setup(conv_args *a, const uint8_t *tables) {
 /*
  * Binary convolution of packed input `in` ([N][H*W][G][NWG]) with packed weights `w`
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
+ * in may be NULL: the input is then the floats x[n*xs_n + c*xs_c + pixel*xs_p], binarized as
+ * x + x_bias >= 0 (x_bias nullable) while the kernel reads them (no packed copy for the tables).
  * tables (nullable, G == 1): the weights' nibble tables [OGP/4][KH*KW][ceil(CG/4)][4][16] (see
  * conv_args), used by the AVX2 table kernel on dense calls.
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
@@ -1314,7 +1373,8 @@ static int nibble_setup(conv_args *a, const uint8_t *tables) {
  * [N][OH*OW][ceil(O/64)] words, so a following binary layer need not pack it.
  * Returns 0 on success, -1 on invalid arguments, -2 when out of memory was detected.
  */
-BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
+BZ_EXPORT int bz_conv(const u64 *in, const float *x, int64_t xs_n, int64_t xs_c, int64_t xs_p, const float *x_bias,
+                      int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
                       const u64 *w, const int32_t *wpc, const uint8_t *tables, int64_t O, int64_t OGP, int64_t KH,
                       int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
@@ -1325,7 +1385,9 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     conv_args a;
     memset(&a, 0, sizeof(a));
     if (G <= 0 || CG <= 0 || O % G != 0 || OGP % OB != 0 || nops < 0 || nops > BZ_MAX_OPS) return -1;
+    if (!in && !x) return -1;
     a.in = in; a.N = N; a.H = H; a.W = W; a.G = G; a.CG = CG; a.NWG = (CG + 63) / 64;
+    a.x = x; a.x_bias = x_bias; a.xs_n = xs_n; a.xs_c = xs_c; a.xs_p = xs_p;
     a.w = w; a.wpc = wpc; a.O = O; a.OG = O / G; a.OGP = OGP;
     a.LW = (KH * KW * CG + 63) / 64;
     a.KH = KH; a.KW = KW; a.SH = SH; a.SW = SW; a.PH = PH; a.PW = PW; a.DH = DH; a.DW = DW;
@@ -1348,7 +1410,15 @@ BZ_EXPORT int bz_conv(const u64 *in, int64_t N, int64_t H, int64_t W, int64_t G,
     a.mix_fma = mix_w ? fma_available() : 0;
 #endif
     int status = nibble_setup(&a, tables);
+    u64 *packed = NULL;
+    if (status == 0 && !a.in && !a.planes) { /* float input for the popcount kernels: pack it first */
+        packed = (u64 *)malloc(sizeof(u64) * (size_t)(N * H * W * G * a.NWG + 1));
+        if (packed) bz_pack(x, N, G * CG, H * W, xs_n, xs_c, xs_p, x_bias, G, packed, nthreads);
+        a.in = packed;
+        status = packed ? 0 : -2;
+    }
     if (status == 0) conv_run(&a, nthreads);
+    free(packed);
     free(a.planes);
     free(a.tap_offsets);
     free(a.valid_rows);
