@@ -1040,35 +1040,57 @@ BZ_CLONES static void nibble_from_floats(const float *const rows[4], const float
     }
 }
 
-/* padded row r of image n's planes from the input floats */
+/* bytes 0, 2, 4.. to first[], 1, 3, 5.. to second[] */
+BZ_CLONES static void deal_pairs(const uint8_t *restrict bytes, int64_t pairs, uint8_t *restrict first,
+                                 uint8_t *restrict second) {
+    for (int64_t j = 0; j < pairs; ++j) {
+        first[j] = bytes[2 * j];
+        second[j] = bytes[2 * j + 1];
+    }
+}
+
+/* padded row r of image n's planes from the input floats: each nibble's bytes for the whole input
+ * row from contiguous reads, then (stride > 1) dealt out to the column phases */
 static void nibble_plane_row_floats(const conv_args *a, int64_t n, int64_t r) {
     uint8_t *dst = a->planes + n * a->plane_image + r * a->plane_row;
     for (int64_t k = 0; k < a->NK; ++k) memset(dst + k * a->plane_k, pad_nibble(a, k), (size_t)a->plane_k);
-    const int64_t ih = r - a->PH;
+    const int64_t ih = r - a->PH, W = a->W, SW = a->SW, PW = a->PW;
     if (ih < 0 || ih >= a->H) return;
-    const int64_t step = a->SW * a->xs_p; /* between the input columns of one phase */
+    uint8_t row_bytes[1024];
     for (int64_t k = 0; k < a->NK; ++k) {
         const int64_t nc = a->CG - 4 * k < 4 ? a->CG - 4 * k : 4; /* channels in this nibble */
-        for (int64_t phase = 0; phase < a->SW; ++phase) {
-            const int64_t iw0 = ((phase - a->PW) % a->SW + a->SW) % a->SW;
-            if (iw0 >= a->W) continue;
-            const int64_t count = (a->W - iw0 + a->SW - 1) / a->SW;
-            uint8_t *out = dst + k * a->plane_k + phase * a->plane_cols + (iw0 + a->PW) / a->SW;
+        uint8_t *out = dst + k * a->plane_k;
+        for (int64_t w0 = 0; w0 < W; w0 += 1024) { /* the row in pieces of up to 1024 pixels */
+            const int64_t count = W - w0 < 1024 ? W - w0 : 1024;
+            uint8_t *bytes = SW == 1 ? out + w0 + PW : row_bytes;
             const float *rows[4];
             float bias[4];
             for (int64_t j = 0; j < nc; ++j) {
                 const int64_t c = 4 * k + j;
-                rows[j] = a->x + n * a->xs_n + c * a->xs_c + (ih * a->W + iw0) * a->xs_p;
+                rows[j] = a->x + n * a->xs_n + c * a->xs_c + (ih * W + w0) * a->xs_p;
                 bias[j] = a->x_bias ? a->x_bias[c] : 0.0f;
             }
             if (nc == 4) {
-                nibble_from_floats(rows, bias, step, count, out);
+                nibble_from_floats(rows, bias, a->xs_p, count, bytes);
+            } else { /* the last nibble, of fewer than 4 channels */
+                for (int64_t i = 0; i < count; ++i) {
+                    uint8_t v = 0;
+                    for (int64_t j = 0; j < nc; ++j) v |= (uint8_t)((rows[j][i * a->xs_p] + bias[j] >= 0.0f) << j);
+                    bytes[i] = v;
+                }
+            }
+            if (SW == 2) { /* pixels 0, 2, 4.. to one phase, 1, 3, 5.. to the other */
+                const int64_t c0 = w0 + PW, pairs = count / 2;
+                uint8_t *first = out + (c0 % 2) * a->plane_cols + c0 / 2;
+                uint8_t *second = out + ((c0 + 1) % 2) * a->plane_cols + (c0 + 1) / 2;
+                deal_pairs(bytes, pairs, first, second);
+                if (count & 1) first[pairs] = bytes[count - 1];
                 continue;
             }
-            for (int64_t i = 0; i < count; ++i) { /* the last nibble of fewer than 4 channels */
-                uint8_t v = 0;
-                for (int64_t j = 0; j < nc; ++j) v |= (uint8_t)((rows[j][i * step] + bias[j] >= 0.0f) << j);
-                out[i] = v;
+            for (int64_t phase = 0; SW > 1 && phase < SW; ++phase) {
+                const int64_t i0 = ((phase - w0 - PW) % SW + SW) % SW; /* first pixel of this phase */
+                uint8_t *to = out + phase * a->plane_cols + (w0 + i0 + PW) / SW;
+                for (int64_t i = i0; i < count; i += SW) *to++ = bytes[i];
             }
         }
     }
