@@ -98,6 +98,78 @@ def test_kernels_match_exact_integer_dot_products(case):
     assert torch.equal(binary_conv2d(x, packed, backend="torch", **kwargs), expected)
 
 
+table_cases = st.fixed_dictionaries({
+    "cin": st.sampled_from([1, 3, 4, 5, 16, 35, 64, 67]),
+    "cout": st.sampled_from([1, 8, 13, 16, 40]),
+    "kernel": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    "stride": st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    "pad_value": st.sampled_from([0.0, 0.0, 1.0, -1.0]),
+    # widths past 32 and 64: tiles of several (and unpaired) 32-pixel vectors, rows split over tiles
+    "size": st.tuples(st.integers(1, 3), st.integers(3, 13), st.integers(3, 100)),
+    "channels_last": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@needs_c
+@FAST
+@given(case=table_cases)
+def test_table_kernel_equals_popcount_kernel_and_torch(case):
+    """avx2_nibble (nibble planes + VPSHUFB tables) against the popcount kernel and the float conv,
+    from floats (contiguous or channels-last, with an input shift) and from packed words, with a
+    fused epilogue: the same bits."""
+    if "avx2_nibble" not in kernel_info()["supported"]:
+        pytest.skip("the table kernel needs AVX2")
+    n, h, w = case["size"]
+    kh, kw = case["kernel"]
+    if h + 2 * case["padding"][0] < case["dilation"][0] * (kh - 1) + 1 or \
+            w + 2 * case["padding"][1] < case["dilation"][1] * (kw - 1) + 1:
+        return
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(n, case["cin"], h, w, generator=g)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(case["cin"], generator=g) * 0.3
+    positive = torch.randn(case["cout"], case["cin"], kh, kw, generator=g) >= 0
+    weights = pack_weights(positive)
+    epilogue = Epilogue(scale=torch.rand(case["cout"], generator=g) + 0.5, shift=torch.randn(case["cout"], generator=g),
+                        ops=[("prelu", torch.rand(case["cout"], generator=g) * 0.3)])
+    kwargs = dict(input_bias=bias, stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                  pad_value=case["pad_value"], epilogue=epilogue)
+    packed = pack_activations(x, bias, groups=1)
+    results = {}
+    try:
+        for kernel in ("avx2_hybrid", "avx2_nibble"):
+            set_kernel(kernel)
+            results[kernel] = binary_conv2d(x, weights, backend="c", **kwargs)
+            results[kernel + " packed"] = binary_conv2d(x, weights, backend="c", packed_input=packed, **kwargs)
+    finally:
+        set_kernel("auto")
+    expected = binary_conv2d(x, weights, backend="torch", **kwargs)
+    for name, y in results.items():
+        assert torch.equal(y, expected), name
+
+
+def test_nibble_tables_hold_popcounts_of_xor():
+    """Entry i of output o, tap t, nibble k = popcount(i XOR the weight's bits 4k..4k+3 of tap t)."""
+    g = torch.Generator().manual_seed(3)
+    positive = torch.randn(13, 7, 3, 2, generator=g) >= 0  # 7 channels: the last nibble has 3
+    tables = pack_weights(positive).nibble_tables
+    assert tables.shape == (16 // 4, 6, 2, 4, 16) and tables.dtype == torch.uint8  # 13 outputs padded to 16
+    taps = positive.permute(0, 2, 3, 1).reshape(13, 6, 7)  # [o][tap][channel], tap = kh * KW + kw
+    for o in range(13):
+        for t in range(6):
+            for k in range(2):
+                bits = taps[o, t, 4 * k: 4 * k + 4]
+                weight = sum(int(b) << j for j, b in enumerate(bits))
+                expected = [bin(i ^ weight).count("1") for i in range(16)]
+                assert tables[o // 4, t, k, o % 4].tolist() == expected
+    assert pack_weights(positive[:, :, :1, :1]).nibble_tables is None  # 1x1: the word kernels
+    assert pack_weights(torch.ones(4, 2, 3, 3, dtype=torch.bool), groups=2).nibble_tables is None
+
+
 @needs_c
 def test_every_supported_kernel_is_reported_and_selectable():
     info = kernel_info()
