@@ -26,7 +26,7 @@ from binarize.engine import (
     pack_weights,
     set_kernel,
 )
-from binarize.engine.functional import pack_activations
+from binarize.engine.functional import nibble_tables, pack_activations
 from binarize.nn import BinaryConv2d, BinaryLinear, LearnableBias
 from binarize.nn.blocks import MaskedBranch, SparseAssistedPair, shifted_binary_conv
 
@@ -156,18 +156,40 @@ def test_nibble_tables_hold_popcounts_of_xor():
     """Entry i of output o, tap t, nibble k = popcount(i XOR the weight's bits 4k..4k+3 of tap t)."""
     g = torch.Generator().manual_seed(3)
     positive = torch.randn(13, 7, 3, 2, generator=g) >= 0  # 7 channels: the last nibble has 3
-    tables = pack_weights(positive).nibble_tables
-    assert tables.shape == (16 // 4, 6, 2, 4, 16) and tables.dtype == torch.uint8  # 13 outputs padded to 16
     taps = positive.permute(0, 2, 3, 1).reshape(13, 6, 7)  # [o][tap][channel], tap = kh * KW + kw
+    bits = torch.cat([taps.reshape(13, 42), torch.zeros(3, 42, dtype=torch.bool)])  # 13 outputs padded to 16
+    tables = nibble_tables(bits, 6)
+    assert tables.shape == (16 // 4, 6, 2, 4, 16) and tables.dtype == torch.uint8
     for o in range(13):
         for t in range(6):
             for k in range(2):
-                bits = taps[o, t, 4 * k: 4 * k + 4]
-                weight = sum(int(b) << j for j, b in enumerate(bits))
-                expected = [bin(i ^ weight).count("1") for i in range(16)]
-                assert tables[o // 4, t, k, o % 4].tolist() == expected
-    assert pack_weights(positive[:, :, :1, :1]).nibble_tables is None  # 1x1: the word kernels
-    assert pack_weights(torch.ones(4, 2, 3, 3, dtype=torch.bool), groups=2).nibble_tables is None
+                weight = sum(int(b) << j for j, b in enumerate(taps[o, t, 4 * k: 4 * k + 4]))
+                assert tables[o // 4, t, k, o % 4].tolist() == [bin(i ^ weight).count("1") for i in range(16)]
+
+
+@needs_c
+def test_nibble_tables_are_built_by_the_first_dense_call_only():
+    if "avx2_nibble" not in kernel_info()["supported"]:
+        pytest.skip("the table kernel needs AVX2")
+    g = torch.Generator().manual_seed(4)
+    positive = torch.randn(13, 7, 3, 2, generator=g) >= 0
+    x = torch.randn(1, 7, 9, 8, generator=g)
+    weights = pack_weights(positive)
+    try:
+        set_kernel("avx2_hybrid")
+        binary_conv2d(x, weights, padding=1, backend="c")
+        assert weights.nibble_tables is None  # another kernel selected: nothing built
+        set_kernel("avx2_nibble")
+        binary_conv2d(x, weights, padding=1, positions=torch.tensor([0, 5, 17]), backend="c")
+        assert weights.nibble_tables is None  # sparse calls never use them
+        binary_conv2d(x, weights, padding=1, backend="c")
+        bits = positive.permute(0, 2, 3, 1).reshape(13, 42)
+        expected = nibble_tables(torch.cat([bits, torch.zeros(3, 42, dtype=torch.bool)]), 6)
+        assert torch.equal(weights.nibble_tables, expected)
+        assert pack_weights(positive[:, :, :1, :1]).dense_tables() is None  # 1x1: the word kernels
+        assert pack_weights(torch.ones(4, 2, 3, 3, dtype=torch.bool), groups=2).dense_tables() is None
+    finally:
+        set_kernel("auto")
 
 
 @needs_c

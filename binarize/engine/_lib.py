@@ -126,6 +126,12 @@ def set_kernel(name: str) -> str:
     return KERNEL_NAMES[lib.bz_set_kernel(KERNELS[name])]
 
 
+def active_kernel() -> str:
+    """Name of the kernel that runs now ("torch" without the compiled library)."""
+    lib = library()
+    return "torch" if lib is None else KERNEL_NAMES[lib.bz_active_kernel()]
+
+
 def kernel_info() -> dict:
     """What runs here: the selected kernel, the kernels this CPU supports, and OpenMP."""
     lib = library()

@@ -33,7 +33,8 @@ class PackedWeights:
     ``words`` holds the bits of each output channel's taps back to back (tap-major, channels
     inner); ``tap_popcount[o, t]`` is the number of +1 weights of tap t (the zero-padding
     correction); ``signs`` keeps the +-1 float weight for the PyTorch fallback.  ``nibble_tables``
-    (ungrouped k x k convs) feeds the AVX2 table kernel: see ``nibble_tables``.
+    feeds the AVX2 table kernel (see :func:`nibble_tables`); ``dense_tables`` builds it on the
+    first dense call that can use it, so layers that only run sparse never hold it.
     """
 
     words: torch.Tensor
@@ -51,6 +52,17 @@ class PackedWeights:
     @property
     def padded_out_per_group(self) -> int:
         return self.tap_popcount.shape[0] // self.groups
+
+    def dense_tables(self) -> Optional[torch.Tensor]:
+        """The nibble tables for a dense call, or None where the table kernel does not apply
+        (groups, 1x1 kernels, another kernel selected); built once, 16 bytes per 4 weight bits."""
+        if self.nibble_tables is None and self.groups == 1 and self.kernel_size != (1, 1) \
+                and _lib.active_kernel() == "avx2_nibble":
+            taps = self.kernel_size[0] * self.kernel_size[1]
+            bits = (self.signs > 0).permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+            bits = F.pad(bits, (0, 0, 0, self.padded_out_per_group - self.out_channels))
+            self.nibble_tables = nibble_tables(bits, taps)
+        return self.nibble_tables
 
 
 def _pack_words(bits: torch.Tensor) -> np.ndarray:
@@ -104,7 +116,6 @@ def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
         out_channels=out_channels,
         groups=groups,
         kernel_size=(kh, kw),
-        nibble_tables=nibble_tables(bits[0], taps) if groups == 1 and taps > 1 else None,
     )
 
 
@@ -465,6 +476,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
             return out
     nops, codes, pointers = epilogue.c_arguments()
     mix = epilogue.mix
+    tables = weights.dense_tables() if positions is None else None
     status = lib.bz_conv(
         packed_input.data_ptr() if packed_input is not None else None,
         floats.data_ptr() if floats is not None else None,
@@ -472,7 +484,7 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         floats_bias.data_ptr() if floats_bias is not None else None,
         n, h, w, weights.groups, weights.in_channels_per_group,
         weights.words.data_ptr(), weights.tap_popcount.data_ptr(),
-        weights.nibble_tables.data_ptr() if weights.nibble_tables is not None else None, weights.out_channels,
+        tables.data_ptr() if tables is not None else None, weights.out_channels,
         weights.padded_out_per_group, kh, kw, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], PAD_MODES[float(pad_value)], out.shape[2], out.shape[3],
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,
