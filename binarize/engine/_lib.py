@@ -117,7 +117,8 @@ def available() -> bool:
 
 
 def set_kernel(name: str) -> str:
-    """Force a kernel ("auto", "generic", "popcnt", "avx2", "avx512"); returns the one that will run."""
+    """Force a kernel ("auto", "generic", "popcnt", "avx2", "avx2_hybrid", "avx2_nibble", "avx512"); returns
+    the one that will run (one the CPU lacks falls back to the automatic choice)."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; available: {', '.join(KERNELS)}")
     lib = library()
