@@ -122,11 +122,10 @@ def test_table_kernel_equals_popcount_kernel_and_torch(case):
     fused epilogue: the same bits."""
     if "avx2_nibble" not in kernel_info()["supported"]:
         pytest.skip("the table kernel needs AVX2")
+    if _too_small(case):
+        return
     n, h, w = case["size"]
     kh, kw = case["kernel"]
-    if h + 2 * case["padding"][0] < case["dilation"][0] * (kh - 1) + 1 or \
-            w + 2 * case["padding"][1] < case["dilation"][1] * (kw - 1) + 1:
-        return
     g = torch.Generator().manual_seed(case["seed"])
     x = torch.randn(n, case["cin"], h, w, generator=g)
     if case["channels_last"]:
