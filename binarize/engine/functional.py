@@ -58,11 +58,18 @@ class PackedWeights:
         (groups, 1x1 kernels, another kernel selected); built once, 16 bytes per 4 weight bits."""
         if self.nibble_tables is None and self.groups == 1 and self.kernel_size != (1, 1) \
                 and _lib.active_kernel() == "avx2_nibble":
-            taps = self.kernel_size[0] * self.kernel_size[1]
-            bits = (self.signs > 0).permute(0, 2, 3, 1).reshape(self.out_channels, -1)
-            bits = F.pad(bits, (0, 0, 0, self.padded_out_per_group - self.out_channels))
-            self.nibble_tables = nibble_tables(bits, taps)
+            bits = _tap_major_bits(self.signs > 0, 1, self.padded_out_per_group)
+            self.nibble_tables = nibble_tables(bits[0], self.kernel_size[0] * self.kernel_size[1])
         return self.nibble_tables
+
+
+def _tap_major_bits(positive: torch.Tensor, groups: int, padded_out: int) -> torch.Tensor:
+    """Weight signs [O, C/groups, KH, KW] (True = +1) as [groups, padded_out, KH*KW*C/groups] bits,
+    tap-major with channels inner; padded output channels are all -1 (their results are discarded)."""
+    out_channels, cg, kh, kw = positive.shape
+    bits = positive.detach().to("cpu", torch.bool).permute(0, 2, 3, 1).reshape(groups, out_channels // groups,
+                                                                                 kh * kw * cg)
+    return F.pad(bits, (0, 0, 0, padded_out - out_channels // groups))
 
 
 def _pack_words(bits: torch.Tensor) -> np.ndarray:
@@ -101,8 +108,7 @@ def pack_weights(positive: torch.Tensor, groups: int = 1) -> PackedWeights:
     og = out_channels // groups
     ogp = math.ceil(og / OUT_BLOCK) * OUT_BLOCK
     taps = kh * kw
-    bits = positive.detach().to("cpu", torch.bool).permute(0, 2, 3, 1).reshape(groups, og, taps * cg)
-    bits = F.pad(bits, (0, 0, 0, ogp - og))  # padded output channels: all -1, results discarded
+    bits = _tap_major_bits(positive, groups, ogp)
     n_words = math.ceil(taps * cg / 64)
     packed = _pack_words(bits)  # tail bits are zero, as in the activations
     packed = packed.reshape(groups, ogp // OUT_BLOCK, OUT_BLOCK, n_words).transpose(0, 1, 3, 2)

@@ -1049,13 +1049,10 @@ BZ_CLONES static void deal_pairs(const uint8_t *restrict bytes, int64_t pairs, u
     }
 }
 
-/* padded row r of image n's planes from the input floats: each nibble's bytes for the whole input
- * row from contiguous reads, then (stride > 1) dealt out to the column phases */
-static void nibble_plane_row_floats(const conv_args *a, int64_t n, int64_t r) {
-    uint8_t *dst = a->planes + n * a->plane_image + r * a->plane_row;
-    for (int64_t k = 0; k < a->NK; ++k) memset(dst + k * a->plane_k, pad_nibble(a, k), (size_t)a->plane_k);
-    const int64_t ih = r - a->PH, W = a->W, SW = a->SW, PW = a->PW;
-    if (ih < 0 || ih >= a->H) return;
+/* input row ih of image n into its padded plane row dst from the floats: each nibble's bytes for the
+ * whole row from contiguous reads, then (stride > 1) dealt out to the column phases */
+static void plane_row_from_floats(const conv_args *a, int64_t n, int64_t ih, uint8_t *dst) {
+    const int64_t W = a->W, SW = a->SW, PW = a->PW;
     uint8_t row_bytes[1024];
     for (int64_t k = 0; k < a->NK; ++k) {
         const int64_t nc = a->CG - 4 * k < 4 ? a->CG - 4 * k : 4; /* channels in this nibble */
@@ -1096,18 +1093,11 @@ static void nibble_plane_row_floats(const conv_args *a, int64_t n, int64_t r) {
     }
 }
 
-/* padded row r of image n's planes from the packed input words (the fields in locals: the byte
- * stores may alias anything, so the compiler would reload them at every store) */
-BZ_CLONES static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
-    if (!a->in) {
-        nibble_plane_row_floats(a, n, r);
-        return;
-    }
+/* the same from the packed input words (the fields in locals: the byte stores may alias anything,
+ * so the compiler would reload them at every store) */
+BZ_CLONES static void plane_row_from_words(const conv_args *a, int64_t n, int64_t ih, uint8_t *restrict dst) {
     const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
-    const int64_t NWG = a->NWG, ih = r - a->PH;
-    uint8_t *restrict dst = a->planes + n * a->plane_image + r * a->plane_row;
-    for (int64_t k = 0; k < NK; ++k) memset(dst + k * k_stride, pad_nibble(a, k), (size_t)k_stride);
-    if (ih < 0 || ih >= a->H) return;
+    const int64_t NWG = a->NWG;
     const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
     for (int64_t k = 0; k < NK; ++k) {
         const u64 *restrict words = src + (k >> 4);
@@ -1123,6 +1113,18 @@ BZ_CLONES static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r)
                 for (int64_t j = 0; j < count; ++j) out[j] = (uint8_t)((words[(iw0 + j * SW) * NWG] >> shift) & 15);
         }
     }
+}
+
+/* padded row r of image n's planes: the padding bytes, then the input row's nibbles (if r is one) */
+static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
+    uint8_t *dst = a->planes + n * a->plane_image + r * a->plane_row;
+    for (int64_t k = 0; k < a->NK; ++k) memset(dst + k * a->plane_k, pad_nibble(a, k), (size_t)a->plane_k);
+    const int64_t ih = r - a->PH;
+    if (ih < 0 || ih >= a->H) return;
+    if (a->in)
+        plane_row_from_words(a, n, ih, dst);
+    else
+        plane_row_from_floats(a, n, ih, dst);
 }
 
 /* taps of a kernel along one axis that fall inside the input at output position o */
