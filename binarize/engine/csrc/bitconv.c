@@ -1060,22 +1060,16 @@ static void plane_row_from_floats(const conv_args *a, int64_t n, int64_t ih, uin
         for (int64_t w0 = 0; w0 < W; w0 += 1024) { /* the row in pieces of up to 1024 pixels */
             const int64_t count = W - w0 < 1024 ? W - w0 : 1024;
             uint8_t *bytes = SW == 1 ? out + w0 + PW : row_bytes;
+            /* a nibble of fewer than 4 channels reads its first row in place of the missing ones,
+             * with bias -inf: -inf (or NaN) >= 0 is false, so their bits are 0, as packing leaves them */
             const float *rows[4];
             float bias[4];
-            for (int64_t j = 0; j < nc; ++j) {
-                const int64_t c = 4 * k + j;
+            for (int64_t j = 0; j < 4; ++j) {
+                const int64_t c = 4 * k + (j < nc ? j : 0);
                 rows[j] = a->x + n * a->xs_n + c * a->xs_c + (ih * W + w0) * a->xs_p;
-                bias[j] = a->x_bias ? a->x_bias[c] : 0.0f;
+                bias[j] = j >= nc ? -INFINITY : a->x_bias ? a->x_bias[c] : 0.0f;
             }
-            if (nc == 4) {
-                nibble_from_floats(rows, bias, a->xs_p, count, bytes);
-            } else { /* the last nibble, of fewer than 4 channels */
-                for (int64_t i = 0; i < count; ++i) {
-                    uint8_t v = 0;
-                    for (int64_t j = 0; j < nc; ++j) v |= (uint8_t)((rows[j][i * a->xs_p] + bias[j] >= 0.0f) << j);
-                    bytes[i] = v;
-                }
-            }
+            nibble_from_floats(rows, bias, a->xs_p, count, bytes);
             if (SW == 2) { /* pixels 0, 2, 4.. to one phase, 1, 3, 5.. to the other */
                 const int64_t c0 = w0 + PW, pairs = count / 2;
                 uint8_t *first = out + (c0 % 2) * a->plane_cols + c0 / 2;
