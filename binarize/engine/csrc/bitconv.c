@@ -1165,6 +1165,21 @@ static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np
 }
 #endif
 
+/* the epilogue base of the table kernel at pixels p0.. (np of them): valid taps x channels, one row
+ * segment at a time (locals: the stores could alias the fields for the compiler) */
+static void table_base(const conv_args *a, int64_t p0, int np, int32_t *restrict base) {
+    const int32_t *restrict valid_rows = a->valid_rows, *restrict valid_cols = a->valid_cols;
+    const int64_t OW = a->OW;
+    const int32_t CG = (int32_t)a->CG;
+    int64_t oh = p0 / OW, ow = p0 % OW;
+    for (int i = 0; i < np; ++oh, ow = 0) {
+        const int32_t row_taps = valid_rows[oh] * CG;
+        const int len = (int)(OW - ow < np - i ? OW - ow : np - i);
+        for (int j = 0; j < len; ++j) base[i + j] = row_taps * valid_cols[ow + j];
+        i += len;
+    }
+}
+
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
 static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word_kernel, int pb, int64_t g, int64_t n, int64_t p0,
                       const int64_t *idx, int np, tile_buffers *buf) {
@@ -1177,11 +1192,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     int64_t lda = a->LW;
     int nborder = 0;
     if (a->planes && !idx) { /* table look-ups: padded taps look up 0, the base counts the valid ones */
-        int64_t oh = p0 / a->OW, ow = p0 % a->OW;
-        for (int i = 0; i < np; ++i) {
-            buf->base[i] = a->valid_rows[oh] * a->valid_cols[ow] * (int32_t)a->CG;
-            if (++ow == a->OW) { ow = 0; ++oh; }
-        }
+        table_base(a, p0, np, buf->base);
     } else if (direct) {
         A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
         lda = row_words;
