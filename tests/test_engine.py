@@ -109,6 +109,7 @@ table_cases = st.fixed_dictionaries({
     # widths past 32 and 64: tiles of several (and unpaired) 32-pixel vectors, rows split over tiles
     "size": st.tuples(st.integers(1, 3), st.integers(3, 13), st.integers(3, 100)),
     "channels_last": st.booleans(),
+    "nonfinite": st.booleans(),  # +-inf and NaN inputs: sign(NaN) is -1 (bit 0) in every path
     "seed": st.integers(0, 2**16),
 })
 
@@ -118,8 +119,8 @@ table_cases = st.fixed_dictionaries({
 @given(case=table_cases)
 def test_table_kernel_equals_popcount_kernel_and_torch(case):
     """avx2_nibble (nibble planes + VPSHUFB tables) against the popcount kernel and the float conv,
-    from floats (contiguous or channels-last, with an input shift) and from packed words, with a
-    fused epilogue: the same bits."""
+    from floats (contiguous or channels-last, with an input shift, finite or not) and from packed
+    words, with a fused epilogue: the same bits."""
     if "avx2_nibble" not in kernel_info()["supported"]:
         pytest.skip("the table kernel needs AVX2")
     if _too_small(case):
@@ -128,6 +129,10 @@ def test_table_kernel_equals_popcount_kernel_and_torch(case):
     kh, kw = case["kernel"]
     g = torch.Generator().manual_seed(case["seed"])
     x = torch.randn(n, case["cin"], h, w, generator=g)
+    if case["nonfinite"]:
+        special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+        where = torch.rand(x.shape, generator=g) < 0.2
+        x[where] = special[torch.randint(0, 3, (int(where.sum()),), generator=g)]
     if case["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
     bias = torch.randn(case["cin"], generator=g) * 0.3
