@@ -1087,24 +1087,40 @@ static void plane_row_from_floats(const conv_args *a, int64_t n, int64_t ih, uin
     }
 }
 
-/* the same from the packed input words (the fields in locals: the byte stores may alias anything,
- * so the compiler would reload them at every store) */
+/* the same from the packed input words, two nibbles per pass: byte kb of a word holds nibbles 2kb and
+ * 2kb + 1, so each word is narrowed once per pair (the fields in locals: the byte stores may alias
+ * anything, so the compiler would reload them at every store) */
 BZ_CLONES static void plane_row_from_words(const conv_args *a, int64_t n, int64_t ih, uint8_t *restrict dst) {
     const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
     const int64_t NWG = a->NWG;
     const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
-    for (int64_t k = 0; k < NK; ++k) {
+    for (int64_t k = 0; k < NK; k += 2) {
         const u64 *restrict words = src + (k >> 4);
         const int shift = (int)(k & 15) * 4;
+        const int pair = k + 1 < NK;
         for (int64_t phase = 0; phase < SW; ++phase) {
             /* input columns iw whose padded column iw + PW has this phase, and where they land */
             const int64_t iw0 = ((phase - PW) % SW + SW) % SW;
-            uint8_t *restrict out = dst + k * k_stride + phase * cols + (iw0 + PW) / SW;
+            uint8_t *restrict lo = dst + k * k_stride + phase * cols + (iw0 + PW) / SW;
+            uint8_t *restrict hi = lo + k_stride;
             const int64_t count = iw0 < W ? (W - iw0 + SW - 1) / SW : 0;
-            if (SW == 1 && NWG == 1)
-                for (int64_t j = 0; j < count; ++j) out[j] = (uint8_t)((words[j] >> shift) & 15);
-            else
-                for (int64_t j = 0; j < count; ++j) out[j] = (uint8_t)((words[(iw0 + j * SW) * NWG] >> shift) & 15);
+            const int64_t step = SW * NWG;
+            const u64 *restrict first = words + iw0 * NWG;
+            if (pair && step == 1) {
+                for (int64_t j = 0; j < count; ++j) {
+                    const uint8_t byte = (uint8_t)(first[j] >> shift);
+                    lo[j] = byte & 15;
+                    hi[j] = byte >> 4;
+                }
+            } else if (pair) {
+                for (int64_t j = 0; j < count; ++j) {
+                    const uint8_t byte = (uint8_t)(first[j * step] >> shift);
+                    lo[j] = byte & 15;
+                    hi[j] = byte >> 4;
+                }
+            } else {
+                for (int64_t j = 0; j < count; ++j) lo[j] = (uint8_t)((first[j * step] >> shift) & 15);
+            }
         }
     }
 }
