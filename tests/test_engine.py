@@ -556,6 +556,24 @@ def test_bad_inputs_give_clear_errors():
         deploy(deploy(nn.Sequential(BinaryConv2d(4, 4, 1), nn.BatchNorm2d(4))))
 
 
+def test_loading_weights_into_a_deployed_model_is_refused():
+    """The kernels hold packed copies of the weights: a later load_state_dict (whole model or one
+    module) raises instead of leaving them stale, and the outputs stay those of the deployed weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BinaryConv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).eval()
+    other = nn.Sequential(BinaryConv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).eval()
+    deployed = deploy(model)
+    x = torch.randn(1, 4, 7, 7)
+    before = deployed(x)
+    with pytest.raises(RuntimeError, match="load the checkpoint into the original model"):
+        deployed.load_state_dict(other.state_dict())
+    with pytest.raises(RuntimeError, match="packed weights stale"):
+        deployed[0].load_state_dict(other[0].state_dict())
+    assert torch.equal(deployed(x), before)
+    model.load_state_dict(other.state_dict())  # the original model still loads
+    assert torch.allclose(deploy(model)(x), other(x), atol=1e-4)
+
+
 def test_deployed_bimatting_through_convert_video(tmp_path):
     """A deployed model is a drop-in for convert_video: same alpha as the simulated model."""
     import numpy as np

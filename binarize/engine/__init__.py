@@ -60,7 +60,8 @@ def deploy(
     masked branches only inside their masks.  ``backend``: "auto" (C kernels when built), "c"
     or "torch" (the pure-PyTorch fallback).  Layers the engine cannot reproduce exactly stay
     simulated; ``deploy_report(model)`` lists them with the reason.  Weights are packed now:
-    load checkpoints before deploying (``load_state_dict`` on the deployed copy does not repack).
+    load checkpoints before deploying (``load_state_dict`` on the deployed model, or on any of its
+    modules, raises instead of leaving the packed copies stale).
     ``keep_memory``: call :func:`keep_freed_memory` (process-wide glibc setting: freed maps stay
     in the process for the next frame instead of being returned and page-faulted back in).
     """
@@ -83,7 +84,15 @@ def deploy(
     target.requires_grad_(False)
     report = deploy_modules(target, fuse=fuse, sparse=sparse, num_threads=num_threads, backend=backend)
     target.__dict__[_REPORT_ATTR] = report
+    for module in target.modules():
+        module.register_load_state_dict_pre_hook(_refuse_load)
     return target
+
+
+def _refuse_load(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """A deployed model's kernels hold packed copies of the weights that loading would not update."""
+    raise RuntimeError("load_state_dict on a deployed model would leave its packed weights stale: load the "
+                       "checkpoint into the original model, then call binarize.deploy on it")
 
 
 def deploy_report(model: nn.Module) -> Optional[DeployReport]:
