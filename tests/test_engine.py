@@ -22,6 +22,7 @@ from binarize.engine import (
     binary_linear,
     deploy,
     deploy_report,
+    functional,
     kernel_info,
     pack_weights,
     set_kernel,
@@ -110,6 +111,7 @@ table_cases = st.fixed_dictionaries({
     "size": st.tuples(st.integers(1, 3), st.integers(3, 13), st.integers(3, 100)),
     "channels_last": st.booleans(),
     "nonfinite": st.booleans(),  # +-inf and NaN inputs: sign(NaN) is -1 (bit 0) in every path
+    "selectors": st.booleans(),  # the shared tables (large layers) instead of the layer's own
     "seed": st.integers(0, 2**16),
 })
 
@@ -118,9 +120,9 @@ table_cases = st.fixed_dictionaries({
 @FAST
 @given(case=table_cases)
 def test_table_kernel_equals_popcount_kernel_and_torch(case):
-    """avx2_nibble (nibble planes + VPSHUFB tables) against the popcount kernel and the float conv,
-    from floats (contiguous or channels-last, with an input shift, finite or not) and from packed
-    words, with a fused epilogue: the same bits."""
+    """avx2_nibble (nibble planes + VPSHUFB tables, the layer's own or selectors of the shared ones)
+    against the popcount kernel and the float conv, from floats (contiguous or channels-last, with an
+    input shift, finite or not) and from packed words, with a fused epilogue: the same bits."""
     if "avx2_nibble" not in kernel_info()["supported"]:
         pytest.skip("the table kernel needs AVX2")
     if _too_small(case):
@@ -144,6 +146,8 @@ def test_table_kernel_equals_popcount_kernel_and_torch(case):
                   pad_value=case["pad_value"], epilogue=epilogue)
     packed = pack_activations(x, bias, groups=1)
     results = {}
+    own_max = functional.OWN_TABLES_MAX_BYTES
+    functional.OWN_TABLES_MAX_BYTES = 0 if case["selectors"] else own_max
     try:
         for kernel in ("avx2_hybrid", "avx2_nibble"):
             set_kernel(kernel)
@@ -151,24 +155,54 @@ def test_table_kernel_equals_popcount_kernel_and_torch(case):
             results[kernel + " packed"] = binary_conv2d(x, weights, backend="c", packed_input=packed, **kwargs)
     finally:
         set_kernel("auto")
+        functional.OWN_TABLES_MAX_BYTES = own_max
+    if (kh, kw) != (1, 1):  # 1x1 convs count with the word kernels: no tables
+        assert weights.nibble_tables.dim() == (4 if case["selectors"] else 5)  # the form under test was used
     expected = binary_conv2d(x, weights, backend="torch", **kwargs)
     for name, y in results.items():
         assert torch.equal(y, expected), name
 
 
 def test_nibble_tables_hold_popcounts_of_xor():
-    """Entry i of output o, tap t, nibble k = popcount(i XOR the weight's bits 4k..4k+3 of tap t)."""
+    """Entry i of output o, tap t, nibble k = popcount(i XOR the weight's bits 4k..4k+3 of tap t);
+    as selectors, the offset 16 * w of that table among the shared ones."""
     g = torch.Generator().manual_seed(3)
     positive = torch.randn(13, 7, 3, 2, generator=g) >= 0  # 7 channels: the last nibble has 3
     taps = positive.permute(0, 2, 3, 1).reshape(13, 6, 7)  # [o][tap][channel], tap = kh * KW + kw
     bits = torch.cat([taps.reshape(13, 42), torch.zeros(3, 42, dtype=torch.bool)])  # 13 outputs padded to 16
     tables = nibble_tables(bits, 6)
+    selectors = nibble_tables(bits, 6, selectors=True)
     assert tables.shape == (16 // 4, 6, 2, 4, 16) and tables.dtype == torch.uint8
+    assert selectors.shape == (16 // 4, 6, 2, 4) and selectors.dtype == torch.uint8
     for o in range(13):
         for t in range(6):
             for k in range(2):
                 weight = sum(int(b) << j for j, b in enumerate(taps[o, t, 4 * k: 4 * k + 4]))
                 assert tables[o // 4, t, k, o % 4].tolist() == [bin(i ^ weight).count("1") for i in range(16)]
+                assert selectors[o // 4, t, k, o % 4] == 16 * weight
+
+
+@needs_c
+def test_large_layers_keep_selectors_of_the_shared_tables():
+    """Own tables up to OWN_TABLES_MAX_BYTES; a 256 -> 256 3x3 layer (2.4 MB of own tables) keeps
+    1-byte selectors, and both forms give the popcount kernel's bits."""
+    if "avx2_nibble" not in kernel_info()["supported"]:
+        pytest.skip("the table kernel needs AVX2")
+    g = torch.Generator().manual_seed(5)
+    small = pack_weights(torch.randn(16, 16, 3, 3, generator=g) >= 0)
+    large = pack_weights(torch.randn(256, 256, 3, 3, generator=g) >= 0)
+    x = torch.randn(1, 256, 6, 37, generator=g)
+    try:
+        set_kernel("avx2_nibble")
+        binary_conv2d(x[:, :16], small, padding=1)
+        y = binary_conv2d(x, large, padding=1)
+        set_kernel("avx2_hybrid")
+        expected = binary_conv2d(x, large, padding=1)
+    finally:
+        set_kernel("auto")
+    assert small.nibble_tables.shape == (4, 9, 4, 4, 16)  # 9 KB: its own
+    assert large.nibble_tables.shape == (64, 9, 64, 4)  # 147 KB of selectors instead of 2.4 MB
+    assert torch.equal(y, expected)
 
 
 @needs_c

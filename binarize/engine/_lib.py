@@ -14,7 +14,7 @@ from typing import Optional
 
 KERNELS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4, "avx2_hybrid": 5, "avx2_nibble": 6}
 KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
-_ABI_VERSION = 18
+_ABI_VERSION = 19
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
 
@@ -45,7 +45,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bz_conv.argtypes = [
         _ptr, _ptr, _i64, _i64, _i64, _ptr,  # in, x, x strides (n, c, pixel), x_bias
         _i64, _i64, _i64, _i64, _i64,  # N, H, W, G, CG
-        _ptr, _ptr, _ptr, _i64, _i64,  # w, wpc, tables, O, OGP
+        _ptr, _ptr, _ptr, _int, _i64, _i64,  # w, wpc, tables, table_entry, O, OGP
         _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,  # KH, KW, SH, SW, PH, PW, DH, DW
         _int, _i64, _i64,  # pad_mode, OH, OW
         _ptr, _ptr, _int, _ptr, _ptr,  # scale, shift, nops, ops, op_args

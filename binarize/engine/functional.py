@@ -55,11 +55,15 @@ class PackedWeights:
 
     def dense_tables(self) -> Optional[torch.Tensor]:
         """The nibble tables for a dense call, or None where the table kernel does not apply
-        (groups, 1x1 kernels, another kernel selected); built once, 16 bytes per 4 weight bits."""
+        (groups, 1x1 kernels, another kernel selected); built once.  Tables of up to
+        ``OWN_TABLES_MAX_BYTES`` are the layer's own (16 bytes per 4 weight bits); larger layers
+        keep 1-byte selectors of 16 shared tables instead, so their weights stay in the L2 cache."""
         if self.nibble_tables is None and self.groups == 1 and self.kernel_size != (1, 1) \
                 and _lib.active_kernel() == "avx2_nibble":
             bits = _tap_major_bits(self.signs > 0, 1, self.padded_out_per_group)
-            self.nibble_tables = nibble_tables(bits[0], self.kernel_size[0] * self.kernel_size[1])
+            taps = self.kernel_size[0] * self.kernel_size[1]
+            own_bytes = bits.shape[1] * bits.shape[2] // taps * taps * 16 // 4  # before nibble padding
+            self.nibble_tables = nibble_tables(bits[0], taps, selectors=own_bytes > OWN_TABLES_MAX_BYTES)
         return self.nibble_tables
 
 
@@ -81,19 +85,30 @@ def _pack_words(bits: torch.Tensor) -> np.ndarray:
 
 _NIBBLE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(16)], dtype=torch.uint8)
 
+#: a layer whose own nibble tables would take more bytes than this keeps 1-byte selectors of the
+#: kernel's 16 shared tables instead: tables that outgrow the L2 cache (512 KB per core here, shared
+#: with the planes and the outputs) are re-read from L3 or memory for every tile, which cost the
+#: 256 -> 256 layer 14%, while the extra load per look-up costs small layers 2-5%
+OWN_TABLES_MAX_BYTES = 192 * 1024
 
-def nibble_tables(bits: torch.Tensor, taps: int) -> torch.Tensor:
+
+def nibble_tables(bits: torch.Tensor, taps: int, selectors: bool = False) -> torch.Tensor:
     """Look-up tables of the AVX2 table kernel from weight bits [OGP, taps * C] (True = +1).
 
     Entry ``i`` of output ``o``, tap ``t``, nibble ``k`` (channels 4k..4k+3) is
     ``popcount(i XOR w)`` with ``w`` the 4 weight bits there, so one byte shuffle counts 4 channels
-    of 32 pixels.  Layout [OGP/4][taps][ceil(C/4)][4][16] uint8 (4 outputs side by side).
+    of 32 pixels.  Layout [OGP/4][taps][ceil(C/4)][4][16] uint8 (4 outputs side by side).  With
+    ``selectors`` each 16-byte table is replaced by ``16 * w``, its offset among the kernel's 16
+    shared tables (row ``w`` holds ``popcount(i XOR w)``): [OGP/4][taps][ceil(C/4)][4], a 16th of
+    the bytes for one more load per look-up.
     """
     ogp = bits.shape[0]
     channels = bits.shape[1] // taps
     nibbles = math.ceil(channels / 4)
     b = F.pad(bits.reshape(ogp, taps, channels), (0, 4 * nibbles - channels)).reshape(ogp, taps, nibbles, 4)
     weight = (b.to(torch.int64) << torch.arange(4)).sum(-1)
+    if selectors:
+        return (16 * weight).to(torch.uint8).reshape(ogp // 4, 4, taps, nibbles).permute(0, 2, 3, 1).contiguous()
     table = _NIBBLE_POPCOUNT[torch.arange(16) ^ weight[..., None]]
     return table.reshape(ogp // 4, 4, taps, nibbles, 16).permute(0, 2, 3, 1, 4).contiguous()
 
@@ -490,7 +505,8 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         floats_bias.data_ptr() if floats_bias is not None else None,
         n, h, w, weights.groups, weights.in_channels_per_group,
         weights.words.data_ptr(), weights.tap_popcount.data_ptr(),
-        tables.data_ptr() if tables is not None else None, weights.out_channels,
+        tables.data_ptr() if tables is not None else None,
+        (16 if tables.dim() == 5 else 1) if tables is not None else 0, weights.out_channels,
         weights.padded_out_per_group, kh, kw, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], PAD_MODES[float(pad_value)], out.shape[2], out.shape[3],
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,

@@ -117,7 +117,7 @@ BZ_EXPORT int bz_openmp_enabled(void) {
 #endif
 }
 
-BZ_EXPORT int bz_abi_version(void) { return 18; }
+BZ_EXPORT int bz_abi_version(void) { return 19; }
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
@@ -239,9 +239,12 @@ typedef struct {
     int mix_fma; /* the CPU has AVX2 + FMA */
     int chain;   /* BZ_CHAIN_*: the op chain's one-pass loop (BZ_CHAIN_NONE: op passes) */
     /* nullable: nibble tables [OGP/4][KH*KW][NK][4][16] bytes (NK = ceil(CG/4)): entry i of output o,
-     * tap t, nibble k is popcount(i XOR the 4 weight bits there).  With them a dense ungrouped call
-     * on AVX2 counts by table look-ups over the planes below instead of im2col + XOR + popcount. */
+     * tap t, nibble k is popcount(i XOR the 4 weight bits w there); or (shared_tables) their selectors
+     * [OGP/4][KH*KW][NK][4], the byte 16 * w, the offset of the same 16 bytes in bz_xor_popcount.
+     * With them a dense ungrouped call on AVX2 counts by table look-ups over the planes below instead
+     * of im2col + XOR + popcount. */
     const uint8_t *tables;
+    int shared_tables;
     int64_t NK;
     /* the input regrouped for the tables (built by conv_run): byte = the 4 channel bits of nibble k of
      * one pixel, [N][Hp][NK][SW][Wq] with the padding included (Hp = H + 2 PH rows, Wq columns per
@@ -584,6 +587,26 @@ __attribute__((target("avx512f,avx512vpopcntdq,popcnt"))) static void mk_avx512(
     } while (0)
 #define BZ_LOOKUP(acc, table, index) acc = _mm256_add_epi8(acc, _mm256_shuffle_epi8(table, index))
 
+/* the 16 tables every look-up uses: row w holds popcount(i XOR w) for i = 0..15.  A layer keeps one
+ * byte per (output, tap, nibble), the offset 16 * w of its row (the selectors of conv_args), so its
+ * weights take 1 byte per 4 bits and stay in the L2 cache even for 256 x 256 x 3 x 3 */
+static const uint8_t bz_xor_popcount[256] __attribute__((aligned(64))) = {
+#define BZ_POP4(i) ((uint8_t)(((i) & 1) + (((i) >> 1) & 1) + (((i) >> 2) & 1) + (((i) >> 3) & 1)))
+#define BZ_ROW(w) BZ_POP4(0 ^ (w)), BZ_POP4(1 ^ (w)), BZ_POP4(2 ^ (w)), BZ_POP4(3 ^ (w)), BZ_POP4(4 ^ (w)),  \
+    BZ_POP4(5 ^ (w)), BZ_POP4(6 ^ (w)), BZ_POP4(7 ^ (w)), BZ_POP4(8 ^ (w)), BZ_POP4(9 ^ (w)),                \
+    BZ_POP4(10 ^ (w)), BZ_POP4(11 ^ (w)), BZ_POP4(12 ^ (w)), BZ_POP4(13 ^ (w)), BZ_POP4(14 ^ (w)),           \
+    BZ_POP4(15 ^ (w))
+    BZ_ROW(0), BZ_ROW(1), BZ_ROW(2), BZ_ROW(3), BZ_ROW(4), BZ_ROW(5), BZ_ROW(6), BZ_ROW(7),
+    BZ_ROW(8), BZ_ROW(9), BZ_ROW(10), BZ_ROW(11), BZ_ROW(12), BZ_ROW(13), BZ_ROW(14), BZ_ROW(15),
+#undef BZ_ROW
+#undef BZ_POP4
+};
+#define BZ_TABLE(sel) _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(bz_xor_popcount + (sel))))
+/* table j of the current entry: its selector (shared) or its own 16 bytes, and the step to the next entry */
+#define BZ_FETCH(L, j) \
+    (shared ? BZ_TABLE((L)[j]) : _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)((L) + 16 * (j)))))
+#define BZ_STEP (shared ? 4 : 64)
+
 /* the first count (<= 32) pixels of one vector's 16-bit sums (lanes: pixels 0-7,16-23 | 8-15,24-31)
  * as int32 in pixel order */
 __attribute__((target("avx2"))) static void nibble_store(const __m256i wide[2], int32_t *dst, int count) {
@@ -598,29 +621,28 @@ __attribute__((target("avx2"))) static void nibble_store(const __m256i wide[2], 
     if (out == tmp) memcpy(dst, tmp, sizeof(int32_t) * (size_t)count);
 }
 
-__attribute__((target("avx2"))) static void nibble_counts(const uint8_t *v0, const uint8_t *v1,
-                                                          const int64_t *tap_off, int64_t taps, int64_t NK,
-                                                          int64_t k_stride, const uint8_t *tables, int32_t *P,
-                                                          int64_t ldp, int i0, int n0, int i1, int n1) {
+__attribute__((target("avx2"), always_inline)) static inline void
+nibble_counts_impl(const uint8_t *v0, const uint8_t *v1, const int64_t *tap_off, int64_t taps, int64_t NK,
+                   int64_t k_stride, const uint8_t *L, int32_t *P, int64_t ldp, int i0, int n0, int i1, int n1,
+                   const int shared) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i wide[4][2][2]; /* 16-bit sums [output][vector][pixels 0-7,16-23 | 8-15,24-31] */
     for (int o = 0; o < 4; ++o)
         for (int v = 0; v < 2; ++v) wide[o][v][0] = wide[o][v][1] = zero;
     __m256i a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
-    const uint8_t *L = tables;
     int pending = 0;
     for (int64_t t = 0; t < taps; ++t) {
         const uint8_t *p0 = v0 + tap_off[t], *p1 = v1 + tap_off[t];
-        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, p1 += k_stride, L += 64) {
+        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, p1 += k_stride, L += BZ_STEP) {
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)p0);
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)p1);
-            const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L));
+            const __m256i t0 = BZ_FETCH(L, 0);
             BZ_LOOKUP(a00, t0, x0); BZ_LOOKUP(a01, t0, x1);
-            const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 16)));
+            const __m256i t1 = BZ_FETCH(L, 1);
             BZ_LOOKUP(a10, t1, x0); BZ_LOOKUP(a11, t1, x1);
-            const __m256i t2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 32)));
+            const __m256i t2 = BZ_FETCH(L, 2);
             BZ_LOOKUP(a20, t2, x0); BZ_LOOKUP(a21, t2, x1);
-            const __m256i t3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 48)));
+            const __m256i t3 = BZ_FETCH(L, 3);
             BZ_LOOKUP(a30, t3, x0); BZ_LOOKUP(a31, t3, x1);
             if (++pending == 63) {
                 pending = 0;
@@ -637,28 +659,26 @@ __attribute__((target("avx2"))) static void nibble_counts(const uint8_t *v0, con
 
 /* the same for one vector and 8 outputs (tables of outputs 0-3 at t03, of 4-7 at t47): a tile whose
  * vectors do not pair up, without counting a second vector for nothing */
-__attribute__((target("avx2"))) static void nibble_counts8(const uint8_t *v0, const int64_t *tap_off, int64_t taps,
-                                                           int64_t NK, int64_t k_stride, const uint8_t *t03,
-                                                           const uint8_t *t47, int32_t *P, int64_t ldp, int i0,
-                                                           int n0) {
+__attribute__((target("avx2"), always_inline)) static inline void
+nibble_counts8_impl(const uint8_t *v0, const int64_t *tap_off, int64_t taps, int64_t NK, int64_t k_stride,
+                    const uint8_t *L, const uint8_t *M, int32_t *P, int64_t ldp, int i0, int n0, const int shared) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i wide[8][1][2];
     for (int o = 0; o < 8; ++o) wide[o][0][0] = wide[o][0][1] = zero;
     __m256i a00 = zero, a10 = zero, a20 = zero, a30 = zero, a40 = zero, a50 = zero, a60 = zero, a70 = zero;
-    const uint8_t *L = t03, *M = t47;
     int pending = 0;
     for (int64_t t = 0; t < taps; ++t) {
         const uint8_t *p0 = v0 + tap_off[t];
-        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, L += 64, M += 64) {
+        for (int64_t k = 0; k < NK; ++k, p0 += k_stride, L += BZ_STEP, M += BZ_STEP) {
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)p0);
-            BZ_LOOKUP(a00, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L)), x0);
-            BZ_LOOKUP(a10, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 16))), x0);
-            BZ_LOOKUP(a20, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 32))), x0);
-            BZ_LOOKUP(a30, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(L + 48))), x0);
-            BZ_LOOKUP(a40, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)M)), x0);
-            BZ_LOOKUP(a50, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 16))), x0);
-            BZ_LOOKUP(a60, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 32))), x0);
-            BZ_LOOKUP(a70, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(M + 48))), x0);
+            BZ_LOOKUP(a00, BZ_FETCH(L, 0), x0);
+            BZ_LOOKUP(a10, BZ_FETCH(L, 1), x0);
+            BZ_LOOKUP(a20, BZ_FETCH(L, 2), x0);
+            BZ_LOOKUP(a30, BZ_FETCH(L, 3), x0);
+            BZ_LOOKUP(a40, BZ_FETCH(M, 0), x0);
+            BZ_LOOKUP(a50, BZ_FETCH(M, 1), x0);
+            BZ_LOOKUP(a60, BZ_FETCH(M, 2), x0);
+            BZ_LOOKUP(a70, BZ_FETCH(M, 3), x0);
             if (++pending == 63) {
                 pending = 0;
                 BZ_WIDEN(a00, 0, 0); BZ_WIDEN(a10, 1, 0); BZ_WIDEN(a20, 2, 0); BZ_WIDEN(a30, 3, 0);
@@ -670,7 +690,30 @@ __attribute__((target("avx2"))) static void nibble_counts8(const uint8_t *v0, co
     BZ_WIDEN(a40, 4, 0); BZ_WIDEN(a50, 5, 0); BZ_WIDEN(a60, 6, 0); BZ_WIDEN(a70, 7, 0);
     for (int o = 0; o < 8; ++o) nibble_store(wide[o][0], P + o * ldp + i0, n0);
 }
+
+/* the two table forms (tables: 16 bytes per entry; shared: a 1-byte selector of bz_xor_popcount) */
+#define BZ_COUNTS_ARGS const uint8_t *v0, const uint8_t *v1, const int64_t *tap_off, int64_t taps, int64_t NK, \
+    int64_t k_stride, const uint8_t *L, int32_t *P, int64_t ldp, int i0, int n0, int i1, int n1
+#define BZ_COUNTS8_ARGS const uint8_t *v0, const int64_t *tap_off, int64_t taps, int64_t NK, int64_t k_stride, \
+    const uint8_t *L, const uint8_t *M, int32_t *P, int64_t ldp, int i0, int n0
+__attribute__((target("avx2"))) static void nibble_counts_tables(BZ_COUNTS_ARGS) {
+    nibble_counts_impl(v0, v1, tap_off, taps, NK, k_stride, L, P, ldp, i0, n0, i1, n1, 0);
+}
+__attribute__((target("avx2"))) static void nibble_counts_shared(BZ_COUNTS_ARGS) {
+    nibble_counts_impl(v0, v1, tap_off, taps, NK, k_stride, L, P, ldp, i0, n0, i1, n1, 1);
+}
+__attribute__((target("avx2"))) static void nibble_counts8_tables(BZ_COUNTS8_ARGS) {
+    nibble_counts8_impl(v0, tap_off, taps, NK, k_stride, L, M, P, ldp, i0, n0, 0);
+}
+__attribute__((target("avx2"))) static void nibble_counts8_shared(BZ_COUNTS8_ARGS) {
+    nibble_counts8_impl(v0, tap_off, taps, NK, k_stride, L, M, P, ldp, i0, n0, 1);
+}
+#undef BZ_COUNTS_ARGS
+#undef BZ_COUNTS8_ARGS
 #undef BZ_LOOKUP
+#undef BZ_TABLE
+#undef BZ_FETCH
+#undef BZ_STEP
 #undef BZ_WIDEN_ALL
 #undef BZ_WIDEN
 #endif
@@ -1164,16 +1207,19 @@ static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np
         count[nv++] = len;
         i += len;
     }
-    const int64_t taps = a->KH * a->KW, table_block = taps * a->NK * 64;
+    const int shared = a->shared_tables;
+    const int64_t taps = a->KH * a->KW, table_block = taps * a->NK * (shared ? 4 : 64); /* 4 outputs */
     const uint8_t *tables = a->tables + ob * 2 * table_block; /* outputs 0-3 of the block, then 4-7 */
     int v = 0;
     for (; v + 1 < nv; v += 2)
         for (int half = 0; half < 2; ++half)
-            nibble_counts(base[v], base[v + 1], a->tap_offsets, taps, a->NK, a->plane_k, tables + half * table_block,
-                          P + half * 4 * TP, TP, start[v], count[v], start[v + 1], count[v + 1]);
+            (shared ? nibble_counts_shared : nibble_counts_tables)(
+                base[v], base[v + 1], a->tap_offsets, taps, a->NK, a->plane_k, tables + half * table_block,
+                P + half * 4 * TP, TP, start[v], count[v], start[v + 1], count[v + 1]);
     if (v < nv)
-        nibble_counts8(base[v], a->tap_offsets, taps, a->NK, a->plane_k, tables, tables + table_block, P, TP,
-                       start[v], count[v]);
+        (shared ? nibble_counts8_shared : nibble_counts8_tables)(base[v], a->tap_offsets, taps, a->NK, a->plane_k,
+                                                                 tables, tables + table_block, P, TP, start[v],
+                                                                 count[v]);
 }
 #else
 static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np, int64_t ob, int32_t *P) {
@@ -1371,7 +1417,7 @@ static void conv_run(const conv_args *a, int nthreads) {
 
 /* use the tables (and allocate their planes) when the call and the CPU allow it: dense, ungrouped,
  * the AVX2 table kernel selected, and counts that fit 16 bits.  Returns -2 when out of memory. */
-static int nibble_setup(conv_args *a, const uint8_t *tables) {
+static int nibble_setup(conv_args *a, const uint8_t *tables, int shared_tables) {
     if (!tables || a->positions || a->G != 1 || best_kernel() != BZ_KERNEL_AVX2_NIBBLE ||
         a->KH * a->KW * a->CG > 65535)
         return 0;
@@ -1398,6 +1444,7 @@ static int nibble_setup(conv_args *a, const uint8_t *tables) {
             a->tap_offsets[kh * a->KW + kw] = kh * a->DH * a->plane_row + (c % a->SW) * cols + c / a->SW;
         }
     a->tables = tables;
+    a->shared_tables = shared_tables;
     return 0;
 }
 
@@ -1406,8 +1453,9 @@ static int nibble_setup(conv_args *a, const uint8_t *tables) {
  * ([G][OGP/8][LW][8]).  Output float NCHW [N][O][OH][OW]: y = apply_ops(dot*scale + shift).
  * in may be NULL: the input is then the floats x[n*xs_n + c*xs_c + pixel*xs_p], binarized as
  * x + x_bias >= 0 (x_bias nullable) while the kernel reads them (no packed copy for the tables).
- * tables (nullable, G == 1): the weights' nibble tables [OGP/4][KH*KW][ceil(CG/4)][4][16] (see
- * conv_args), used by the AVX2 table kernel on dense calls.
+ * tables (nullable, G == 1): the weights' nibble tables [OGP/4][KH*KW][ceil(CG/4)][4][16]
+ * (table_entry 16) or their selectors [OGP/4][KH*KW][ceil(CG/4)][4] (table_entry 1; see conv_args),
+ * used by the AVX2 table kernel on dense calls.
  * positions (nullable): compute only these flattened (n*OH*OW + pixel) outputs; others untouched.
  * acc_weight (nullable, with positions only, [N][OH*OW]): add instead of store, out = y * acc_weight + out.
  * residual (nullable, [N][res_channels][OH][OW]): the operand of BZ_OP_RESIDUAL ops; with res_halves
@@ -1420,7 +1468,8 @@ static int nibble_setup(conv_args *a, const uint8_t *tables) {
  */
 BZ_EXPORT int bz_conv(const u64 *in, const float *x, int64_t xs_n, int64_t xs_c, int64_t xs_p, const float *x_bias,
                       int64_t N, int64_t H, int64_t W, int64_t G, int64_t CG,
-                      const u64 *w, const int32_t *wpc, const uint8_t *tables, int64_t O, int64_t OGP, int64_t KH,
+                      const u64 *w, const int32_t *wpc, const uint8_t *tables, int table_entry, int64_t O,
+                      int64_t OGP, int64_t KH,
                       int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
                       int64_t DW, int pad_mode, int64_t OH, int64_t OW, const float *scale,
                       const float *shift, int nops, const int *ops, const float *const *op_args,
@@ -1431,6 +1480,7 @@ BZ_EXPORT int bz_conv(const u64 *in, const float *x, int64_t xs_n, int64_t xs_c,
     memset(&a, 0, sizeof(a));
     if (G <= 0 || CG <= 0 || O % G != 0 || OGP % OB != 0 || nops < 0 || nops > BZ_MAX_OPS) return -1;
     if (!in && !x) return -1;
+    if (tables && table_entry != 1 && table_entry != 16) return -1;
     a.in = in; a.N = N; a.H = H; a.W = W; a.G = G; a.CG = CG; a.NWG = (CG + 63) / 64;
     a.x = x; a.x_bias = x_bias; a.xs_n = xs_n; a.xs_c = xs_c; a.xs_p = xs_p;
     a.w = w; a.wpc = wpc; a.O = O; a.OG = O / G; a.OGP = OGP;
@@ -1454,7 +1504,7 @@ BZ_EXPORT int bz_conv(const u64 *in, const float *x, int64_t xs_n, int64_t xs_c,
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
     a.mix_fma = mix_w ? fma_available() : 0;
 #endif
-    int status = nibble_setup(&a, tables);
+    int status = nibble_setup(&a, tables, table_entry == 1);
     u64 *packed = NULL;
     if (status == 0 && !a.in && !a.planes) { /* float input for the popcount kernels: pack it first */
         packed = (u64 *)malloc(sizeof(u64) * (size_t)(N * H * W * G * a.NWG + 1));
