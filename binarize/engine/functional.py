@@ -62,7 +62,7 @@ class PackedWeights:
                 and _lib.active_kernel() == "avx2_nibble":
             bits = _tap_major_bits(self.signs > 0, 1, self.padded_out_per_group)
             taps = self.kernel_size[0] * self.kernel_size[1]
-            own_bytes = bits.shape[1] * bits.shape[2] // taps * taps * 16 // 4  # before nibble padding
+            own_bytes = bits.shape[1] * taps * math.ceil(self.in_channels_per_group / 4) * 16
             self.nibble_tables = nibble_tables(bits[0], taps, selectors=own_bytes > OWN_TABLES_MAX_BYTES)
         return self.nibble_tables
 
