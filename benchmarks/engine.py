@@ -109,7 +109,7 @@ def binary_conv_shapes(model: torch.nn.Module, src: torch.Tensor, kernel: int = 
         if isinstance(module, BinaryConv2d) and module.kernel_size == (kernel, kernel):
             def hook(mod, args, _out, name=name):
                 x = args[0]
-                key = (mod.in_channels, mod.out_channels, x.shape[-2], x.shape[-1], mod.stride[0])
+                key = shape_key(mod.in_channels, mod.out_channels, x.shape[-2], x.shape[-1], mod.stride)
                 seen.setdefault(key, {"name": name, "layer": mod, "shape": tuple(x.shape), "count": 0})
                 seen[key]["count"] += 1
             hooks.append(module.register_forward_hook(hook))
