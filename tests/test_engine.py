@@ -570,6 +570,59 @@ def test_fallback_warns_once_and_matches(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_c
+def test_call_plans_read_each_call_s_own_tensors():
+    """A dense call shaped like an earlier one reuses its checked arguments (a plan), yet reads the
+    new call's data, residual, given output and packed words, and gives the torch backend's floats."""
+    g = torch.Generator().manual_seed(11)
+    weights = pack_weights(torch.randn(6, 5, 3, 3, generator=g) >= 0)
+    bias = torch.randn(5, generator=g)
+    epilogue = Epilogue(scale=torch.rand(6, generator=g) + 0.5, shift=torch.randn(6, generator=g),
+                        ops=[("residual", None)])
+
+    def conv(x, **kw):
+        return binary_conv2d(x, weights, input_bias=bias, padding=1, epilogue=epilogue, **kw)
+
+    for _ in range(3):
+        x, residual = torch.randn(2, 5, 7, 9, generator=g), torch.randn(2, 6, 7, 9, generator=g)
+        expected = conv(x, residual=residual, backend="torch")
+        assert torch.equal(conv(x, residual=residual), expected)
+        out = torch.full((2, 6, 7, 9), float("nan"))
+        assert conv(x, residual=residual, out=out) is out and torch.equal(out, expected)
+        words = pack_activations(x, bias, groups=1).reshape(-1)
+        assert torch.equal(conv(torch.empty(x.shape, device="meta"), residual=residual, packed_input=words), expected)
+    assert len(weights.plans) == 3  # float input, a given output, packed input: one plan each
+
+    x = torch.randn(2, 5, 7, 9, generator=g)
+    with pytest.raises(ValueError, match="packed_input must be"):  # another word count misses the plans
+        conv(torch.empty(x.shape, device="meta"), residual=torch.zeros(2, 6, 7, 9), packed_input=words[:-1])
+    with pytest.raises(ValueError, match="residual of shape"):
+        conv(x, residual=torch.zeros(2, 6, 7, 8))
+    half = x.double()  # converted inputs are checked and converted on every call, never planned
+    assert torch.equal(conv(half, residual=residual), conv(x, residual=residual, backend="torch"))
+    assert len(weights.plans) == 3
+    for width in range(1, 2 * functional.MAX_PLANS):
+        x = torch.randn(1, 5, 4, width, generator=g)
+        assert torch.equal(binary_conv2d(x, weights, padding=1), binary_conv2d(x, weights, padding=1, backend="torch"))
+    assert len(weights.plans) <= functional.MAX_PLANS
+
+
+@needs_c
+def test_copies_of_packed_weights_build_their_own_plans():
+    """Plans hold raw addresses of the weights' tensors, so neither a deep copy nor a pickle takes them."""
+    import pickle
+
+    weights = pack_weights(torch.randn(8, 4, 3, 3) >= 0)
+    x = torch.randn(1, 4, 6, 6)
+    expected = binary_conv2d(x, weights, padding=1)
+    assert len(weights.plans) == 1
+    for clone in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):
+        assert clone.plans == {}
+        assert torch.equal(binary_conv2d(x, clone, padding=1), expected)
+        (plan,) = clone.plans.values()
+        assert plan.keep[0] is clone and plan.template[11] == clone.words.data_ptr()
+
+
 def test_bad_inputs_give_clear_errors():
     packed = pack_weights(torch.randn(4, 8, 3, 3) >= 0)
     with pytest.raises(ValueError, match="input has 9 channels"):

@@ -17,6 +17,7 @@ KERNEL_NAMES = {value: name for name, value in KERNELS.items()}
 _ABI_VERSION = 19
 
 _state: dict = {"loaded": False, "lib": None, "warned": False}
+_selections = 0  # set_kernel calls so far
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -124,7 +125,14 @@ def set_kernel(name: str) -> str:
     lib = library()
     if lib is None:
         return "torch"
+    global _selections
+    _selections += 1
     return KERNEL_NAMES[lib.bz_set_kernel(KERNELS[name])]
+
+
+def selections() -> int:
+    """How many times ``set_kernel`` was called: a call plan made before a change is stale."""
+    return _selections
 
 
 def active_kernel() -> str:

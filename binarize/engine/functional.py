@@ -44,6 +44,7 @@ class PackedWeights:
     groups: int
     kernel_size: Pair
     nibble_tables: Optional[torch.Tensor] = None
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def in_channels_per_group(self) -> int:
@@ -65,6 +66,12 @@ class PackedWeights:
             own_bytes = bits.shape[1] * taps * math.ceil(self.in_channels_per_group / 4) * 16
             self.nibble_tables = nibble_tables(bits[0], taps, selectors=own_bytes > OWN_TABLES_MAX_BYTES)
         return self.nibble_tables
+
+    def __getstate__(self) -> dict:
+        # call plans hold raw addresses of this object's tensors: a copy builds its own
+        state = dict(self.__dict__)
+        state["plans"] = {}
+        return state
 
 
 def _tap_major_bits(positive: torch.Tensor, groups: int, padded_out: int) -> torch.Tensor:
@@ -280,6 +287,9 @@ def _vector(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return value.detach().to("cpu", torch.float32).reshape(-1).contiguous()
 
 
+_NO_EPILOGUE = Epilogue()  # the epilogue of a call that gives none (one object: it keys call plans)
+
+
 def _pair(value) -> Pair:
     if isinstance(value, int):
         return (value, value)
@@ -379,6 +389,17 @@ def binary_conv2d(
     at the listed positions, a sparse-assisted pair's masked sum with the same rounding as the two
     torch operations.  Returns the float output.
     """
+    # a dense call shaped like an earlier one reuses its checked arguments (its plan, see _ConvPlan)
+    key = None
+    if positions is None and accumulate is None and backend != "torch":
+        key = _plan_key(x, input_bias, stride, padding, dilation, pad_value, epilogue, out, num_threads, backend,
+                        residual, packed_input, output_bits, output_bits_bias, residual_halves)
+        try:
+            plan = weights.plans.get(key) if key is not None else None
+        except TypeError:  # unhashable arguments: no plan
+            key = plan = None
+        if plan is not None:
+            return plan.run(x, packed_input, out, residual, output_bits)
     if x.dim() != 4:
         raise ValueError(f"binary_conv2d expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -394,7 +415,7 @@ def binary_conv2d(
     ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
-    epilogue = epilogue or Epilogue()
+    epilogue = epilogue or _NO_EPILOGUE
     out_channels = weights.out_channels
     if epilogue.mix is not None:
         if epilogue.mix.in_channels != weights.out_channels:
@@ -420,6 +441,8 @@ def binary_conv2d(
         raise ValueError("a 'meta' input (shape only) needs packed_input and the C kernels")
     if residual is not None:
         operand_channels = residual.shape[1] // 2 if residual_halves else residual.shape[1]
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device}, the input on {device}")
         if (residual.shape[0] != n or residual.shape[2:] != (oh, ow) or operand_channels == 0
                 or weights.out_channels % operand_channels or (residual_halves and residual.shape[1] % 2)):
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not fit the output "
@@ -450,7 +473,7 @@ def binary_conv2d(
     if use_c:
         return _conv_c(*args, num_threads=_num_threads(num_threads), packed_input=packed_input,
                        output_bits=output_bits, output_bits_bias=output_bits_bias, accumulate=accumulate,
-                       residual_halves=residual_halves)
+                       residual_halves=residual_halves, key=key)
     y = _conv_torch(*args, accumulate=accumulate)
     if output_bits is not None:
         output_bits.copy_(pack_activations_torch(y, output_bits_bias).reshape(output_bits.shape))
@@ -461,47 +484,51 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
             num_threads: int, packed_input: Optional[torch.Tensor] = None,
             output_bits: Optional[torch.Tensor] = None,
             output_bits_bias: Optional[torch.Tensor] = None,
-            accumulate: Optional[torch.Tensor] = None, residual_halves: bool = False) -> torch.Tensor:
+            accumulate: Optional[torch.Tensor] = None, residual_halves: bool = False,
+            key: Optional[tuple] = None) -> torch.Tensor:
     lib = _lib.library()
     if lib is None:
         raise RuntimeError("backend='c' requested but the compiled kernels are not available")
     n, c, h, w = x.shape
     words = n * h * w * weights.groups * math.ceil(c // weights.groups / 64)
     floats = floats_bias = None  # float input: the kernel binarizes it (x + input_bias >= 0) itself
+    # what the plan's key names by identity and its template by address, held alive with it
+    keep = [weights, weights.words, weights.tap_popcount, epilogue, epilogue.scale, epilogue.shift, input_bias,
+            output_bits_bias]
     if packed_input is not None:
         if packed_input.dtype != torch.int64 or packed_input.numel() != words or not packed_input.is_contiguous():
             raise ValueError(f"packed_input must be {words} contiguous int64 words for input {tuple(x.shape)}")
     else:
         floats = _flat_pixels(x)
         floats_bias = _vector(input_bias) if input_bias is not None else None
-    bits_ptr = bits_bias_ptr = None
+        if floats is not x or floats_bias is not input_bias:
+            key = None  # converted copies: a later call must convert its own
+    bits_bias_ptr = None
     if output_bits is not None:
         expected = n * out.shape[2] * out.shape[3] * math.ceil(weights.out_channels / 64)
         if output_bits.dtype != torch.int64 or output_bits.numel() != expected or not output_bits.is_contiguous():
             raise ValueError(f"output_bits must be {expected} contiguous int64 words")
-        bits_ptr = output_bits.data_ptr()
         if output_bits_bias is not None:
-            output_bits_bias = _vector(output_bits_bias)
-            if output_bits_bias.numel() != weights.out_channels:
-                raise ValueError(f"output_bits_bias has {output_bits_bias.numel()} values, expected "
+            bits_bias = _vector(output_bits_bias)
+            if bits_bias.numel() != weights.out_channels:
+                raise ValueError(f"output_bits_bias has {bits_bias.numel()} values, expected "
                                  f"{weights.out_channels}")
-            bits_bias_ptr = output_bits_bias.data_ptr()
-    kh, kw = weights.kernel_size
-    npos = 0
-    pos_ptr = None
+            if bits_bias is not output_bits_bias:
+                keep.append(bits_bias)
+                key = None
+            bits_bias_ptr = bits_bias.data_ptr()
     if positions is not None:
         positions = positions.to(torch.int64).contiguous()
-        npos = positions.numel()
-        pos_ptr = positions.data_ptr()
-        if npos == 0:
+        if positions.numel() == 0:
             return out
+    kh, kw = weights.kernel_size
     nops, codes, pointers = epilogue.c_arguments()
     mix = epilogue.mix
     tables = weights.dense_tables() if positions is None else None
-    status = lib.bz_conv(
-        packed_input.data_ptr() if packed_input is not None else None,
-        floats.data_ptr() if floats is not None else None,
-        *(floats.stride(0), floats.stride(1), floats.stride(3)) if floats is not None else (0, 0, 0),
+    keep += [tables, floats_bias] + ([mix.weight, mix.bias] if mix is not None else [])
+    template = (
+        None, None,  # _IN, _FLOATS: the call's packed words or floats
+        *((floats.stride(0), floats.stride(1), floats.stride(3)) if floats is not None else (0, 0, 0)),
         floats_bias.data_ptr() if floats_bias is not None else None,
         n, h, w, weights.groups, weights.in_channels_per_group,
         weights.words.data_ptr(), weights.tap_popcount.data_ptr(),
@@ -512,17 +539,83 @@ def _conv_c(x, weights, input_bias, stride, padding, dilation, pad_value, epilog
         epilogue.scale.data_ptr() if epilogue.scale is not None else None,
         epilogue.shift.data_ptr() if epilogue.shift is not None else None,
         nops, codes, pointers,
-        residual.data_ptr() if residual is not None else None,
+        None,  # _RESIDUAL
         (residual.shape[1] >> int(residual_halves)) if residual is not None else 0, int(residual_halves),
-        out.data_ptr(), pos_ptr, npos, accumulate.data_ptr() if accumulate is not None else None,
-        bits_ptr, bits_bias_ptr,
+        None, None, 0, None,  # _OUT, _POSITIONS, npos, _ACCUMULATE
+        None,  # _OUT_BITS
+        bits_bias_ptr,
         mix.weight.data_ptr() if mix is not None else None, mix.bias.data_ptr() if mix is not None else None,
         mix.out_channels if mix is not None else 0, int(mix.relu) if mix is not None else 0,
         num_threads,
     )
-    if status != 0:
-        raise RuntimeError(f"bz_conv rejected its arguments (status {status})")
-    return out
+    plan = _ConvPlan(lib.bz_conv, template, tuple(out.shape), tuple(keep))
+    if key is not None:
+        if len(weights.plans) >= MAX_PLANS:
+            weights.plans.clear()
+        weights.plans[key] = plan
+    return plan.run(floats, packed_input, out, residual, output_bits, positions, accumulate)
+
+
+# where bz_conv takes the tensors that change from call to call
+_IN, _FLOATS, _RESIDUAL, _OUT, _POSITIONS, _NPOS, _ACCUMULATE, _OUT_BITS = 0, 1, 33, 36, 37, 38, 39, 40
+MAX_PLANS = 8  # call plans kept per layer (a layer sees one or two input shapes in a video)
+
+
+@dataclass(eq=False)
+class _ConvPlan:
+    """A checked ``bz_conv`` argument list with the call's own tensors left out.
+
+    ``binary_conv2d`` checks and converts every argument on a layer's first call of a kind; the
+    plan keeps the result under a key of everything checked (shapes, dtypes, devices, layouts,
+    and the identities of the layer's constant tensors, which ``keep`` holds alive), so a later
+    dense call of that kind only allocates its output and calls the kernel.  Python's checks
+    would otherwise be 20-40% of a small layer's time.
+    """
+
+    call: object
+    template: tuple
+    out_shape: tuple
+    keep: tuple
+
+    def run(self, x, packed_input, out, residual, output_bits, positions=None, accumulate=None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.out_shape)
+        args = list(self.template)
+        if packed_input is not None:
+            args[_IN] = packed_input.data_ptr()
+        else:
+            args[_FLOATS] = x.data_ptr()
+        args[_OUT] = out.data_ptr()
+        if residual is not None:
+            args[_RESIDUAL] = residual.data_ptr()
+        if output_bits is not None:
+            args[_OUT_BITS] = output_bits.data_ptr()
+        if positions is not None:
+            args[_POSITIONS], args[_NPOS] = positions.data_ptr(), positions.numel()
+            if accumulate is not None:
+                args[_ACCUMULATE] = accumulate.data_ptr()
+        status = self.call(*args)
+        if status != 0:
+            raise RuntimeError(f"bz_conv rejected its arguments (status {status})")
+        return out
+
+
+def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
+
+
+def _plan_key(x, input_bias, stride, padding, dilation, pad_value, epilogue, out, num_threads, backend, residual,
+              packed_input, output_bits, output_bits_bias, residual_halves) -> Optional[tuple]:
+    """Everything a dense call's checks depend on (shapes, dtypes, devices, layouts, and the
+    identities of the layer's constant tensors), or None where a float32 contiguous residual is
+    not given as it is.  Unhashable arguments (padding as a list) fail the look-up instead."""
+    if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
+        return None
+    return (x.shape, x.dtype, x.device, x.stride() if packed_input is None else _tensor_key(packed_input),
+            out is not None and _tensor_key(out), residual is not None and (residual.shape, residual.device),
+            output_bits is not None and _tensor_key(output_bits), id(input_bias), id(epilogue),
+            id(output_bits_bias), stride, padding, dilation, pad_value, residual_halves,
+            num_threads or torch.get_num_threads(), backend, _lib.selections())
 
 
 def _conv_torch(x, weights, input_bias, stride, padding, dilation, pad_value, epilogue, positions,

@@ -289,7 +289,7 @@ class PackedConv2d:
             # non-zero padding modes pad the float input before binarization, like the simulation
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=self.padding_mode)
             padding = (0, 0)
-        y = binary_conv2d(x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
+        y = binary_conv2d(x if dtype == torch.float32 else x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
                           padding=padding, dilation=self.dilation, pad_value=self.pad_value,
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
                           backend=self.backend, zero_rest=zero_rest or positions is None,
@@ -301,7 +301,8 @@ class PackedConv2d:
                 y = y + self.bias.to(y.device).view(1, -1, 1, 1)
         if self.torch_post is not None:
             y = self.torch_post(y)
-        y = y if y.dtype == dtype else y.to(dtype)
+        if dtype != torch.float32:  # the kernels and the float post-ops give float32
+            y = y.to(dtype)
         return y.squeeze(0) if unbatched else y
 
 
