@@ -289,7 +289,8 @@ class PackedConv2d:
             # non-zero padding modes pad the float input before binarization, like the simulation
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=self.padding_mode)
             padding = (0, 0)
-        y = binary_conv2d(x if dtype == torch.float32 else x.float(), self.weights, input_bias=self.spec.bias, stride=self.stride,
+        floats = x if dtype == torch.float32 else x.float()  # (a no-op .float() is a dispatcher call)
+        y = binary_conv2d(floats, self.weights, input_bias=self.spec.bias, stride=self.stride,
                           padding=padding, dilation=self.dilation, pad_value=self.pad_value,
                           epilogue=self.epilogue, positions=positions, num_threads=self.num_threads,
                           backend=self.backend, zero_rest=zero_rest or positions is None,
