@@ -571,7 +571,7 @@ def test_fallback_warns_once_and_matches(monkeypatch):
 
 
 @needs_c
-def test_call_plans_read_each_call_s_own_tensors():
+def test_call_plans_read_the_tensors_of_each_call():
     """A dense call shaped like an earlier one reuses its checked arguments (a plan), yet reads the
     new call's data, residual, given output and packed words, and gives the torch backend's floats."""
     g = torch.Generator().manual_seed(11)
