@@ -607,13 +607,12 @@ def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
 def _plan_key(x, input_bias, stride, padding, dilation, pad_value, epilogue, out, num_threads, backend, residual,
               packed_input, output_bits, output_bits_bias, residual_halves) -> Optional[tuple]:
     """Everything a dense call's checks depend on (shapes, dtypes, devices, layouts, and the
-    identities of the layer's constant tensors), or None where a float32 contiguous residual is
-    not given as it is.  Unhashable arguments (padding as a list) fail the look-up instead."""
+    identities of the layer's constant tensors), or None when the residual would need converting
+    (not float32 and contiguous).  Unhashable arguments (padding as a list) fail the look-up instead."""
     if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
         return None
     return (x.shape, x.dtype, x.device, x.stride() if packed_input is None else _tensor_key(packed_input),
-            out is not None and _tensor_key(out), residual is not None and (residual.shape, residual.device),
-            output_bits is not None and _tensor_key(output_bits), id(input_bias), id(epilogue),
+            _tensor_key(out), _tensor_key(residual), _tensor_key(output_bits), id(input_bias), id(epilogue),
             id(output_bits_bias), stride, padding, dilation, pad_value, residual_halves,
             num_threads or torch.get_num_threads(), backend, _lib.selections())
 
