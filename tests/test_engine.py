@@ -608,6 +608,25 @@ def test_call_plans_read_the_tensors_of_each_call():
 
 
 @needs_c
+def test_a_grouped_conv_with_a_channel_mix_reuses_one_plan():
+    """A channel mix after a grouped conv runs as the conv without its mix, then the mix: the conv
+    part is the same epilogue object on every call, so it keeps a single plan."""
+    from binarize.engine.functional import ChannelMix
+
+    g = torch.Generator().manual_seed(5)
+    weights = pack_weights(torch.randn(6, 2, 3, 3, generator=g) >= 0, groups=2)
+    epilogue = Epilogue(scale=torch.rand(6, generator=g) + 0.5, ops=[("relu", None)],
+                        mix=ChannelMix(torch.randn(3, 6, generator=g), torch.randn(3, generator=g)))
+    assert epilogue.without_mix() is epilogue.without_mix()
+    for _ in range(4):
+        x = torch.randn(1, 4, 5, 6, generator=g)
+        expected = binary_conv2d(x, weights, padding=1, epilogue=epilogue, backend="torch")
+        assert torch.equal(binary_conv2d(x, weights, padding=1, epilogue=epilogue), expected)
+    assert len(weights.plans) == 1
+    assert copy.deepcopy(epilogue)._without_mix is None
+
+
+@needs_c
 def test_copies_of_packed_weights_build_their_own_plans():
     """Plans hold raw addresses of the weights' tensors, so neither a deep copy nor a pickle takes them."""
     import pickle

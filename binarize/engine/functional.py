@@ -209,6 +209,7 @@ class Epilogue:
         self.shift = _vector(self.shift)
         self.ops = [(name, _vector(arg)) for name, arg in self.ops]
         self._c_args = None
+        self._without_mix: Optional[Epilogue] = None
 
     def c_arguments(self) -> tuple:
         """ctypes arrays describing the ops (built once and cached)."""
@@ -252,12 +253,18 @@ class Epilogue:
         return y if self.mix is None else self.mix.apply_torch(y)
 
     def without_mix(self) -> Epilogue:
-        """The same epilogue up to its ops (no channel mix)."""
-        return self if self.mix is None else Epilogue(scale=self.scale, shift=self.shift, ops=list(self.ops))
+        """The same epilogue up to its ops (no channel mix); made once, so that calls through it
+        (grouped or sparse convs with a mix) reuse one object and its call plans."""
+        if self.mix is None:
+            return self
+        if self._without_mix is None:
+            self._without_mix = Epilogue(scale=self.scale, shift=self.shift, ops=list(self.ops))
+        return self._without_mix
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_c_args"] = None
+        state["_without_mix"] = None
         return state
 
     def __deepcopy__(self, memo: dict) -> Epilogue:
