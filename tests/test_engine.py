@@ -100,7 +100,7 @@ def test_kernels_match_exact_integer_dot_products(case):
 
 
 table_cases = st.fixed_dictionaries({
-    "cin": st.sampled_from([1, 3, 4, 5, 16, 35, 64, 67]),
+    "cin": st.sampled_from([1, 3, 4, 5, 16, 35, 64, 67, 130]),  # 67, 130: nibbles past the first word
     "cout": st.sampled_from([1, 8, 13, 16, 40]),
     "kernel": st.tuples(st.integers(1, 3), st.integers(1, 3)),
     "stride": st.tuples(st.integers(1, 2), st.integers(1, 3)),

@@ -1168,12 +1168,109 @@ BZ_CLONES static void plane_row_from_words(const conv_args *a, int64_t n, int64_
     }
 }
 
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+/* byte b of each of 32 words (r[i]: words 4i..4i+3) for b < NB, one vector per byte: the words in
+ * order (deal 0), or the even words' bytes in the low half and the odd words' in the high half
+ * (deal 1: the two column phases of a stride-2 conv).  A byte transpose: VPSHUFB pairs each word's
+ * bytes with its lane neighbour's (16-bit elements), three rounds of 16/32/64-bit unpacks gather
+ * byte b of all 16 pairs, and a final shuffle puts the pixels in order.  NB (2, 4 or 8) and deal are
+ * constants of each inlined copy, so the unpacks of bytes not needed are dropped. */
+__attribute__((target("avx2"), always_inline)) static inline void bytes_of_32_words(const __m256i r[8], const int NB,
+                                                                                      const int deal, __m256i v[8]) {
+    const __m256i pair = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                          0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    __m256i s[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) s[i] = _mm256_shuffle_epi8(r[i], pair);
+    for (int j = 0; j < 4; ++j) { /* t[2j]: bytes 0-3 of words of s[2j], s[2j+1]; t[2j+1]: bytes 4-7 */
+        t[2 * j] = _mm256_unpacklo_epi16(s[2 * j], s[2 * j + 1]);
+        t[2 * j + 1] = _mm256_unpackhi_epi16(s[2 * j], s[2 * j + 1]);
+    }
+    for (int h = 0; h < 2; ++h) { /* u[4h..]: bytes 4h, 4h+1 | 4h+2, 4h+3 of s0-3, then of s4-7 */
+        u[4 * h] = _mm256_unpacklo_epi32(t[h], t[2 + h]);
+        u[4 * h + 1] = _mm256_unpackhi_epi32(t[h], t[2 + h]);
+        u[4 * h + 2] = _mm256_unpacklo_epi32(t[4 + h], t[6 + h]);
+        u[4 * h + 3] = _mm256_unpackhi_epi32(t[4 + h], t[6 + h]);
+    }
+    /* byte b in lane 0: words (0, 1), (4, 5) .. (28, 29); lane 1: (2, 3), (6, 7) .. (30, 31) */
+    const __m256i order = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                           0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int b = 0; b < NB; ++b) {
+        const int q = (b >> 2) * 4 + ((b >> 1) & 1); /* u[q] and u[q + 2] hold byte b */
+        __m256i w = (b & 1) ? _mm256_unpackhi_epi64(u[q], u[q + 2]) : _mm256_unpacklo_epi64(u[q], u[q + 2]);
+        if (deal)
+            w = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xD8), pair);
+        else
+            w = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(w, 0xD8), order);
+        v[b] = w;
+    }
+}
+
+/* the nibble planes of one input row from its packed words, 32 pixels at a time by byte transposes
+ * (stride 1 or 2; plane_row_from_words does the same a word at a time and pair of nibbles at a time,
+ * which for narrow layers cost as much as a sixth of the conv), the last W % 32 pixels one by one */
+__attribute__((target("avx2"))) static void plane_row_from_words_avx2(const conv_args *a, int64_t n, int64_t ih,
+                                                                       uint8_t *restrict dst) {
+    const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
+    const int64_t NWG = a->NWG, W32 = W / 32 * 32;
+    const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int64_t g = 0; g * 16 < NK; ++g) {
+        const int64_t nk = NK - 16 * g < 16 ? NK - 16 * g : 16; /* nibbles of word g */
+        const int nb = (int)(nk + 1) / 2;
+        for (int64_t w0 = 0; w0 < W32; w0 += 32) {
+            __m256i r[8], v[8];
+            for (int i = 0; i < 8; ++i) {
+                const u64 *p = src + (w0 + 4 * i) * NWG + g;
+                r[i] = NWG == 1 ? _mm256_loadu_si256((const __m256i *)p)
+                                : _mm256_setr_epi64x((long long)p[0], (long long)p[NWG], (long long)p[2 * NWG],
+                                                     (long long)p[3 * NWG]);
+            }
+            const int deal = SW == 2;
+            if (nb <= 2)
+                deal ? bytes_of_32_words(r, 2, 1, v) : bytes_of_32_words(r, 2, 0, v);
+            else if (nb <= 4)
+                deal ? bytes_of_32_words(r, 4, 1, v) : bytes_of_32_words(r, 4, 0, v);
+            else
+                deal ? bytes_of_32_words(r, 8, 1, v) : bytes_of_32_words(r, 8, 0, v);
+            for (int b = 0; b < nb; ++b) {
+                const int64_t k = 16 * g + 2 * b;
+                const __m256i nib[2] = {_mm256_and_si256(v[b], low),
+                                        _mm256_and_si256(_mm256_srli_epi16(v[b], 4), low)};
+                for (int h = 0; h < 2 && k + h < NK; ++h) {
+                    uint8_t *plane = dst + (k + h) * k_stride;
+                    if (!deal) {
+                        _mm256_storeu_si256((__m256i *)(plane + w0 + PW), nib[h]);
+                    } else { /* even pixels w0 + 2j, then odd ones, to their phases' columns */
+                        const int64_t e = w0 + PW, o = w0 + 1 + PW;
+                        _mm_storeu_si128((__m128i *)(plane + (e & 1) * cols + e / 2), _mm256_castsi256_si128(nib[h]));
+                        _mm_storeu_si128((__m128i *)(plane + (o & 1) * cols + o / 2),
+                                         _mm256_extracti128_si256(nib[h], 1));
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t iw = W32; iw < W; ++iw)
+        for (int64_t k = 0; k < NK; ++k)
+            dst[k * k_stride + ((iw + PW) % SW) * cols + (iw + PW) / SW] =
+                (uint8_t)((src[iw * NWG + (k >> 4)] >> ((k & 15) * 4)) & 15);
+}
+#endif
+
 /* padded row r of image n's planes: the padding bytes, then the input row's nibbles (if r is one) */
 static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
     uint8_t *dst = a->planes + n * a->plane_image + r * a->plane_row;
     for (int64_t k = 0; k < a->NK; ++k) memset(dst + k * a->plane_k, pad_nibble(a, k), (size_t)a->plane_k);
     const int64_t ih = r - a->PH;
     if (ih < 0 || ih >= a->H) return;
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+    if (a->in && a->SW <= 2) { /* planes exist only with AVX2 */
+        plane_row_from_words_avx2(a, n, ih, dst);
+        return;
+    }
+#endif
     if (a->in)
         plane_row_from_words(a, n, ih, dst);
     else
