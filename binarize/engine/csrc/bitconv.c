@@ -1130,44 +1130,6 @@ static void plane_row_from_floats(const conv_args *a, int64_t n, int64_t ih, uin
     }
 }
 
-/* the same from the packed input words, two nibbles per pass: byte kb of a word holds nibbles 2kb and
- * 2kb + 1, so each word is narrowed once per pair (the fields in locals: the byte stores may alias
- * anything, so the compiler would reload them at every store) */
-BZ_CLONES static void plane_row_from_words(const conv_args *a, int64_t n, int64_t ih, uint8_t *restrict dst) {
-    const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
-    const int64_t NWG = a->NWG;
-    const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
-    for (int64_t k = 0; k < NK; k += 2) {
-        const u64 *restrict words = src + (k >> 4);
-        const int shift = (int)(k & 15) * 4;
-        const int pair = k + 1 < NK;
-        for (int64_t phase = 0; phase < SW; ++phase) {
-            /* input columns iw whose padded column iw + PW has this phase, and where they land */
-            const int64_t iw0 = ((phase - PW) % SW + SW) % SW;
-            uint8_t *restrict lo = dst + k * k_stride + phase * cols + (iw0 + PW) / SW;
-            uint8_t *restrict hi = lo + k_stride;
-            const int64_t count = iw0 < W ? (W - iw0 + SW - 1) / SW : 0;
-            const int64_t step = SW * NWG;
-            const u64 *restrict first = words + iw0 * NWG;
-            if (pair && step == 1) {
-                for (int64_t j = 0; j < count; ++j) {
-                    const uint8_t byte = (uint8_t)(first[j] >> shift);
-                    lo[j] = byte & 15;
-                    hi[j] = byte >> 4;
-                }
-            } else if (pair) {
-                for (int64_t j = 0; j < count; ++j) {
-                    const uint8_t byte = (uint8_t)(first[j * step] >> shift);
-                    lo[j] = byte & 15;
-                    hi[j] = byte >> 4;
-                }
-            } else {
-                for (int64_t j = 0; j < count; ++j) lo[j] = (uint8_t)((first[j * step] >> shift) & 15);
-            }
-        }
-    }
-}
-
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
 /* byte b of each of 32 words (r[i]: words 4i..4i+3) for b < NB, one vector per byte: the words in
  * order (deal 0), or the even words' bytes in the low half and the odd words' in the high half
@@ -1207,13 +1169,14 @@ __attribute__((target("avx2"), always_inline)) static inline void bytes_of_32_wo
     }
 }
 
-/* the nibble planes of one input row from its packed words, 32 pixels at a time by byte transposes
- * (stride 1 or 2; plane_row_from_words does the same a word at a time and pair of nibbles at a time,
- * which for narrow layers cost as much as a sixth of the conv), the last W % 32 pixels one by one */
-__attribute__((target("avx2"))) static void plane_row_from_words_avx2(const conv_args *a, int64_t n, int64_t ih,
-                                                                       uint8_t *restrict dst) {
+/* the nibble planes of one input row from its packed words (byte b of a word holds nibbles 2b and
+ * 2b + 1), 32 pixels at a time by byte transposes when the stride is 1 or 2 (a word and a nibble
+ * pair at a time, this had cost narrow layers up to a sixth of the conv); the last W % 32 pixels,
+ * and the rows of wider strides, one byte at a time */
+__attribute__((target("avx2"))) static void plane_row_from_words(const conv_args *a, int64_t n, int64_t ih,
+                                                                  uint8_t *restrict dst) {
     const int64_t NK = a->NK, k_stride = a->plane_k, SW = a->SW, cols = a->plane_cols, W = a->W, PW = a->PW;
-    const int64_t NWG = a->NWG, W32 = W / 32 * 32;
+    const int64_t NWG = a->NWG, W32 = SW <= 2 ? W / 32 * 32 : 0;
     const u64 *restrict src = a->in + (n * a->H + ih) * W * NWG;
     const __m256i low = _mm256_set1_epi8(15);
     for (int64_t g = 0; g * 16 < NK; ++g) {
@@ -1266,15 +1229,12 @@ static void nibble_plane_row(const conv_args *a, int64_t n, int64_t r) {
     const int64_t ih = r - a->PH;
     if (ih < 0 || ih >= a->H) return;
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
-    if (a->in && a->SW <= 2) { /* planes exist only with AVX2 */
-        plane_row_from_words_avx2(a, n, ih, dst);
+    if (a->in) { /* planes exist only with AVX2 */
+        plane_row_from_words(a, n, ih, dst);
         return;
     }
 #endif
-    if (a->in)
-        plane_row_from_words(a, n, ih, dst);
-    else
-        plane_row_from_floats(a, n, ih, dst);
+    plane_row_from_floats(a, n, ih, dst);
 }
 
 /* taps of a kernel along one axis that fall inside the input at output position o */
