@@ -107,8 +107,9 @@ table_cases = st.fixed_dictionaries({
     "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
     "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
     "pad_value": st.sampled_from([0.0, 0.0, 1.0, -1.0]),
-    # widths past 32 and 64: tiles of several (and unpaired) 32-pixel vectors, rows split over tiles
-    "size": st.tuples(st.integers(1, 3), st.integers(3, 13), st.integers(3, 100)),
+    # widths past 32, 64 and 128: tiles of several (and unpaired) 32-pixel vectors, rows split over
+    # tiles, the 128-pixel tiles of maps at least 128 wide
+    "size": st.tuples(st.integers(1, 3), st.integers(3, 13), st.integers(3, 140)),
     "channels_last": st.booleans(),
     "nonfinite": st.booleans(),  # +-inf and NaN inputs: sign(NaN) is -1 (bit 0) in every path
     "selectors": st.booleans(),  # the shared tables (large layers) instead of the layer's own

@@ -127,9 +127,10 @@ def _chain(seed: int = 3) -> nn.Sequential:
                                      ElasticShortcutBlock(64, 32, 1)), seed)
 
 
-def test_blocks_hand_packed_outputs_to_the_next_block():
+@pytest.mark.parametrize("size", [(17, 15), (5, 262)])  # 262: maps 131 wide, tiles of 128 pixels
+def test_blocks_hand_packed_outputs_to_the_next_block(size):
     model = _chain()
-    x = torch.randn(1, 32, 17, 15)
+    x = torch.randn(1, 32, *size)
     with torch.no_grad():
         expected = model(x)
         deployed = deploy(model)

@@ -50,7 +50,8 @@ typedef uint64_t u64;
 #define OB 8   /* output channels interleaved in the packed weights */
 #define PB 4   /* pixels per micro-kernel call (5 for the hybrid AVX2 + POPCNT kernel) */
 #define PB_MAX 5
-#define TP 64  /* pixels per tile (one im2col buffer) */
+#define PACK_PIXELS 64 /* pixels per pack_rows call (its per-pixel buffers) */
+#define TP 128 /* most pixels per tile (one im2col buffer); wide maps use all, others half */
 
 /* epilogue ops applied after y = dot * scale[o] + shift[o] */
 /* BZ_OP_RESIDUAL adds a float map (the conv's residual operand) element by element */
@@ -133,11 +134,11 @@ static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 #define BZ_CLONES
 #endif
 
-/* one 64-channel word for np <= 64 pixels, channel c read from rows[c][i * sp]: 32-bit halves so
- * the compare vectorises per lane */
+/* one 64-channel word for np <= PACK_PIXELS pixels, channel c read from rows[c][i * sp]: 32-bit
+ * halves so the compare vectorises per lane */
 BZ_CLONES static void pack_rows(const float *const *rows, int64_t sp, int64_t nc, int64_t np, const float *bias,
                                 u64 *dst, int64_t dst_stride) {
-    uint32_t lo[64], hi[64];
+    uint32_t lo[PACK_PIXELS], hi[PACK_PIXELS];
     for (int64_t i = 0; i < np; ++i) lo[i] = hi[i] = 0;
     for (int64_t c = 0; c < nc; ++c) {
         const float *row = rows[c];
@@ -170,7 +171,7 @@ BZ_EXPORT void bz_pack(const float *x, int64_t N, int64_t C, int64_t P, int64_t 
     const int64_t CG = C / G;
     const int64_t NWG = (CG + 63) / 64;
     const int64_t row_words = G * NWG;
-    const int64_t PBLK = 64;
+    const int64_t PBLK = PACK_PIXELS;
     const int64_t nblk = (P + PBLK - 1) / PBLK;
     int64_t job;
     /* threads only pay off above ~100 us of work: waking a pool costs more on a busy machine */
@@ -1412,11 +1413,13 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
         mix_tile(a, buf->mixin, np, a->out + n * a->mix_out * OHW + p0, OHW);
     if (a->out_bits && !idx) { /* the tile's outputs of every channel are done (G == 1): pack them */
         const int64_t nwo = (a->O + 63) / 64;
-        for (int64_t j = 0; j < nwo; ++j) {
-            const int64_t c0 = 64 * j, nc = (a->O - c0) < 64 ? (a->O - c0) : 64;
-            pack_block(a->out + (n * a->O + c0) * OHW + p0, OHW, 1, nc, np, a->out_bias ? a->out_bias + c0 : NULL,
-                       a->out_bits + (n * OHW + p0) * nwo + j, nwo);
-        }
+        for (int i0 = 0; i0 < np; i0 += PACK_PIXELS) /* a tile may hold more pixels than one pack call */
+            for (int64_t j = 0; j < nwo; ++j) {
+                const int64_t c0 = 64 * j, nc = (a->O - c0) < 64 ? (a->O - c0) : 64;
+                const int64_t p = p0 + i0, count = np - i0 < PACK_PIXELS ? np - i0 : PACK_PIXELS;
+                pack_block(a->out + (n * a->O + c0) * OHW + p, OHW, 1, nc, count,
+                           a->out_bias ? a->out_bias + c0 : NULL, a->out_bits + (n * OHW + p) * nwo + j, nwo);
+            }
     }
 }
 
@@ -1430,16 +1433,19 @@ static void conv_run(const conv_args *a, int nthreads) {
     const int64_t npix = a->positions ? a->npos : a->N * OHW;
     const double work = (double)npix * (double)a->G * (double)a->OGP * (double)(a->LW + 2);
     const int parallel = nthreads > 1 && work >= BZ_CONV_PARALLEL_MIN;
-    /* tiles of TP pixels, or smaller ones (multiples of 8) when there would be too few to keep
-     * every thread busy to the end: small maps with many channels (a 576-pixel map is 9 tiles,
-     * so one of two threads would wait for a whole tile's work) */
-    int64_t tp = TP;
-    if (parallel && (npix + TP - 1) / TP < 8 * (int64_t)nthreads) {
+    /* TP pixels per tile on dense maps at least TP wide (fewer, longer tiles: fewer set-ups and
+     * prefetch rounds per output row), TP / 2 elsewhere (on 64x36 and smaller maps the longer tiles
+     * measured slower); smaller ones (multiples of 8) when there would be too few to keep every
+     * thread busy to the end: small maps with many channels (a 576-pixel map is 9 tiles, so one of
+     * two threads would wait for a whole tile's work) */
+    const int64_t tile = !a->positions && a->OW >= TP ? TP : TP / 2;
+    int64_t tp = tile;
+    if (parallel && (npix + tile - 1) / tile < 8 * (int64_t)nthreads) {
         const int64_t step = a->planes ? 32 : 8; /* the table kernel counts vectors of 32 outputs */
         tp = (npix + 8 * nthreads - 1) / (8 * nthreads);
         tp = (tp + step - 1) / step * step;
         if (tp < step) tp = step;
-        if (tp > TP) tp = TP;
+        if (tp > tile) tp = tile;
     }
     /* dense: tiles never cross an image, so each output row segment is contiguous */
     const int64_t tiles_per_image = (OHW + tp - 1) / tp;
@@ -1790,8 +1796,8 @@ static int concat_pack_run(const float *low, int64_t N, int64_t CL, int64_t h, i
                 for (int k = 0; k < nparts; ++k)
                     for (int64_t j = 0; j < part_channels[k]; ++j, ++c)
                         rows[c] = parts[k] + ((n * part_channels[k] + j) * OH + oh) * OW;
-                for (int64_t p0 = 0; p0 < OW; p0 += 64) {
-                    const int64_t np = (OW - p0) < 64 ? (OW - p0) : 64;
+                for (int64_t p0 = 0; p0 < OW; p0 += PACK_PIXELS) {
+                    const int64_t np = (OW - p0) < PACK_PIXELS ? (OW - p0) : PACK_PIXELS;
                     const float *block[64];
                     for (int64_t wd = 0; wd < NW; ++wd) {
                         const int64_t c0 = 64 * wd, nc = (C - c0) < 64 ? (C - c0) : 64;
