@@ -611,14 +611,12 @@ static const uint8_t bz_xor_popcount[256] __attribute__((aligned(64))) = {
 /* the first count (<= 32) pixels of one vector's 16-bit sums (lanes: pixels 0-7,16-23 | 8-15,24-31)
  * as int32 in pixel order */
 __attribute__((target("avx2"))) static void nibble_store(const __m256i wide[2], int32_t *dst, int count) {
-    const __m256i first = _mm256_permute2x128_si256(wide[0], wide[1], 0x20);  /* pixels 0-15 */
-    const __m256i second = _mm256_permute2x128_si256(wide[0], wide[1], 0x31); /* pixels 16-31 */
     int32_t tmp[32];
     int32_t *out = count == 32 ? dst : tmp;
-    _mm256_storeu_si256((__m256i *)out, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(first)));
-    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(first, 1)));
-    _mm256_storeu_si256((__m256i *)(out + 16), _mm256_cvtepu16_epi32(_mm256_castsi256_si128(second)));
-    _mm256_storeu_si256((__m256i *)(out + 24), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(second, 1)));
+    _mm256_storeu_si256((__m256i *)out, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(wide[0])));
+    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_cvtepu16_epi32(_mm256_castsi256_si128(wide[1])));
+    _mm256_storeu_si256((__m256i *)(out + 16), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(wide[0], 1)));
+    _mm256_storeu_si256((__m256i *)(out + 24), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(wide[1], 1)));
     if (out == tmp) memcpy(dst, tmp, sizeof(int32_t) * (size_t)count);
 }
 
@@ -1035,6 +1033,10 @@ typedef struct {
     float r[TP]; /* residual operand row: gathered (listed positions) or the mean of two halves */
     float wgt[TP]; /* gathered accumulation weights (listed positions with acc_weight) */
     int64_t image[TP], pixel[TP]; /* listed positions split into (sample, pixel) once per tile */
+    /* the table kernel's vectors of up to 32 neighbouring outputs of one row: plane address of the
+     * first, tile index of the first, count (once per tile, shared by its output blocks) */
+    const uint8_t *vec_plane[TP];
+    int vec_start[TP], vec_count[TP], nvec;
     float *mixin; /* [O][TP] epilogue outputs awaiting the channel mix (mix_w only) */
 } tile_buffers;
 
@@ -1248,23 +1250,35 @@ static int32_t valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dilati
     return count;
 }
 
-#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
-/* popcounts of output block ob (OB == 8 channels) at the np pixels p0.. of image n, by table
- * look-up: the tile is cut into vectors of up to 32 neighbouring outputs of one row, counted two by
- * two (4 outputs at a time), an odd last one alone (8 outputs at a time) */
-static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np, int64_t ob, int32_t *P) {
-    const uint8_t *base[TP];
-    int start[TP], count[TP], nv = 0;
-    for (int i = 0; i < np;) {
-        const int64_t p = p0 + i, oh = p / a->OW, ow = p % a->OW;
+/* the vectors of up to 32 neighbouring outputs of one row that tile pixels p0.. (np of them) of
+ * image n fall into, with the planes' address of each vector's first output */
+static void table_vectors(const conv_args *a, int64_t n, int64_t p0, int np, tile_buffers *buf) {
+    int64_t oh = p0 / a->OW, ow = p0 % a->OW;
+    int nv = 0;
+    for (int i = 0; i < np; ++nv) {
         int len = (int)(a->OW - ow);
         if (len > 32) len = 32;
         if (len > np - i) len = np - i;
-        base[nv] = a->planes + n * a->plane_image + oh * a->SH * a->plane_row + ow;
-        start[nv] = i;
-        count[nv++] = len;
+        buf->vec_plane[nv] = a->planes + n * a->plane_image + oh * a->SH * a->plane_row + ow;
+        buf->vec_start[nv] = i;
+        buf->vec_count[nv] = len;
         i += len;
+        ow += len;
+        if (ow == a->OW) {
+            ow = 0;
+            ++oh;
+        }
     }
+    buf->nvec = nv;
+}
+
+#if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
+/* popcounts of output block ob (OB == 8 channels) over the tile's vectors (table_vectors), by
+ * table look-up: two vectors at a time (4 outputs at a time), an odd last one alone (8 outputs) */
+static void nibble_tile_counts(const conv_args *a, const tile_buffers *buf, int64_t ob, int32_t *P) {
+    const uint8_t *const *base = buf->vec_plane;
+    const int *start = buf->vec_start, *count = buf->vec_count;
+    const int nv = buf->nvec;
     const int shared = a->shared_tables;
     const int64_t taps = a->KH * a->KW, table_block = taps * a->NK * (shared ? 4 : 64); /* 4 outputs */
     const uint8_t *tables = a->tables + ob * 2 * table_block; /* outputs 0-3 of the block, then 4-7 */
@@ -1280,8 +1294,8 @@ static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np
                                                                  count[v]);
 }
 #else
-static void nibble_tile_counts(const conv_args *a, int64_t n, int64_t p0, int np, int64_t ob, int32_t *P) {
-    (void)a; (void)n; (void)p0; (void)np; (void)ob; (void)P; /* never called: the planes need AVX2 */
+static void nibble_tile_counts(const conv_args *a, const tile_buffers *buf, int64_t ob, int32_t *P) {
+    (void)a; (void)buf; (void)ob; (void)P; /* never called: the planes need AVX2 */
 }
 #endif
 
@@ -1322,6 +1336,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     int nborder = 0;
     if (a->planes && !idx) { /* table look-ups: padded taps look up 0, the base counts the valid ones */
         table_base(a, p0, np, buf->base);
+        table_vectors(a, n, p0, np, buf);
     } else if (direct) {
         A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
         lda = row_words;
@@ -1354,7 +1369,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
                                 * ask for them now so they arrive while the popcounts run */
             prefetch_rows(a, g, n, p0, np, ob);
         if (a->planes && !idx) {
-            nibble_tile_counts(a, n, p0, np, ob, buf->P);
+            nibble_tile_counts(a, buf, ob, buf->P);
         } else if (word_kernel) {
             word_kernel(A, lda, np, Wb, buf->P, TP);
         } else {
