@@ -26,6 +26,7 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -311,7 +312,9 @@ def _shape_hint(model: nn.Module, inputs: Tuple[Any, ...]) -> str:
 
 def _run_fvcore(wrapper: _Call, inputs: Tuple[Any, ...]) -> Tuple[Any, Optional[torch._C.Graph]]:
     """Run fvcore's analysis; also return the traced graph (None if it could not be captured)."""
-    from fvcore.nn import FlopCountAnalysis, jit_analysis
+    with warnings.catch_warnings():  # fvcore.nn scripts its focal loss on import: torch warns of that
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis, jit_analysis
 
     analysis = FlopCountAnalysis(wrapper, wrapper.tensors())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

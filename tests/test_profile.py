@@ -405,3 +405,16 @@ def test_ops_inside_binarizers_are_reported_apart() -> None:
     report = profile(layer, x)
     assert report.binarizer_flops == x.numel()
     assert report.flops == 0 and report.bops == 2 * 6 * 4 * 9 * 25
+
+
+def test_profiling_shows_no_deprecation_warning_from_fvcore_import():
+    """fvcore.nn scripts a loss on import, which torch deprecates; a profile (a fresh process, so
+    fvcore is imported by it) raises no FutureWarning even with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom binarize.profile import profile\n"
+            "profile(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8))\n")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
