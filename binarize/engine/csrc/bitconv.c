@@ -1250,30 +1250,8 @@ static int32_t valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dilati
     return count;
 }
 
-/* the vectors of up to 32 neighbouring outputs of one row that tile pixels p0.. (np of them) of
- * image n fall into, with the planes' address of each vector's first output */
-static void table_vectors(const conv_args *a, int64_t n, int64_t p0, int np, tile_buffers *buf) {
-    int64_t oh = p0 / a->OW, ow = p0 % a->OW;
-    int nv = 0;
-    for (int i = 0; i < np; ++nv) {
-        int len = (int)(a->OW - ow);
-        if (len > 32) len = 32;
-        if (len > np - i) len = np - i;
-        buf->vec_plane[nv] = a->planes + n * a->plane_image + oh * a->SH * a->plane_row + ow;
-        buf->vec_start[nv] = i;
-        buf->vec_count[nv] = len;
-        i += len;
-        ow += len;
-        if (ow == a->OW) {
-            ow = 0;
-            ++oh;
-        }
-    }
-    buf->nvec = nv;
-}
-
 #if defined(BZ_X86) && (defined(__GNUC__) || defined(__clang__))
-/* popcounts of output block ob (OB == 8 channels) over the tile's vectors (table_vectors), by
+/* popcounts of output block ob (OB == 8 channels) over the tile's vectors (table_tile), by
  * table look-up: two vectors at a time (4 outputs at a time), an odd last one alone (8 outputs) */
 static void nibble_tile_counts(const conv_args *a, const tile_buffers *buf, int64_t ob, int32_t *P) {
     const uint8_t *const *base = buf->vec_plane;
@@ -1299,13 +1277,17 @@ static void nibble_tile_counts(const conv_args *a, const tile_buffers *buf, int6
 }
 #endif
 
-/* the epilogue base of the table kernel at pixels p0.. (np of them): valid taps x channels, one row
- * segment at a time (locals: the stores could alias the fields for the compiler) */
-BZ_CLONES static void table_base(const conv_args *a, int64_t p0, int np, int32_t *restrict base) {
+/* the table kernel's view of tile pixels p0.. (np of them) of image n, one output row segment at a
+ * time: the epilogue base (valid taps x channels) of each pixel, and the vectors of up to 32
+ * neighbouring outputs of one row with the planes' address of each vector's first output (listed
+ * once per tile, shared by its output blocks; locals: the stores could alias the fields) */
+BZ_CLONES static void table_tile(const conv_args *a, int64_t n, int64_t p0, int np, tile_buffers *buf) {
     const int32_t *restrict valid_rows = a->valid_rows, *restrict valid_cols = a->valid_cols;
+    int32_t *restrict base = buf->base;
     const int64_t OW = a->OW;
     const int32_t CG = (int32_t)a->CG;
     int64_t oh = p0 / OW, ow = p0 % OW;
+    int nv = 0;
     for (int i = 0; i < np; ++oh, ow = 0) {
         const int32_t row_taps = valid_rows[oh] * CG;
         const int len = (int)(OW - ow < np - i ? OW - ow : np - i);
@@ -1319,8 +1301,15 @@ BZ_CLONES static void table_base(const conv_args *a, int64_t p0, int np, int32_t
         }
 #endif
         for (; j < len; ++j) base[i + j] = row_taps * valid_cols[ow + j];
+        const uint8_t *row = a->planes + n * a->plane_image + oh * a->SH * a->plane_row + ow;
+        for (j = 0; j < len; j += 32, ++nv) {
+            buf->vec_plane[nv] = row + j;
+            buf->vec_start[nv] = i + j;
+            buf->vec_count[nv] = len - j < 32 ? len - j : 32;
+        }
         i += len;
     }
+    buf->nvec = nv;
 }
 
 /* one tile of np pixels of group g: dense (idx == NULL: pixels p0.. of image n) or listed */
@@ -1335,8 +1324,7 @@ static void conv_tile(const conv_args *a, microkernel_fn mk, word_kernel_fn word
     int64_t lda = a->LW;
     int nborder = 0;
     if (a->planes && !idx) { /* table look-ups: padded taps look up 0, the base counts the valid ones */
-        table_base(a, p0, np, buf->base);
-        table_vectors(a, n, p0, np, buf);
+        table_tile(a, n, p0, np, buf);
     } else if (direct) {
         A = a->in + (n * OHW + p0) * row_words + g * a->NWG;
         lda = row_words;
