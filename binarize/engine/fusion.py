@@ -116,8 +116,12 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _traced_sites(container: nn.Module) -> Optional[List[_Site]]:
-    """Call sites of a container's children from an fx trace, or None when it cannot be traced."""
+def _traced_sites(container: nn.Module, free: Optional[set] = None) -> Optional[List[_Site]]:
+    """Call sites of a container's children from an fx trace, or None when it cannot be traced.
+
+    ``free`` (ids of modules still free to fuse): a module this forward calls at several sites, or
+    a descendant it calls directly (``self.block.relu(x)``, so that module also runs outside its own
+    parent's data flow), is removed from it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -128,25 +132,36 @@ def _traced_sites(container: nn.Module) -> Optional[List[_Site]]:
     sites: Dict[torch.fx.Node, _Site] = {}
     calls: Dict[str, int] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or node.target not in children:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    if free is not None:
+        for target, count in calls.items():
+            if count > 1 or target not in children:
+                try:
+                    free.discard(id(container.get_submodule(target)))
+                except AttributeError:
+                    pass
+    for node in graph.nodes:
+        # a child called at several sites (torchvision's ``self.relu`` in BasicBlock/Bottleneck) is
+        # shared between data flows: it gets no site at all, so no neighbour sees it as its single
+        # consumer or producer (its users and inputs read "other") and it is never fused
+        if node.op != "call_module" or node.target not in children or calls[node.target] != 1:
             continue
-        calls[node.target] = calls.get(node.target, 0) + 1
         site = _Site(node.target, children[node.target])
         if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], torch.fx.Node):
             site.input = sites.get(node.args[0])
         sites[node] = site
     for node, site in sites.items():
         site.users = [sites.get(user, "other") for user in node.users]
-    # a child called twice is shared between two data flows: never fuse it
-    return [site for site in sites.values() if calls[site.name] == 1]
+    return list(sites.values())
 
 
-def _container_sites(container: nn.Module) -> Optional[List[_Site]]:
+def _container_sites(container: nn.Module, free: Optional[set] = None) -> Optional[List[_Site]]:
     if isinstance(container, nn.Sequential) and (
         type(container).forward is nn.Sequential.forward or isinstance(container, MaskedBranch)
     ):
         return _sequential_sites(container)
-    return _traced_sites(container)
+    return _traced_sites(container, free)
 
 
 def _fusable_head(site: _Site, single_use: set) -> Optional[_Site]:
@@ -862,7 +877,7 @@ def deploy_modules(model: nn.Module, *, fuse: bool = True, sparse: bool = True,
             if not any(isinstance(child, nn.Conv2d) for child in children) and \
                     sum(type(child) in _CHAINABLE for child in children) < 2:
                 continue
-            sites = _container_sites(container)
+            sites = _container_sites(container, single_use)
             if sites is None:
                 continue
             prefix = f"{container_name}." if container_name else ""
