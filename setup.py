@@ -7,13 +7,21 @@ used when the compiler accepts it.  Build in place for development with
 """
 from __future__ import annotations
 
+import glob
 import os
+import sys
 import tempfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["binarize/engine/csrc/bitconv.c"]
+KERNEL_DIR = "binarize/engine/csrc"
+# one kernel family per file (see the file map in bitconv.h), all compiled into one library
+KERNEL_SOURCES = sorted(glob.glob(f"{KERNEL_DIR}/*.c"))
+KERNEL_HEADERS = sorted(glob.glob(f"{KERNEL_DIR}/*.h"))
+# the library's interface: everything else stays local to it (GCC exports the resolvers of
+# target_clones functions shared between files even with -fvisibility=hidden)
+EXPORTS_SCRIPT = "{\n  global: bz_*; PyInit__bitconv;\n  local: *;\n};\n"
 
 
 def _compiler_accepts(compiler, flags: list[str]) -> bool:
@@ -42,9 +50,16 @@ class BuildKernels(build_ext):
             openmp = ["-fopenmp"]
             link_openmp = ["-fopenmp"]
         use_openmp = os.environ.get("BINARIZE_NO_OPENMP") != "1" and _compiler_accepts(self.compiler, openmp)
+        link = list(link_openmp if use_openmp else [])
+        if self.compiler.compiler_type == "unix" and sys.platform.startswith("linux"):
+            os.makedirs(self.build_temp, exist_ok=True)
+            script = os.path.join(self.build_temp, "bitconv.map")
+            with open(script, "w") as handle:
+                handle.write(EXPORTS_SCRIPT)
+            link.append(f"-Wl,--version-script={script}")
         for ext in self.extensions:
             ext.extra_compile_args = base + (openmp if use_openmp else [])
-            ext.extra_link_args = link_openmp if use_openmp else []
+            ext.extra_link_args = link
         super().build_extensions()
 
 
@@ -53,6 +68,7 @@ setup(
         Extension(
             "binarize.engine._bitconv",
             sources=KERNEL_SOURCES,
+            depends=KERNEL_HEADERS,
             define_macros=[("BZ_PYTHON_MODULE", "1")],
             optional=True,
         )

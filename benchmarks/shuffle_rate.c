@@ -41,7 +41,7 @@ __attribute__((noinline)) static void pairs_in_registers(long n) {
                        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 
-/* the kernel's inner step (engine/csrc/bitconv.c, nibble_counts): 2 index vectors loaded, 4 tables
+/* the kernel's inner step (engine/csrc/table.c, nibble_counts): 2 index vectors loaded, 4 tables
  * broadcast from memory, 8 pairs; everything in L1 */
 __attribute__((noinline)) static void kernel_step(long n, const unsigned char *data) {
     __asm__ volatile("1:\n\t"
