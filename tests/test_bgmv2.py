@@ -1,0 +1,225 @@
+"""BGMv2 (bgmv2_*): parity with the official outputs in every refine mode, the key map, the base
+network, the sparse refiner's equivalence with the dense one, and the call contract.
+
+``fixtures/bgmv2_parity_seed1.npz`` is ``bgmv2_parity_seed1.npz`` from the shared reference
+(PeterL1n/BackgroundMattingV2 @ a8e82df, CPU float32, ``make_state_dict(manifest, seed=1)`` loaded
+strictly, eval) with three things taken out to keep it small: ``src`` and ``bgr`` (two
+``torch.rand(2, 3, 128, 160)`` draws from ``torch.Generator().manual_seed(1)``, rebuilt here),
+and the sampling/thresholding ``pha_sm``, ``fgr_sm``, ``err_sm`` (identical to the full-mode ones;
+checked when the fixture was made). Keys ending ``_s2`` / ``_s8`` hold ``x[..., ::2, ::2]`` /
+``x[..., ::8, ::8]``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from official_weights import make_state_dict
+
+from binarize.models import create_model, list_models
+from binarize.models.bgmv2 import MattingBase, MattingRefine
+from binarize.models.checkpoint import check_state_dict, load_official
+
+BACKBONES = ["mobilenetv2", "resnet50"]
+MODES = ["full", "sampling", "thresholding"]
+REFINE_OUTPUTS = ["pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"]
+BASE_OUTPUTS = ["pha", "fgr", "err", "hid"]
+STRIDES = {"fgr": 2, "err": 2, "hid": 8}
+
+
+def _manifest(backbone):
+    from conftest import FIXTURES
+
+    return json.loads((FIXTURES / f"bgmv2_{backbone}_state_dict.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from conftest import FIXTURES
+
+    data = dict(np.load(FIXTURES / "bgmv2_parity_seed1.npz"))
+    g = torch.Generator().manual_seed(1)
+    data["src"] = torch.rand(2, 3, 128, 160, generator=g)
+    data["bgr"] = torch.rand(2, 3, 128, 160, generator=g)
+    return data
+
+
+def _expected(data, backbone, mode, name):
+    """(key, array) of the official output ``name``; sm outputs are stored once (full mode)."""
+    if mode != "base" and name in ("pha_sm", "fgr_sm", "err_sm"):
+        mode = "full"
+    prefix = f"{backbone}_{mode}_{name}"
+    for key, stride in ((prefix, 1), (f"{prefix}_s2", 2), (f"{prefix}_s8", 8)):
+        if key in data:
+            return key, stride, torch.from_numpy(data[key])
+    raise KeyError(prefix)
+
+
+def _official(backbone, **kwargs):
+    model = create_model(f"bgmv2_{backbone}", **kwargs).eval()
+    state = make_state_dict(_manifest(backbone), seed=1)
+    if kwargs.get("refine") is False:
+        state = {k: v for k, v in state.items() if not k.startswith("refiner.")}
+    load_official(model, state)
+    return model
+
+
+def _assert_close(outputs, names, data, backbone, mode):
+    for name, value in zip(names, outputs):
+        key, stride, expected = _expected(data, backbone, mode, name)
+        value = value[..., ::stride, ::stride]
+        assert value.shape == expected.shape, key
+        assert (value - expected).abs().max().item() <= 1e-4, key
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_parity_with_official_outputs_in_every_mode(backbone, reference):
+    data = reference
+    model = _official(backbone, backbone_scale=float(data["backbone_scale"]),
+                      refine_sample_pixels=int(data["refine_sample_pixels"]),
+                      refine_threshold=float(data["refine_threshold"]))
+    for mode in MODES:
+        model.refiner.mode = mode
+        with torch.no_grad():
+            outputs = model(data["src"], data["bgr"])
+        assert len(outputs) == 6
+        _assert_close(outputs, REFINE_OUTPUTS, data, backbone, mode)
+        assert model.refiner.mask_density == pytest.approx(float(outputs[5].mean()))
+    # the base network alone (official MattingBase at full resolution), two ways
+    base = _official(backbone, refine=False)
+    assert isinstance(base, MattingBase) and not isinstance(base, MattingRefine)
+    with torch.no_grad():
+        _assert_close(base(data["src"], data["bgr"]), BASE_OUTPUTS, data, backbone, "base")
+        _assert_close(model.base(data["src"], data["bgr"]), BASE_OUTPUTS, data, backbone, "base")
+
+
+def test_selection_counts_match_the_reference(reference):
+    # thresholding selects 450/439 (mobilenetv2) and 434/436 (resnet50) of 1280 cells; sampling 125
+    for backbone, counts in (("mobilenetv2", [450, 439]), ("resnet50", [434, 436])):
+        ref = reference[f"{backbone}_thresholding_ref_sm"]
+        assert ref.reshape(2, -1).sum(1).tolist() == counts
+        assert reference[f"{backbone}_sampling_ref_sm"].reshape(2, -1).sum(1).tolist() == [125, 125]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_key_map_consumes_every_official_key(backbone):
+    model = create_model(f"bgmv2_{backbone}")
+    official = make_state_dict(_manifest(backbone), seed=3)
+    mapped = model.map_official_state_dict(official)
+    assert len(mapped) == len(official)
+    assert set(mapped) == set(model.state_dict())
+    check_state_dict(model, mapped, "seed 3")
+    pairs = {"aspp.project.0.weight": "aspp.project.0.weight", "refiner.conv4.bias": "refiner.conv4.bias"}
+    if backbone == "mobilenetv2":
+        pairs.update({
+            "backbone.features.0.0.weight": "backbone.body.conv_stem.weight",
+            "backbone.features.1.conv.1.weight": "backbone.body.blocks.0.0.conv_pw.weight",
+            "backbone.features.14.conv.1.0.weight": "backbone.body.blocks.5.0.conv_dw.weight",
+            "backbone.features.17.conv.3.running_var": "backbone.body.blocks.6.0.bn3.running_var",
+        })
+    else:
+        pairs.update({"backbone.layer4.2.conv2.weight": "backbone.body.layer4.2.conv2.weight"})
+    for theirs, ours in pairs.items():
+        assert torch.equal(mapped[ours], official[theirs])
+
+
+def test_backbone_matches_torchvision_mobilenetv2():
+    tv = pytest.importorskip("torchvision.models")
+    features = tv.MobileNetV2().features[:-1].eval()
+    features[0][0] = torch.nn.Conv2d(6, 32, 3, 2, 1, bias=False)
+    features[14].conv[1][0].stride = (1, 1)
+    for block in features[15:]:
+        block.conv[1][0].dilation, block.conv[1][0].padding = (2, 2), (2, 2)
+    official = make_state_dict(_manifest("mobilenetv2"), seed=7)
+    features.load_state_dict({k[len("backbone.features."):]: v for k, v in official.items()
+                              if k.startswith("backbone.features.")})
+    model = _official("mobilenetv2")
+    load_official(model, official)
+    x = torch.rand(1, 6, 52, 76)
+    with torch.no_grad():
+        ours, h, taps = model.backbone(x), x, []
+        for index, layer in enumerate(features):
+            h = layer(h)
+            if index in (1, 3, 6, 17):
+                taps.append(h)
+    for a, b in zip(ours, taps):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_sparse_refiner_equals_dense_refiner_at_selected_cells(kernel_size):
+    model = create_model("bgmv2_mobilenetv2", refine_mode="full", refine_kernel_size=kernel_size).eval()
+    src, bgr = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        full = model(src, bgr)
+        model.refiner.mode, model.refiner.threshold = "thresholding", 0.0
+        model.refiner.select = lambda err: (torch.rand_like(err) < 0.3).float()  # any selection
+        sparse = model(src, bgr)
+    keep = torch.nn.functional.interpolate(sparse[5], scale_factor=4.0, mode="nearest").bool()
+    assert 0.1 < model.refiner.mask_density < 0.5
+    for a, b in zip(full[:2], sparse[:2]):
+        assert torch.allclose(a.masked_select(keep.expand_as(a)), b.masked_select(keep.expand_as(b)), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_traced_refiner_equals_patch_refiner():
+    model = create_model("bgmv2_mobilenetv2", refine_mode="thresholding", refine_threshold=0.0).eval()
+    src, bgr = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(src, bgr)
+        traced = torch.jit.trace(model, (src, bgr), check_trace=False)(src, bgr)
+    for a, b in zip(eager, traced):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sampling_takes_at_most_k_cells_and_only_positive_error():
+    model = create_model("bgmv2_mobilenetv2", refine_sample_pixels=16 * 7)
+    err = torch.zeros(2, 1, 8, 8)
+    err[0, 0, :2, :2] = torch.tensor([[0.5, 0.2], [0.9, 0.1]])
+    err[1] = torch.rand(1, 8, 8) + 0.01
+    ref = model.refiner.select(err)
+    assert ref[0].sum() == 4 and ref[1].sum() == 7  # prevent_oversampling drops zero-error cells
+    assert torch.equal(ref[1].flatten().nonzero().flatten().sort().values,
+                       err[1].flatten().topk(7).indices.sort().values)
+
+
+def test_registry_and_shapes():
+    assert {"bgmv2_mobilenetv2", "bgmv2_resnet50", "bgmv2_resnet101"} <= set(list_models("bgmv2_*"))
+    model = create_model("bgmv2_mobilenetv2", backbone_scale=0.25, refine_mode="sampling",
+                         refine_sample_pixels=80_000, refine_threshold=0.1, refine_kernel_size=3).eval()
+    assert model.takes_background and model.model_kwargs["refine_mode"] == "sampling"
+    src, bgr = torch.rand(1, 3, 72, 124), torch.rand(1, 3, 72, 124)
+    with torch.no_grad():
+        pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm = model(src, bgr)
+    assert pha.shape == (1, 1, 72, 124) and fgr.shape == (1, 3, 72, 124)
+    assert pha_sm.shape == (1, 1, 18, 31) and fgr_sm.shape == (1, 3, 18, 31) and err_sm.shape == (1, 1, 18, 31)
+    assert ref_sm.shape == (1, 1, 18, 31)
+    for t in (pha, fgr, pha_sm, fgr_sm, err_sm):
+        assert 0 <= t.min() and t.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"refine_mode": "dense"}, "refine_mode"), ({"backbone_scale": 0.75}, "backbone_scale"),
+     ({"refine_kernel_size": 5}, "refine_kernel_size"), ({"refine_sample_pixels": 0}, "refine_sample_pixels")],
+)
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("bgmv2_mobilenetv2", **kwargs)
+    with pytest.raises(ValueError, match="base network"):
+        create_model("bgmv2_mobilenetv2", refine=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("src", "bgr", "message"),
+    [(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 36), "same shape"),
+     (torch.rand(1, 3, 30, 32), torch.rand(1, 3, 30, 32), "divisible by 4"),
+     (torch.rand(1, 4, 32, 32), torch.rand(1, 4, 32, 32), r"\[B, 3, H, W\]"),
+     (torch.rand(1, 3, 32, 32), None, "bgr must be a torch.Tensor")],
+)
+def test_bad_input_is_a_clear_error(src, bgr, message):
+    model = create_model("bgmv2_mobilenetv2")
+    with pytest.raises(ValueError, match=message):
+        model(src, bgr)
