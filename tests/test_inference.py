@@ -317,19 +317,19 @@ def test_existing_output_is_replaced_only_on_success(tmp_path, clip):
 def test_streaming_reads_ahead_only_a_bounded_number_of_frames(tmp_path, monkeypatch):
     make_video(tmp_path / "long.mp4", n=48, w=16, h=16, audio=None)
     decoded = []
-    original_iter = video_module.VideoReader.__iter__
+    original_iter = video_module.VideoReader.timed_frames
 
     def counting_iter(self):
-        for frame in original_iter(self):
+        for frame, time_ in original_iter(self):
             decoded.append(1)
-            yield frame
+            yield frame, time_
 
     class Lagging(MeanAlpha):
         def forward(self, src, *rec, downsample_ratio=1.0):
             self.lead = getattr(self, "lead", []) + [len(decoded) - len(self.calls) * src.shape[1]]
             return super().forward(src, *rec, downsample_ratio=downsample_ratio)
 
-    monkeypatch.setattr(video_module.VideoReader, "__iter__", counting_iter)
+    monkeypatch.setattr(video_module.VideoReader, "timed_frames", counting_iter)
     model = Lagging()
     result = convert_video(model, tmp_path / "long.mp4", output_alpha=tmp_path / "a", output_type="png_sequence",
                            seq_chunk=2, progress=False)

@@ -26,7 +26,6 @@ from binarize.matting.video import (
     natural_key,
     open_source,
     open_writer,
-    partial_path,
     resize_cover,
     video_codec_for,
 )
@@ -181,7 +180,8 @@ def test_video_writer_keeps_exact_rational_rate(tmp_path, rate):
     frames = clip_frames(5)
     writer = VideoWriter(tmp_path / "out.mp4", 64, 48, rate)
     writer.write(frames)
-    assert not (tmp_path / "out.mp4").exists() and partial_path(tmp_path / "out.mp4").exists()
+    assert not (tmp_path / "out.mp4").exists() and writer.temp_path.exists()
+    assert writer.temp_path.parent == tmp_path and writer.temp_path.name.startswith(".out.")
     writer.commit()
     decoded, decoded_rate, streams = read_video(tmp_path / "out.mp4")
     assert decoded_rate == rate
@@ -336,6 +336,7 @@ def test_writer_errors(tmp_path):
         writer.write(np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match=r"expected uint8 frames of shape \[T, 4, 4, 3\]"):
         writer.write(np.zeros((1, 4, 5, 3), np.uint8))
+    writer.abort()  # a writer holds its (unique) temporary file from creation until commit or abort
     with pytest.raises(ValueError, match="unknown writer kind"):
         open_writer(tmp_path / "x", "gif", 4, 4, 3)
     video = VideoWriter(tmp_path / "v.mp4", 8, 8, Fraction(25))

@@ -11,13 +11,15 @@ encoding run on three threads joined by bounded queues.
 from __future__ import annotations
 
 import inspect
+import math
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,13 +31,18 @@ from binarize.matting.video import (
     FrameSource,
     FrameWriter,
     PathLike,
+    check_output_path,
+    check_source,
     open_source,
     open_writer,
+    parse_frame_rate,
+    remove_empty_dirs,
     resize_cover,
     video_codec_for,
 )
 
-__all__ = ["convert_video", "ConversionResult", "parse_background", "Background", "auto_downsample_ratio"]
+__all__ = ["convert_video", "ConversionResult", "parse_background", "Background", "auto_downsample_ratio",
+           "check_conversion", "parse_device", "parse_mbps"]
 
 OUTPUT_TYPES = ("video", "png_sequence")
 # named background colours; green is RVM's composition colour
@@ -68,6 +75,7 @@ class ConversionResult:
     frame_rate: Fraction
     downsample_ratio: float
     outputs: Dict[str, Path] = field(default_factory=dict)
+    problems: Tuple[str, ...] = ()  # damage met in the input (also issued as a warning)
 
 
 # --------------------------------------------------------------------------------------------- backgrounds
@@ -97,6 +105,8 @@ def parse_background(spec: Optional[str], output_type: str = "video") -> Backgro
             return Background("color", (int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)))
         raise ValueError(f"bad background colour {text!r}: expected #RRGGBB with six hex digits")
     path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"background {text!r} is a folder; expected a colour, an image or a video file")
     if path.is_file():
         return Background("image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video", path=path)
     if path.suffix or "/" in text or "\\" in text:
@@ -159,6 +169,7 @@ def _plan_outputs(
         else:
             video_codec_for(path, channels)  # raises on unsupported extensions or alpha in .mp4
             kind = "video"
+        check_output_path(path, folder=kind == "png_sequence")
         outputs.append(_Output(name, path, kind, channels))
     if not outputs:
         raise ValueError("no output requested: give output_composition, output_alpha or output_foreground")
@@ -222,15 +233,35 @@ class _Pipeline:
 _END = object()
 
 
-def _read_chunks(source: FrameSource, seq_chunk: int) -> Iterator[np.ndarray]:
+def _read_chunks(source: FrameSource, seq_chunk: int) -> Iterator[Tuple[np.ndarray, List[Optional[Fraction]]]]:
     batch: List[np.ndarray] = []
-    for frame in source:
+    times: List[Optional[Fraction]] = []
+    for frame, time_ in source.timed_frames():
         batch.append(frame)
+        times.append(time_)
         if len(batch) == seq_chunk:
-            yield np.stack(batch)
-            batch = []
+            yield np.stack(batch), times
+            batch, times = [], []
     if batch:
-        yield np.stack(batch)
+        yield np.stack(batch), times
+
+
+def _commit_all(writers: Sequence[FrameWriter]) -> None:
+    """Finish every output, then move all of them into place; if one move fails, the ones already
+    moved are moved back (and the files they replaced restored), so a run commits all or nothing."""
+    for writer in writers:
+        writer.close()
+    done: List[FrameWriter] = []
+    try:
+        for writer in writers:
+            writer.commit()
+            done.append(writer)
+    except BaseException:
+        for writer in reversed(done):
+            writer.rollback()
+        raise
+    for writer in done:
+        writer.finalize()
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -283,7 +314,7 @@ def convert_video(
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
-    frame_rate: Optional[Union[float, Fraction]] = None,
+    frame_rate: Optional[Union[str, float, Fraction]] = None,
     output_video_mbps: Optional[float] = None,
 ) -> ConversionResult:
     """Matte ``input_source`` (video file, image folder or single image) and write the requested outputs.
@@ -303,37 +334,118 @@ def convert_video(
         device / dtype: where and in what precision to run; default: the model's own. A given
             ``device`` moves the model there.
         progress: show a tqdm bar (frames, frames/s).
-        frame_rate: frame rate of image inputs (default 30); videos keep their own exact rate.
-        output_video_mbps: target bit rate of video outputs; default constant quality.
+        frame_rate: frame rate of image inputs (default 30): a ``Fraction``, ``"30000/1001"`` or a
+            number (29.97 is taken as 30000/1001; see ``parse_frame_rate``); videos keep their own rate.
+        output_video_mbps: target bit rate of video outputs (0.01 to 10000); default constant quality.
 
     Returns:
-        A :class:`ConversionResult`. On any error or interrupt no output exists under the requested names.
+        A :class:`ConversionResult`. On any error or interrupt no output exists under the requested
+        names (all outputs are committed together, only after every one was finished). Damage met
+        in the input (undecodable packets, fewer frames than declared, a size change) is issued as a
+        ``UserWarning`` naming the counts and listed in ``result.problems``.
     """
+    options = check_conversion(
+        input_source, output_composition=output_composition, output_alpha=output_alpha,
+        output_foreground=output_foreground, output_type=output_type, background=background,
+        downsample_ratio=downsample_ratio, seq_chunk=seq_chunk, device=device, frame_rate=frame_rate,
+        output_video_mbps=output_video_mbps,
+    )
+    source = open_source(input_source, options.frame_rate)
+    try:
+        return _run(
+            model, source, options.outputs, options.background, downsample_ratio, int(seq_chunk),
+            options.device, dtype, progress, options.bit_rate,
+        )
+    finally:
+        source.close()
+
+
+@dataclass(frozen=True)
+class _Options:
+    background: Background
+    outputs: List[_Output]
+    frame_rate: Optional[Fraction]
+    bit_rate: Optional[int]
+    device: Optional[torch.device]
+
+
+def check_conversion(
+    input_source: PathLike,
+    *,
+    output_composition: Optional[PathLike] = None,
+    output_alpha: Optional[PathLike] = None,
+    output_foreground: Optional[PathLike] = None,
+    output_type: str = "video",
+    background: Optional[str] = None,
+    downsample_ratio: Optional[float] = None,
+    seq_chunk: int = 1,
+    device: Optional[Union[str, torch.device]] = None,
+    frame_rate: Optional[Union[str, float, Fraction]] = None,
+    output_video_mbps: Optional[float] = None,
+) -> _Options:
+    """Every check of :func:`convert_video` that needs no model and no decoding: arguments, the
+    device, the input (exists, opens), the background and every output path. Raises
+    ``ValueError`` / ``FileNotFoundError`` with a one-line message; writes nothing.
+    ``binarize matte`` calls it before loading the model."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
-    if int(seq_chunk) != seq_chunk or seq_chunk < 1:
+    if isinstance(seq_chunk, bool) or not isinstance(seq_chunk, (int, float)) or int(seq_chunk) != seq_chunk \
+            or seq_chunk < 1:
         raise ValueError(f"seq_chunk must be a positive integer, got {seq_chunk!r}")
     if downsample_ratio is not None and not 0 < downsample_ratio <= 1:
         raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio!r}")
+    rate = parse_frame_rate(frame_rate) if frame_rate is not None else None
+    bit_rate = parse_mbps(output_video_mbps)
+    parsed_device = parse_device(device) if device is not None else None
     bg = parse_background(background, output_type)
     paths = {"composition": output_composition, "alpha": output_alpha, "foreground": output_foreground}
     if not any(p is not None for p in paths.values()):
         raise ValueError("no output requested: give output_composition, output_alpha or output_foreground")
     if output_composition is None and background is not None:
         bg = Background("transparent")  # unused: avoid opening a background file for nothing
+    check_source(input_source)
     if bg.path is not None:
-        open_source(bg.path).close()  # an unreadable background fails now, before any output exists
+        check_source(bg.path)  # an unreadable background fails now, before any output exists
+    single_image = Path(input_source).is_file() and Path(input_source).suffix.lower() in IMAGE_EXTENSIONS
+    outputs = _plan_outputs(paths, output_type, bg, single_image, Path(input_source))
+    return _Options(bg, outputs, rate, bit_rate, parsed_device)
 
-    source = open_source(input_source, Fraction(frame_rate) if frame_rate else None)
+
+def parse_mbps(mbps: Optional[float]) -> Optional[int]:
+    """A video bit rate in Mbit/s as bits/s; ``None`` keeps constant quality. 0.01 to 10000 Mbit/s."""
+    if mbps is None:
+        return None
     try:
-        single_image = Path(input_source).is_file() and Path(input_source).suffix.lower() in IMAGE_EXTENSIONS
-        outputs = _plan_outputs(paths, output_type, bg, single_image, Path(input_source))
-        return _run(
-            model, source, outputs, bg, downsample_ratio, int(seq_chunk), device, dtype, progress,
-            int(output_video_mbps * 1e6) if output_video_mbps else None,
-        )
-    finally:
-        source.close()
+        value = float(mbps)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad bit rate {mbps!r}: expected a number of Mbit/s such as 8") from None
+    if not (math.isfinite(value) and 0.01 <= value <= 10_000):
+        raise ValueError(f"bit rate {mbps!r} Mbit/s is out of range: use 0.01 to 10000")
+    return int(round(value * 1e6))
+
+
+def parse_device(device: Union[str, torch.device]) -> torch.device:
+    """A usable torch device, or a one-line ``ValueError`` (bad name, absent GPU, ``meta``)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"bad device {str(device)!r}: {message}") from None
+    if parsed.type == "meta":
+        raise ValueError("device 'meta' holds no data and cannot run a model on frames; use cpu or cuda")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} is not available: no CUDA GPU is visible to PyTorch")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {str(device)!r} is not available: only {count} CUDA GPU(s) are visible")
+    elif parsed.type != "cpu":
+        try:
+            torch.empty(1, device=parsed)
+        except Exception as exc:  # noqa: BLE001 - backends raise assorted errors for absent devices
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"device {str(device)!r} is not available: {message}") from None
+    return parsed
 
 
 def _run(
@@ -375,6 +487,7 @@ class _MattingJob:
     def run(self, progress: bool, bit_rate: Optional[int]) -> ConversionResult:
         """Stream every frame through the model; commit all outputs on success, delete them otherwise."""
         committed = False
+        created: List[Path] = []
         bar = tqdm(total=self.source.num_frames, unit="frame", desc="matting", disable=not progress,
                    dynamic_ncols=True)
         try:
@@ -389,13 +502,16 @@ class _MattingJob:
             seconds = time.perf_counter() - start
             if frames == 0:
                 raise ValueError(f"input {str(self.source.path)!r} has no frames")
-            for out in self.outputs:
-                out.writer.commit()
+            _commit_all([out.writer for out in self.outputs])
             committed = True
+            problems = self._problems(frames)
+            for problem in problems:
+                warnings.warn(problem, UserWarning, stacklevel=4)
             return ConversionResult(
                 frames=frames, seconds=seconds, fps=frames / max(seconds, 1e-9), width=self.source.width,
                 height=self.source.height, frame_rate=self.source.frame_rate,
                 downsample_ratio=self.downsample_ratio, outputs={out.name: out.path for out in self.outputs},
+                problems=tuple(problems),
             )
         finally:
             self.pipeline.stop.set()
@@ -404,7 +520,21 @@ class _MattingJob:
             if not committed:
                 for out in self.outputs:
                     if out.writer is not None:
+                        created.extend(out.writer.created_dirs)
                         out.writer.abort()
+                remove_empty_dirs(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
+
+    def _problems(self, frames: int) -> List[str]:
+        """One line per kind of damage met in the input, naming the counts."""
+        notes = list(self.source.problems)
+        for out in self.outputs:
+            notes.extend(note for note in getattr(out.writer, "problems", []) if note not in notes)
+        declared = self.source.num_frames
+        if declared and frames < declared:
+            notes.insert(0, f"decoded {frames} of the {declared} frames the file declares (is it truncated?)")
+        if not notes:
+            return []
+        return [f"input {str(self.source.path)!r}: " + "; ".join(notes)]
 
     def _open_writers(self, bit_rate: Optional[int]) -> None:
         source = self.source
@@ -412,13 +542,14 @@ class _MattingJob:
             out.writer = open_writer(
                 out.path, out.kind, source.width, source.height, out.channels, source.frame_rate,
                 audio_path=source.audio_path, audio_offset=source.start_time, bit_rate=bit_rate,
+                time_base=source.time_base,
             )
 
     def _read(self) -> None:
         """Reader thread: decode chunks of ``seq_chunk`` frames (and background frames) into the read queue."""
-        for chunk in _read_chunks(self.source, self.seq_chunk):
+        for chunk, times in _read_chunks(self.source, self.seq_chunk):
             bgr = np.stack([next(self.bg_frames) for _ in chunk]) if self.bg_frames is not None else None
-            if not self.pipeline.put(self.read_q, (chunk, bgr)):
+            if not self.pipeline.put(self.read_q, (chunk, bgr, times)):
                 return
         self.pipeline.put(self.read_q, _END)
 
@@ -429,12 +560,12 @@ class _MattingJob:
         frames = 0
         with torch.no_grad():
             while (item := self.pipeline.get(self.read_q)) is not _END:
-                chunk, bgr_chunk = item
+                chunk, bgr_chunk, times = item
                 src = _frames_to_tensor(chunk, self.device, self.dtype).unsqueeze(0)
                 fgr, pha, *rec = self.model(src, *rec, downsample_ratio=self.downsample_ratio)
                 _check_model_output(fgr, pha, src)
                 bgr = self.static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, self.device, self.dtype)
-                if not self.pipeline.put(self.write_q, (fgr[0], pha[0], bgr)):
+                if not self.pipeline.put(self.write_q, (fgr[0], pha[0], bgr, times)):
                     break
                 frames += src.shape[1]
                 bar.update(src.shape[1])
@@ -443,10 +574,15 @@ class _MattingJob:
     def _write(self) -> None:
         """Writer thread: render and encode the model's outputs; finish the files unless cancelled."""
         while (item := self.pipeline.get(self.write_q)) is not _END:
+            *tensors, times = item
             with torch.inference_mode():  # composite + uint8 here, overlapping the next model call
-                frames = _render(self.outputs, *item)
+                frames = _render(self.outputs, *tensors)
+            timed = any(t is not None for t in times)  # only variable-rate sources carry times
             for out in self.outputs:
-                out.writer.write(frames[out.name])
+                if timed:
+                    out.writer.write(frames[out.name], times)
+                else:
+                    out.writer.write(frames[out.name])
         if self.pipeline.stop.is_set():
             return  # cancelled: the main thread aborts the writers
         for out in self.outputs:

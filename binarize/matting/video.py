@@ -1,20 +1,24 @@
 """Frame readers and atomic frame writers for video matting (PyAV and Pillow).
 
 Readers yield RGB frames as ``uint8`` arrays ``[H, W, 3]``; writers take batches of frames
-``[T, H, W, C]`` (C = 1 gray, 3 RGB or 4 RGBA). Every writer works under a temporary name in the
-destination's directory (``.name.partial.ext`` or a ``.name.partial`` folder) and only
-:meth:`FrameWriter.commit` renames it to the requested name, so a failed or interrupted run never
-leaves a half-written output behind. Video writers keep the source's exact rational frame rate
-and copy its audio stream (remuxed when the container allows the codec, else transcoded).
+``[T, H, W, C]`` (C = 1 gray, 3 RGB or 4 RGBA). Every writer works under a unique temporary name
+in the destination's directory (``.name.XXXXXXXX.partial.ext`` or such a folder, one per run) and
+only :meth:`FrameWriter.commit` renames it to the requested name, so a failed or interrupted run
+never leaves a half-written output behind and two runs never share a temporary file. Video
+writers keep the source's exact rational frame rate (or, for a variable-frame-rate source, its
+timestamps), apply its display rotation and copy its audio stream (remuxed when the container
+allows the codec, else transcoded).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import av
 import numpy as np
@@ -51,9 +55,12 @@ def resize_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
 class FrameSource:
     """Base class of frame readers: iterate to get ``uint8 [H, W, 3]`` RGB frames.
 
-    Attributes: ``path``, ``width``, ``height``, ``frame_rate`` (exact ``Fraction``), ``num_frames``
-    (``None`` when unknown), ``audio_path`` (a container with an audio stream to copy, or ``None``)
-    and ``start_time`` (seconds of the first video frame, used to keep audio in sync).
+    Attributes: ``path``, ``width``, ``height`` (as displayed, after any rotation), ``frame_rate``
+    (exact ``Fraction``), ``num_frames`` (declared count, ``None`` when unknown), ``audio_path``
+    (a container with an audio stream to copy, or ``None``), ``start_time`` (seconds of the first
+    video frame, used to keep audio in sync), ``time_base`` (set for a variable-frame-rate video:
+    the unit of the timestamps that :meth:`timed_frames` yields and writers should keep) and
+    ``problems`` (human-readable notes on damage met while decoding, filled as frames are read).
     """
 
     path: Path
@@ -63,8 +70,21 @@ class FrameSource:
     num_frames: Optional[int] = None
     audio_path: Optional[Path] = None
     start_time: float = 0.0
+    time_base: Optional[Fraction] = None
+    frames_read: int = 0
+
+    @property
+    def problems(self) -> List[str]:
+        """Notes on damage met while reading (e.g. a truncated file); empty for a clean source."""
+        return []
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for frame, _ in self.timed_frames():
+            yield frame
+
+    def timed_frames(self) -> Iterator[Tuple[np.ndarray, Optional[Fraction]]]:
+        """``(frame, t)`` pairs; ``t`` is the frame's time in seconds from the first frame, or
+        ``None`` for a constant-rate source (frame ``i`` is then at ``i / frame_rate``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -77,41 +97,152 @@ class FrameSource:
         self.close()
 
 
+def _open_container(path: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read video {str(path)!r}: {_ffmpeg_message(exc)}") from None
+
+
+# a source whose frame times stray more than this fraction of a frame from i / rate is variable-rate
+_VFR_TOLERANCE = Fraction(1, 2)
+
+
 class VideoReader(FrameSource):
-    """Decode a video file with PyAV; the frame rate is the stream's exact ``average_rate``."""
+    """Decode a video file with PyAV; the frame rate is the stream's exact ``average_rate``.
+
+    Opening scans the video packets' timestamps (no decoding) to tell a variable-frame-rate
+    source, whose timestamps are then kept (``time_base``); it decodes the first frame to learn
+    the display rotation, which is applied to every frame (``width``/``height`` are the rotated
+    size). Damaged packets are skipped and counted in ``problems``; frames whose size changes
+    mid-stream are scaled back to the first frame's size (noted once in ``problems``).
+    """
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
-        try:
-            self._container = av.open(str(self.path))
-        except (av.FFmpegError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read video {str(self.path)!r}: {_ffmpeg_message(exc)}") from None
-        if not self._container.streams.video:
-            self._container.close()
-            raise ValueError(f"cannot read video {str(self.path)!r}: it has no video stream")
+        self._problems: List[str] = []
+        self._bad_packets = 0
+        pts = self._scan()
+        self._container = _open_container(self.path)
         stream = self._container.streams.video[0]
         stream.thread_type = "AUTO"
         self._stream = stream
-        self.width, self.height = stream.codec_context.width, stream.codec_context.height
-        if not self.width or not self.height:
-            self._container.close()
-            raise ValueError(f"cannot read video {str(self.path)!r}: unknown frame size")
+        coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         self.frame_rate = Fraction(rate) if rate else DEFAULT_FRAME_RATE
         self.num_frames = stream.frames or None
-        if stream.start_time is not None and stream.time_base is not None:
-            self.start_time = float(stream.start_time * stream.time_base)
+        tb = Fraction(stream.time_base) if stream.time_base else None
+        if stream.start_time is not None and tb is not None:
+            self.start_time = float(stream.start_time * tb)
+        self._first_pts = min(pts) if pts else None
+        if self._first_pts is not None and tb is not None:
+            self.start_time = float(self._first_pts * tb)
+            if _is_variable_rate(sorted(pts), tb, self.frame_rate):
+                self.time_base = tb
+        self._tb = tb
         self.audio_path = self.path if self._container.streams.audio else None
-
-    def __iter__(self) -> Iterator[np.ndarray]:
+        self._decoded = self._decode()
         try:
-            for frame in self._container.decode(self._stream):
-                yield frame.to_ndarray(format="rgb24")
-        except av.FFmpegError as exc:
-            raise ValueError(f"cannot decode video {str(self.path)!r}: {_ffmpeg_message(exc)}") from None
+            first = next(self._decoded, None)
+        except BaseException:
+            self._container.close()
+            raise
+        if first is None:
+            self._container.close()
+            raise ValueError(f"cannot read video {str(self.path)!r}: no frame could be decoded")
+        self._first = first
+        self._coded = (first.width, first.height) if first.width and first.height else (coded_w, coded_h)
+        self.rotation = _rotation_steps(first)
+        w, h = self._coded
+        self.width, self.height = (h, w) if self.rotation % 2 else (w, h)
+
+    def _scan(self) -> List[int]:
+        """Timestamps of the video packets (one demux pass, no decoding); stops at damaged data."""
+        container = _open_container(self.path)
+        try:
+            if not container.streams.video:
+                raise ValueError(f"cannot read video {str(self.path)!r}: it has no video stream")
+            stream = container.streams.video[0]
+            if not stream.codec_context.width or not stream.codec_context.height:
+                raise ValueError(f"cannot read video {str(self.path)!r}: unknown frame size")
+            pts: List[int] = []
+            try:
+                for packet in container.demux(stream):
+                    if packet.pts is not None and packet.size:
+                        pts.append(packet.pts)
+            except av.FFmpegError:
+                pass  # a damaged tail: decoding below meets it again and reports it
+            return pts
+        finally:
+            container.close()
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames in presentation order; a packet the decoder refuses is skipped and counted."""
+        try:
+            for packet in self._container.demux(self._stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    self._bad_packets += 1
+                    continue
+                yield from frames
+        except av.FFmpegError:
+            self._bad_packets += 1  # the demuxer itself gave up (e.g. a truncated file)
+
+    @property
+    def problems(self) -> List[str]:
+        notes = list(self._problems)
+        if self._bad_packets:
+            notes.append(f"{self._bad_packets} damaged packet(s) skipped")
+        return notes
+
+    def timed_frames(self) -> Iterator[Tuple[np.ndarray, Optional[Fraction]]]:
+        frames = self._decoded
+        first, self._first = self._first, None
+        if first is not None:
+            frames = _chain(first, frames)
+        for frame in frames:
+            if (frame.width, frame.height) != self._coded:
+                if not any("changes size" in note for note in self._problems):
+                    self._problems.append(
+                        f"the video changes size at frame {self.frames_read} ({frame.width}x{frame.height}); "
+                        f"frames were scaled to the first frame's {self._coded[0]}x{self._coded[1]}"
+                    )
+                frame = frame.reformat(width=self._coded[0], height=self._coded[1])
+            array = frame.to_ndarray(format="rgb24")
+            if self.rotation:
+                array = np.ascontiguousarray(np.rot90(array, self.rotation))
+            time = None
+            if self.time_base is not None and frame.pts is not None and self._first_pts is not None:
+                time = (frame.pts - self._first_pts) * self.time_base
+            self.frames_read += 1
+            yield array, time
 
     def close(self) -> None:
         self._container.close()
+
+
+def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+    yield first
+    yield from rest
+
+
+def _rotation_steps(frame: av.VideoFrame) -> int:
+    """Quarter turns counter-clockwise (``np.rot90``'s ``k``) that display ``frame`` upright."""
+    try:
+        degrees = frame.rotation
+    except Exception:  # noqa: BLE001 - malformed side data: show the frame as coded
+        return 0
+    return round((degrees or 0) / 90) % 4
+
+
+def _is_variable_rate(pts: Sequence[int], time_base: Fraction, rate: Fraction) -> bool:
+    """True when frame ``i``'s time strays from ``i / rate`` by more than half a frame."""
+    first = pts[0]
+    for i, value in enumerate(pts):
+        if abs((value - first) * time_base * rate - i) > _VFR_TOLERANCE:
+            return True
+    return False
 
 
 class ImageSequenceReader(FrameSource):
@@ -123,10 +254,10 @@ class ImageSequenceReader(FrameSource):
         self.path = Path(path)
         self.files = list(files)
         self.width, self.height = _image_size(self.files[0])
-        self.frame_rate = Fraction(frame_rate) if frame_rate else DEFAULT_FRAME_RATE
+        self.frame_rate = parse_frame_rate(frame_rate) if frame_rate else DEFAULT_FRAME_RATE
         self.num_frames = len(self.files)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def timed_frames(self) -> Iterator[Tuple[np.ndarray, Optional[Fraction]]]:
         for file in self.files:
             frame = _read_rgb(file)
             if frame.shape[:2] != (self.height, self.width):
@@ -134,7 +265,8 @@ class ImageSequenceReader(FrameSource):
                     f"image {str(file)!r} is {frame.shape[1]}x{frame.shape[0]} but the sequence is "
                     f"{self.width}x{self.height}"
                 )
-            yield frame
+            self.frames_read += 1
+            yield frame, None
 
 
 def open_source(path: PathLike, frame_rate: Optional[Fraction] = None) -> FrameSource:
@@ -153,6 +285,66 @@ def open_source(path: PathLike, frame_rate: Optional[Fraction] = None) -> FrameS
     return VideoReader(path)
 
 
+def check_source(path: PathLike) -> None:
+    """Cheap checks that ``path`` can be opened as a source (existence, container, image header)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {str(path)!r}")
+    if path.is_dir():
+        files = [p for p in path.iterdir() if _is_image(p)]
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {str(path)!r}")
+        _image_size(min(files, key=lambda p: natural_key(p.name)))
+    elif _is_image(path):
+        _image_size(path)
+    else:
+        container = _open_container(path)
+        try:
+            if not container.streams.video:
+                raise ValueError(f"cannot read video {str(path)!r}: it has no video stream")
+        finally:
+            container.close()
+
+
+def parse_frame_rate(value: Union[str, float, int, Fraction]) -> Fraction:
+    """A frame rate as an exact ``Fraction`` between 1/100 and 1000 frames per second.
+
+    Accepts ``"30000/1001"``, ``"29.97"``, ``30`` or a ``Fraction``. Decimal NTSC rates snap to
+    their exact value (29.97 -> 30000/1001, 23.976 -> 24000/1001, 59.94 -> 60000/1001); other
+    decimals become the nearest fraction with a denominator of at most 1001 (12.5 -> 25/2).
+    """
+    text = str(value).strip()
+    try:
+        if isinstance(value, Fraction):
+            rate = value
+        elif "/" in text:
+            rate = Fraction(text)
+        else:
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError
+            rate = _snap_rate(number)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"bad frame rate {text!r}: expected a number such as 30, 29.97 or 30000/1001") from None
+    if not _MIN_RATE <= rate <= _MAX_RATE:
+        raise ValueError(f"frame rate {text} is out of range: use {float(_MIN_RATE)} to {_MAX_RATE} frames per second")
+    if rate.denominator > 1_000_000:
+        rate = rate.limit_denominator(1001)
+    return rate
+
+
+_MIN_RATE, _MAX_RATE = Fraction(1, 100), Fraction(1000)
+
+
+def _snap_rate(number: float) -> Fraction:
+    if number == round(number):
+        return Fraction(round(number))
+    ntsc = round(number * 1001 / 1000)
+    if ntsc and abs(number - ntsc * 1000 / 1001) < 5e-4 * max(1.0, number / 30):
+        return Fraction(ntsc * 1000, 1001)
+    return Fraction(number).limit_denominator(1001)
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -160,16 +352,45 @@ def _is_image(path: Path) -> bool:
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
+            _check_pixels(image, path)
             return image.size
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def _check_pixels(image: Image.Image, path: Path) -> None:
+    """Refuse images past Pillow's decompression-bomb limit before decoding them."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.size[0] * image.size[1] > limit:
+        raise ValueError(
+            f"cannot read image {str(path)!r}: {image.size[0]}x{image.size[1]} pixels is more than "
+            f"Pillow's limit of {limit} (a possible decompression bomb)"
+        )
+
+
+def image_to_rgb8(image: Image.Image) -> np.ndarray:
+    """An opened Pillow image as ``uint8 [H, W, 3]``; 16-bit grayscale (``I;16``, ``I``) is scaled
+    by 255/65535 instead of being clipped at 255 as ``Image.convert`` does."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(values * (255 / 65535)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode == "F":
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
+# Pillow modes of 16-bit grayscale images (PNG, TIFF); "I" is how some versions open 16-bit PNGs
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as exc:
+            _check_pixels(image, path)
+            return image_to_rgb8(image)
+    except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
@@ -178,32 +399,158 @@ def _ffmpeg_message(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- writers
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp(path: Path, folder: bool = False) -> Path:
+    """A new, unique temporary file (or folder) next to ``path``: ``.name.XXXXXXXX.partial.ext``.
+
+    Unique per call, so two runs writing the same output never share a temporary name; created
+    with the permissions ``open``/``mkdir`` would give (``0o666``/``0o777`` less the umask).
+    """
+    prefix = f".{path.stem if not folder else path.name}."
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
 def partial_path(path: Path) -> Path:
-    """The temporary name a writer uses for ``path``: ``.name.partial.ext`` in the same directory."""
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
+    """A unique temporary name for ``path`` in its directory (created empty; see :func:`make_temp`)."""
+    return make_temp(Path(path))
+
+
+def check_output_path(path: PathLike, folder: bool = False) -> None:
+    """Refuse an output that cannot be written, before any work: an existing folder where a file
+    goes (or a file or non-empty folder where a PNG folder goes), an ancestor that is a file, or
+    a folder without write permission. Missing folders are fine (they are created)."""
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {str(path)!r} is an existing file; a PNG sequence needs a folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise ValueError(f"output folder {str(path)!r} already exists and is not empty")
+    elif path.is_dir():
+        raise ValueError(f"output {str(path)!r} is an existing folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot create output {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create output {str(path)!r}: no permission to write in {str(parent)!r}")
+
+
+def make_parents(path: Path) -> List[Path]:
+    """Create the missing folders above ``path``; returns the ones created, deepest first."""
+    created = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty_dirs(folders: Sequence[Path]) -> None:
+    """Remove folders (deepest first) that a failed run created, when they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 class FrameWriter:
-    """Base class of writers: ``write`` batches, then ``close`` (finish the file) and ``commit`` (rename).
-
-    ``abort`` deletes the temporary output; it is safe to call at any time and more than once.
+    """Base class of writers: ``write`` batches, ``close`` (finish the temporary file), ``commit``
+    (move it to the requested name), and, when one of several outputs fails to commit,
+    ``rollback`` (restore what was there). ``abort`` deletes the temporary output and the folders
+    this writer created; it is safe to call at any time and more than once.
     """
 
     path: Path
+    temp_path: Path
     frames_written: int = 0
+    created_dirs: List[Path]
+    _folder = False
+    _backup: Optional[Path] = None
+    _replaced_empty_dir = False
+    _committed = False
 
-    def write(self, frames: np.ndarray) -> None:
+    def _prepare(self, path: PathLike) -> None:
+        self.path = Path(path)
+        check_output_path(self.path, self._folder)
+        self.created_dirs = make_parents(self.path)
+        try:
+            self.temp_path = make_temp(self.path, self._folder)
+        except OSError:
+            remove_empty_dirs(self.created_dirs)
+            raise
+
+    def write(self, frames: np.ndarray, times: Optional[Sequence[Optional[Fraction]]] = None) -> None:
+        """Append ``[T, H, W, C]`` frames; ``times`` (seconds from the first frame) are used by
+        video writers of variable-frame-rate sources and ignored otherwise."""
         raise NotImplementedError
 
     def close(self) -> None:
         """Flush encoders and close the temporary file."""
 
     def commit(self) -> None:
-        """Move the finished temporary output to the requested name."""
-        raise NotImplementedError
+        """Move the finished temporary output to the requested name (an existing file there is
+        kept aside until :meth:`finalize`, so :meth:`rollback` can restore it)."""
+        self.close()
+        if self._folder:
+            if self.path.is_dir():
+                self.path.rmdir()  # empty (checked at open); a folder that filled since then fails here
+                self._replaced_empty_dir = True
+        elif self.path.is_dir():
+            raise ValueError(f"output {str(self.path)!r} is now a folder; nothing was written")
+        elif self.path.exists():
+            self._backup = make_temp(self.path)
+            os.replace(self.path, self._backup)
+        try:
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            self._restore_backup()
+            raise
+        self._committed = True
+
+    def rollback(self) -> None:
+        """Undo :meth:`commit`: the output goes back to its temporary name and the old file returns."""
+        if self._committed:
+            os.replace(self.path, self.temp_path)
+            self._committed = False
+        self._restore_backup()
+
+    def finalize(self) -> None:
+        """Drop the old file kept aside by :meth:`commit`."""
+        if self._backup is not None:
+            self._backup.unlink(missing_ok=True)
+            self._backup = None
+
+    def _restore_backup(self) -> None:
+        if self._backup is not None:
+            os.replace(self._backup, self.path)
+            self._backup = None
+        if self._replaced_empty_dir and not self.path.exists():
+            self.path.mkdir()
+            self._replaced_empty_dir = False
 
     def abort(self) -> None:
-        raise NotImplementedError
+        if self._committed:
+            return
+        if self._folder:
+            shutil.rmtree(self.temp_path, ignore_errors=True)
+        else:
+            self.temp_path.unlink(missing_ok=True)
+        remove_empty_dirs(self.created_dirs)
 
 
 def _check_frames(frames: np.ndarray, channels: int, width: int, height: int) -> np.ndarray:
@@ -220,59 +567,39 @@ def _check_frames(frames: np.ndarray, channels: int, width: int, height: int) ->
 class ImageSequenceWriter(FrameWriter):
     """Write frames as ``0000.png, 0001.png, ...`` into a folder (``L``, ``RGB`` or ``RGBA`` PNGs)."""
 
-    def __init__(self, path: PathLike, width: int, height: int, channels: int, extension: str = ".png"):
-        self.path = Path(path)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise ValueError(f"output folder {str(self.path)!r} already exists and is not empty")
-        self.width, self.height, self.channels, self.extension = width, height, channels, extension
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir()
+    _folder = True
 
-    def write(self, frames: np.ndarray) -> None:
+    def __init__(self, path: PathLike, width: int, height: int, channels: int, extension: str = ".png"):
+        self.width, self.height, self.channels, self.extension = width, height, channels, extension
+        self._prepare(path)
+
+    def write(self, frames: np.ndarray, times: Optional[Sequence[Optional[Fraction]]] = None) -> None:
         frames = _check_frames(frames, self.channels, self.width, self.height)
         for frame in frames:
             image = Image.fromarray(frame[..., 0] if self.channels == 1 else frame, _CHANNEL_MODES[self.channels])
-            image.save(self._tmp / f"{self.frames_written:04d}{self.extension}")
+            image.save(self.temp_path / f"{self.frames_written:04d}{self.extension}")
             self.frames_written += 1
-
-    def commit(self) -> None:
-        if self.path.is_dir():
-            self.path.rmdir()  # checked empty at open
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class ImageWriter(FrameWriter):
     """Write exactly one frame as an image file (for single-image inputs)."""
 
     def __init__(self, path: PathLike, width: int, height: int, channels: int):
-        self.path = Path(path)
-        if channels == 4 and self.path.suffix.lower() in (".jpg", ".jpeg"):
-            raise ValueError(f"{str(self.path)!r}: JPEG cannot hold transparency; use .png or a background")
+        if channels == 4 and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            raise ValueError(f"{str(path)!r}: JPEG cannot hold transparency; use .png or a background")
         self.width, self.height, self.channels = width, height, channels
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = partial_path(self.path)
+        self._prepare(path)
 
-    def write(self, frames: np.ndarray) -> None:
+    def write(self, frames: np.ndarray, times: Optional[Sequence[Optional[Fraction]]] = None) -> None:
         frames = _check_frames(frames, self.channels, self.width, self.height)
         if self.frames_written + len(frames) > 1:
             raise ValueError(f"{str(self.path)!r} is a single image but the input has more than one frame")
         for frame in frames:
             mode = _CHANNEL_MODES[self.channels]
             Image.fromarray(frame[..., 0] if self.channels == 1 else frame, mode).save(
-                self._tmp, format=Image.registered_extensions()[self.path.suffix.lower()]
+                self.temp_path, format=Image.registered_extensions()[self.path.suffix.lower()]
             )
             self.frames_written += 1
-
-    def commit(self) -> None:
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        self._tmp.unlink(missing_ok=True)
 
 
 def video_codec_for(path: Path, channels: int) -> tuple[str, str]:
@@ -325,9 +652,10 @@ class VideoWriter(FrameWriter):
     """Encode frames to a video file at an exact rational ``frame_rate``, copying audio from ``audio_path``.
 
     Frame ``i`` gets the timestamp ``i / frame_rate`` (time base ``1 / frame_rate``), so 30000/1001
-    stays 30000/1001. H.264 (4:2:0) needs even sizes: odd frames are padded by repeating the last
-    row/column, so such an output is one pixel larger. ``bit_rate`` (bits/s) replaces the default
-    constant-quality setting.
+    stays 30000/1001. With ``time_base`` (a variable-frame-rate source), frames keep the times
+    given to :meth:`write` instead, in that unit, so picture and audio stay in sync. H.264 (4:2:0)
+    needs even sizes: odd frames are padded by repeating the last row/column, so such an output is
+    one pixel larger. ``bit_rate`` (bits/s) replaces the default constant-quality setting.
     """
 
     def __init__(
@@ -341,23 +669,37 @@ class VideoWriter(FrameWriter):
         audio_path: Optional[PathLike] = None,
         audio_offset: float = 0.0,
         bit_rate: Optional[int] = None,
+        time_base: Optional[Fraction] = None,
     ):
-        self.path = Path(path)
-        self.codec, self.pix_fmt = video_codec_for(self.path, channels)
+        self.codec, self.pix_fmt = video_codec_for(Path(path), channels)
         self.width, self.height, self.channels = width, height, channels
         self.frame_rate = Fraction(frame_rate)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = partial_path(self.path)
+        self.time_base = Fraction(time_base) if time_base else None
+        self._last_pts: Optional[int] = None
         self._closed = False
+        self._audio: Optional[AudioCopier] = None
         # yuv420p needs even sizes in libx264: pad odd frames by one repeated row/column
         self._pad = (height % 2, width % 2) if self.codec == "libx264" else (0, 0)
-        self._open(audio_path, audio_offset, bit_rate, remux=True)
+        self._prepare(path)
+        try:
+            self._open(audio_path, audio_offset, bit_rate, remux=True)
+        except BaseException:
+            self._closed = True
+            self.abort()
+            raise
+
+    @property
+    def problems(self) -> List[str]:
+        """Notes on source audio that could not be copied (damaged packets skipped)."""
+        if self._audio is not None and self._audio.bad_packets:
+            return [f"{self._audio.bad_packets} damaged audio packet(s) skipped"]
+        return []
 
     def _open(
         self, audio_path: Optional[PathLike], audio_offset: float, bit_rate: Optional[int], remux: bool
     ) -> None:
-        self._container = av.open(str(self._tmp), "w")
-        self._audio: Optional[AudioCopier] = None
+        self._container = av.open(str(self.temp_path), "w")
+        self._audio = None
         try:
             options = dict(_CODEC_OPTIONS.get(self.codec, {}))
             if bit_rate:
@@ -366,36 +708,46 @@ class VideoWriter(FrameWriter):
             stream = self._container.add_stream(self.codec, rate=self.frame_rate, options=options)
             stream.width, stream.height = self.width + self._pad[1], self.height + self._pad[0]
             stream.pix_fmt = self.pix_fmt
-            stream.codec_context.time_base = 1 / self.frame_rate
+            stream.codec_context.time_base = self.time_base or 1 / self.frame_rate
             if bit_rate:
                 stream.bit_rate = int(bit_rate)
             self._stream = stream
             self._audio = AudioCopier(audio_path, self._container, audio_offset, remux) if audio_path else None
             self._container.start_encoding()
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, OverflowError) as exc:
             if self._audio is not None:
                 self._audio.close()
             self._container.close()
-            self._tmp.unlink(missing_ok=True)
-            if remux and audio_path:  # the container refused the copied audio stream: transcode instead
+            if remux and audio_path and isinstance(exc, av.FFmpegError):
+                # the container refused the copied audio stream: transcode instead
                 return self._open(audio_path, audio_offset, bit_rate, remux=False)
             raise ValueError(f"cannot write video {str(self.path)!r}: {_ffmpeg_message(exc)}") from None
 
-    def write(self, frames: np.ndarray) -> None:
+    def write(self, frames: np.ndarray, times: Optional[Sequence[Optional[Fraction]]] = None) -> None:
         frames = _check_frames(frames, self.channels, self.width, self.height)
         if self.channels == 1:
             frames = np.repeat(frames, 3, axis=-1)
         if any(self._pad):
             frames = np.pad(frames, ((0, 0), (0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
         fmt = "rgba" if self.channels == 4 else "rgb24"
-        for array in frames:
+        for k, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format=fmt)
-            frame.pts = self.frames_written
+            time = times[k] if times is not None else None
+            if self.time_base is None:
+                frame.pts = self.frames_written
+            else:
+                if time is None:
+                    time = self.frames_written / self.frame_rate
+                pts = round(Fraction(time) / self.time_base)
+                frame.pts = pts if self._last_pts is None or pts > self._last_pts else self._last_pts + 1
+                self._last_pts = frame.pts
             frame.time_base = self._stream.codec_context.time_base
+            if self._audio is not None and self.time_base is not None:
+                self._audio.copy_until(float(frame.pts * self.time_base))
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
-            if self._audio is not None:
+            if self._audio is not None and self.time_base is None:
                 self._audio.copy_until(float(self.frames_written / self.frame_rate))
 
     def close(self) -> None:
@@ -411,10 +763,6 @@ class VideoWriter(FrameWriter):
         finally:
             self._container.close()
 
-    def commit(self) -> None:
-        self.close()
-        os.replace(self._tmp, self.path)
-
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
@@ -424,7 +772,7 @@ class VideoWriter(FrameWriter):
                 self._container.close()
             except Exception:  # noqa: BLE001 - best effort: the file is deleted next
                 pass
-        self._tmp.unlink(missing_ok=True)
+        super().abort()
 
 
 # audio encoder used when the output container cannot take the source codec as is (default AAC)
@@ -436,13 +784,15 @@ class AudioCopier:
 
     Packets are remuxed when the output container supports the codec, else decoded and re-encoded
     (AAC, or Opus for WebM). ``offset`` (seconds) is the source video's start time, subtracted so
-    audio stays in sync with video frames that are re-timed from zero.
+    audio stays in sync with video frames that are re-timed from zero. Packets the decoder refuses
+    (a damaged or truncated file) are skipped and counted in ``bad_packets``.
     """
 
     def __init__(self, source: PathLike, output: av.container.OutputContainer, offset: float, remux: bool):
         self._input = av.open(str(source))
         self._in = self._input.streams.audio[0]
         self._offset = offset
+        self.bad_packets = 0
         codec_name = self._in.codec_context.name
         self.remux = remux and codec_name in output.supported_codecs
         if self.remux:
@@ -460,11 +810,15 @@ class AudioCopier:
 
     def _next_packet(self) -> Optional[av.Packet]:
         if self._pending is None and not self._done:
-            for packet in self._packets:
-                if packet.dts is not None:
-                    self._pending = packet
-                    break
-            else:
+            try:
+                for packet in self._packets:
+                    if packet.dts is not None:
+                        self._pending = packet
+                        break
+                else:
+                    self._done = True
+            except av.FFmpegError:
+                self.bad_packets += 1  # the demuxer gave up on a damaged tail
                 self._done = True
         return self._pending
 
@@ -485,7 +839,12 @@ class AudioCopier:
                 packet.stream = self._out
                 self._output.mux(packet)
             else:
-                for frame in packet.decode():
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError:
+                    self.bad_packets += 1
+                    continue
+                for frame in decoded:
                     if frame.pts is not None:
                         frame.pts -= shift
                     for out in self._out.encode(frame):
@@ -509,8 +868,12 @@ def open_writer(
     audio_path: Optional[PathLike] = None,
     audio_offset: float = 0.0,
     bit_rate: Optional[int] = None,
+    time_base: Optional[Fraction] = None,
 ) -> FrameWriter:
-    """Create the writer for ``kind`` ``"video"``, ``"image"`` (one frame) or ``"png_sequence"`` (a folder)."""
+    """Create the writer for ``kind`` ``"video"``, ``"image"`` (one frame) or ``"png_sequence"`` (a folder).
+
+    ``time_base`` (video only) keeps the per-frame times of a variable-frame-rate source.
+    """
     if kind == "png_sequence":
         return ImageSequenceWriter(path, width, height, channels)
     if kind == "image":
@@ -518,6 +881,6 @@ def open_writer(
     if kind == "video":
         return VideoWriter(
             path, width, height, frame_rate, channels,
-            audio_path=audio_path, audio_offset=audio_offset, bit_rate=bit_rate,
+            audio_path=audio_path, audio_offset=audio_offset, bit_rate=bit_rate, time_base=time_base,
         )
     raise ValueError(f"unknown writer kind {kind!r}; expected 'video', 'image' or 'png_sequence'")
