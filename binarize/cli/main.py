@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 # subcommands, each a module of this package with the same name
 SUBCOMMANDS = ("demo", "profile", "matte", "evaluate", "train", "data")
@@ -18,6 +22,10 @@ SUBCOMMANDS = ("demo", "profile", "matte", "evaluate", "train", "data")
 
 class CLIError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so a run cleans up exactly as on Ctrl-C (exit status 143)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,24 +39,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.version:
-        from binarize import __version__
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {str(exc.filename)!r}"
+    return " ".join(text.split()) or type(exc).__name__
 
-        print(__version__)
-        return 0
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 1
+
+@contextmanager
+def _cli_signals_and_warnings(command: str) -> Iterator[None]:
+    """While a subcommand runs: SIGTERM is raised as :class:`Terminated` (cleanup as on Ctrl-C) and
+    warnings print as one line, ``binarize COMMAND: warning: ...``."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"binarize {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return int(args._run(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
-        print(f"binarize {args.command}: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``binarize COMMAND ...``; user errors print one line (exit 2), Ctrl-C exits 130, SIGTERM 143."""
+    command = "main"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command or command
+        if args.version:
+            from binarize import __version__
+
+            print(__version__)
+            return 0
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 1
+        with _cli_signals_and_warnings(args.command):
+            return int(args._run(args) or 0)
+    except (CLIError, ValueError, OSError) as exc:
+        print(f"binarize {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"binarize {command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"binarize {args.command}: interrupted", file=sys.stderr)
+        print(f"binarize {command}: interrupted", file=sys.stderr)
         return 130
 
 

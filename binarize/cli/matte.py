@@ -46,7 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default="simulated",
                         help="simulated float layers (default) or packed XNOR-popcount kernels")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--fps", type=float, default=None, help="frame rate of image inputs (default 30)")
+    parser.add_argument("--fps", default=None,
+                        help="frame rate of image inputs (default 30): 25, 29.97 (= 30000/1001) or 30000/1001")
     parser.add_argument("--mbps", type=float, default=None, help="video bit rate (default: constant quality)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("no output given: use -o/--output, --alpha or --foreground")
     if not Path(args.input).exists():
         raise FileNotFoundError(f"input not found: {args.input!r}")
+    check_arguments(args)
     model = build_model(args.model, args.checkpoint)
     if args.engine == "packed":
         model = deploy_packed(model)
@@ -85,6 +87,33 @@ def run(args: argparse.Namespace) -> int:
         f"at {result.fps:.1f} frames/s with {args.model} [{args.engine}]: {written}"
     )
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model, before the model is loaded: the model name, the checkpoint
+    path, --fps, --mbps, --device, the input, the background and every output path (one-line
+    errors). ``args.fps`` becomes the exact ``Fraction`` it names."""
+    from binarize.matting.inference import check_conversion, parse_mbps
+    from binarize.matting.video import parse_frame_rate
+    from binarize.models.registry import model_factory
+
+    model_factory(args.model)  # unknown name -> ValueError listing the models
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint!r}")
+    for option, value, parse in (("--fps", args.fps, parse_frame_rate), ("--mbps", args.mbps, parse_mbps)):
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ValueError(f"{option}: {exc}") from None
+    if args.fps is not None:
+        args.fps = parse_frame_rate(args.fps)
+    check_conversion(
+        args.input, output_composition=args.composition, output_alpha=args.alpha,
+        output_foreground=args.foreground, output_type=args.output_type, background=args.background,
+        downsample_ratio=args.downsample_ratio, seq_chunk=args.seq_chunk, device=args.device,
+        frame_rate=args.fps, output_video_mbps=args.mbps,
+    )
 
 
 def bundled_checkpoint(name: str) -> Optional[Path]:
