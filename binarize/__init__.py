@@ -21,6 +21,7 @@ _LAZY = {
     "save": "binarize.models.checkpoint:save",
     "load": "binarize.models.checkpoint:load",
     "deploy": "binarize.engine:deploy",
+    "clip_latent_weights": "binarize.ops:clip_latent_weights",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -59,7 +59,8 @@ def _ref_sign(x):
 def test_registry_lists_builtins():
     expected = {"identity", "sign", "xnor_weight", "xnor_activation", "dorefa_weight", "approx_sign",
                 "bireal_weight", "rsign", "irnet_weight", "irnet_activation", "recu_weight",
-                "recu_activation", "bimatting_weight", "bimatting_activation"}
+                "recu_activation", "bimatting_weight", "bimatting_activation", "dorefa_activation", "heaviside",
+                "swishsign", "progressive", "fda_activation", "fda_weight", "xnorpp_weight"}
     assert expected <= set(ops.list_binarizers())
     assert ops.list_binarizers() == sorted(ops.list_binarizers())
 
@@ -188,6 +189,23 @@ def test_bimatting_activation_matches_official_formulation():
     torch.testing.assert_close(g_mine, g_ref)
 
 
+def _recu_official_grad(x, g, dims):
+    """ReCU's official training-mode activation gradient, written out (float64):
+    h = g * max(0, 2 - 2|a0|), a0 = x / s, s = sqrt(var(x) + 1e-5) (unbiased, over ``dims``);
+    dx = h / s - (x - mu) * sum(h * x) / ((N - 1) s^3)."""
+    x, g = x.double(), g.double()
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).sum(dims, keepdim=True) / max(n - 1, 1)
+    s = torch.sqrt(var + 1e-5)
+    h = g * torch.clamp(2 - 2 * (x / s).abs(), min=0)
+    if n == 1:
+        return h / s, h
+    return h / s - (x - mu) * (h * x).sum(dims, keepdim=True) / ((n - 1) * s ** 3), h
+
+
 @SETTINGS
 @given(_tensor(), st.booleans())
 def test_recu_activation(x, training):
@@ -198,13 +216,43 @@ def test_recu_activation(x, training):
     if not training:
         torch.testing.assert_close(gx, g * torch.clamp(2 - 2 * x.abs(), min=0))
     else:
-        x64 = x.double().requires_grad_(True)
-        n = x.shape[1]
-        var = ((x64 - x64.mean(1, keepdim=True)) ** 2).sum(1, keepdim=True) / max(n - 1, 1)
-        a0 = x64 / torch.sqrt(var + 1e-5)
-        # ApproxSign evaluated on the normalised input, applied to the gradient w.r.t. x itself
-        expected = g.double() * torch.clamp(2 - 2 * a0.abs(), min=0)
-        torch.testing.assert_close(gx, expected.float(), rtol=1e-4, atol=1e-4)
+        expected, _ = _recu_official_grad(x, g, [1])
+        torch.testing.assert_close(gx.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-4)
+
+
+def test_recu_activation_official_gradient_images_tokens_and_window_option():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5) * torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1, 1)
+    out, gx, g = _forward_backward(ops.get_binarizer("recu_activation").train(), x)
+    assert torch.equal(out, _ref_sign(x))
+    expected, h = _recu_official_grad(x, g, [1, 2, 3])
+    torch.testing.assert_close(gx.double(), expected, rtol=1e-4, atol=1e-5)
+    # through_std=False: the standardisation only selects the ApproxSign window
+    _, gx_window, _ = _forward_backward(ops.ReCUActivation(through_std=False).train(), x, g)
+    torch.testing.assert_close(gx_window.double(), h, rtol=1e-5, atol=1e-6)
+    # tokens [B, N, C] with channel_dim=-1 normalise per token, as the official ReCULinear
+    tokens = torch.randn(2, 3, 6)
+    _, gt, gtok = _forward_backward(ops.ReCUActivation(channel_dim=-1).train(), tokens)
+    expected_t, _ = _recu_official_grad(tokens, gtok, [2])
+    torch.testing.assert_close(gt.double(), expected_t, rtol=1e-4, atol=1e-5)
+    assert ops.get_method("recu").make_activation(6, channel_dim=-1).channel_dim == -1
+
+
+def test_recu_one_weight_per_output_channel_is_finite():
+    from binarize.nn import BinaryConv2d, BinaryLinear
+
+    torch.manual_seed(0)
+    for layer, x in ((BinaryConv2d(4, 4, 1, groups=4, method="recu"), torch.randn(2, 4, 3, 3)),
+                     (BinaryLinear(1, 3, method="recu"), torch.randn(5, 1))):
+        layer.train()
+        x = x.requires_grad_(True)
+        out = layer(x)
+        out.square().sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        # each filter is one weight: centred to 0, so the binarized weight is alpha_o * (+1)
+        wb = layer.weight_binarizer(layer.weight).detach()
+        torch.testing.assert_close(wb.reshape(-1), layer.weight_binarizer.alpha.detach())
 
 
 @SETTINGS
@@ -445,7 +493,8 @@ def test_bimatting_weight_sign_zero_is_zero():
 # ------------------------------------------------------------------------------------------------
 # dtypes and memory formats
 # ------------------------------------------------------------------------------------------------
-ELEMENTWISE = ["sign", "approx_sign", "irnet_activation", "bimatting_activation", "recu_activation"]
+ELEMENTWISE = ["sign", "approx_sign", "irnet_activation", "bimatting_activation", "recu_activation", "swishsign",
+               "progressive"]
 WEIGHTS = ["xnor_weight", "dorefa_weight", "bireal_weight", "bimatting_weight"]
 
 
@@ -512,6 +561,11 @@ def test_builtin_methods_and_their_binarizers():
         "irnet": (ops.IRNetActivation, ops.IRNetWeight),
         "recu": (ops.ReCUActivation, ops.ReCUWeight),
         "bimatting": (ops.BiMattingActivation, ops.BiMattingWeight),
+        "fda": (ops.FDAActivation, ops.FDAWeight),
+        "xnorpp": (ops.SignSTE, ops.XNORPPWeight),
+        "swishsign": (ops.SwishSign, ops.SignSTE),
+        "heaviside": (ops.Heaviside, ops.SignSTE),
+        "progressive": (ops.ProgressiveSign, ops.SignSTE),
     }
     assert set(expected) <= set(ops.list_methods())
     for name, (act_cls, w_cls) in expected.items():
@@ -571,3 +625,250 @@ def test_inference_fast_path_gives_the_same_values(name):
     slow = binarizer(x.clone().requires_grad_(True))
     assert slow.requires_grad and not fast.requires_grad
     assert torch.equal(fast, slow.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 17: XNOR gradient forms, {0, 1} activations, BNN+ / bitorch / FDA / XNOR-Net++ estimators
+# ------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(_weights())
+def test_xnor_weight_detached_scale_is_bibench(w):
+    out, gw, g = _forward_backward(ops.XNORWeight(detach_scale=True), w)
+    alpha = _per_out(w, lambda f: f.abs().mean(1))
+    torch.testing.assert_close(out, alpha * _ref_sign(w))
+    # BiBench: scaled sign detached, STE written as clamp(W, -1, 1): no alpha, no scale gradient
+    assert torch.equal(gw, g * (w.abs() <= 1).float())
+
+
+def test_xnor_activation_gradient_forms():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4) * 1.5
+    g = torch.randn_like(x)
+    _, gx, _ = _forward_backward(ops.XNORActivation(), x, g)
+    k = x.abs().mean(dim=(1, 2, 3), keepdim=True)
+    n = x[0].numel()
+    s = _ref_sign(x)
+    # paper form: d(K * sign(x)) = K * clipped STE + sign(x) * sum(g * sign(x)) / n through K
+    expected = k * (x.abs() <= 1).float() * g + torch.sign(x) / n * (g * s).sum(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(gx, expected, rtol=1e-5, atol=1e-5)
+    out, gx_b, _ = _forward_backward(ops.XNORActivation(detach_scale=True), x, g)
+    torch.testing.assert_close(out, k * s)
+    assert torch.equal(gx_b, g * (x.abs() <= 1).float())
+
+
+def test_dorefa_activation_is_zero_one():
+    x = torch.tensor([-2.0, -0.0, 0.0, 0.2, 0.5, 0.51, 1.0, 1.5, 3.0])
+    out, gx, g = _forward_backward(ops.get_binarizer("dorefa_activation"), x)
+    # quantize_1(clip(x, 0, 1)) = round(clip(x, 0, 1)), round half to even as tf.round (0.5 -> 0)
+    assert out.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert torch.equal(gx, g * torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 0, 0]))
+
+
+@SETTINGS
+@given(_tensor())
+def test_heaviside(x):
+    out, gx, g = _forward_backward(ops.get_binarizer("heaviside"), x)
+    assert torch.equal(out, (x > 0).float())
+    assert torch.equal(gx, g * (x.abs() <= 1).float())
+    _, gx2, _ = _forward_backward(ops.Heaviside(clip_value=2.0), x, g)
+    assert torch.equal(gx2, g * (x.abs() <= 2).float())
+
+
+@SETTINGS
+@given(_tensor(), st.sampled_from([1.0, 5.0, 10.0]))
+def test_swishsign(x, beta):
+    out, gx, g = _forward_backward(ops.SwishSign(beta=beta), x)
+    assert torch.equal(out, _ref_sign(x))
+    assert torch.isfinite(gx).all()
+    moderate = x.abs() < 5
+    xd = x.double()
+    bx = beta * xd
+    # Larq / bitorch SwishSign backward, and the derivative of SS_beta by autograd
+    larq = beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
+    xr = xd.clone().requires_grad_(True)
+    sig = torch.sigmoid(beta * xr)
+    (2 * sig * (1 + beta * xr * (1 - sig)) - 1).sum().backward()
+    expected = g.double() * larq
+    torch.testing.assert_close(gx.double()[moderate], expected[moderate], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(xr.grad[moderate], larq[moderate])
+    assert torch.all(gx[~moderate].abs() <= 1e-4 * g[~moderate].abs() + 1e-30)
+
+
+def test_progressive_sign_schedule_forward_and_backward():
+    x = torch.tensor([-2.0, -0.5, -1e-3, 0.0, 1e-8, 0.3, 2.0])
+    binarizer = ops.get_binarizer("progressive").train()
+    for progress in (0.0, 0.25, 1.0):
+        binarizer.step(progress)
+        slope = 1.0 / max(4.0 ** (-10.0 * progress), 1e-7)  # bitorch: 1 / (1 - temperature)
+        out, gx, g = _forward_backward(binarizer, x)
+        torch.testing.assert_close(out, torch.clamp(x * slope, -1, 1))
+        assert torch.equal(gx, g)  # identity straight-through
+    binarizer.eval()
+    out, gx, g = _forward_backward(binarizer, x)
+    assert torch.equal(out, _ref_sign(x)) and torch.equal(gx, g)
+    with pytest.raises(ValueError, match="progress"):
+        binarizer.step(1.5)
+
+
+def _fourier_reference(x, n, omega=0.1):
+    x = x.double()
+    total = sum(torch.cos((2 * i + 1) * omega * x) for i in range(n + 1))
+    return 4 * omega / math.pi * total * (x.abs() <= 1).double()
+
+
+@SETTINGS
+@given(_tensor(), st.integers(0, 20))
+def test_fourier_sign_grad_matches_the_series(x, n):
+    from binarize.ops.binarizers import fourier_sign_grad
+
+    torch.testing.assert_close(fourier_sign_grad(x.double(), n), _fourier_reference(x, n), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fourier_sign_grad(x, n).double(), _fourier_reference(x, n), rtol=1e-4, atol=1e-5)
+
+
+def test_fda_schedule_and_binarizers():
+    from binarize.ops.binarizers import fda_schedule
+
+    assert fda_schedule(0.0) == (9, pytest.approx(0.1))
+    assert fda_schedule(0.5) == (13, pytest.approx(0.05))
+    assert fda_schedule(1.0) == (18, pytest.approx(0.0))
+    torch.manual_seed(0)
+    act = ops.get_binarizer("fda_activation", channels=8)
+    x = torch.randn(2, 8, 3, 3) * 0.8
+    g = torch.randn_like(x)
+    # eval mode: sign forward, Fourier-series gradient with n = 9 terms
+    out, gx, _ = _forward_backward(act.eval(), x, g)
+    assert torch.equal(out, _ref_sign(x))
+    torch.testing.assert_close(gx.double(), g.double() * _fourier_reference(x, 9), rtol=1e-4, atol=1e-5)
+    # training mode: plus noise_scale * (W2 relu(W1 x) + 0.1 sin x) over channels, by autograd
+    act.train()
+    xr = x.clone().requires_grad_(True)
+    out = act(xr)
+    noise = torch.einsum("oh,bhij->boij", act.noise.fc2.weight,
+                         torch.relu(torch.einsum("hc,bcij->bhij", act.noise.fc1.weight, x))) + 0.1 * torch.sin(x)
+    torch.testing.assert_close(out.detach(), _ref_sign(x) + 0.1 * noise, rtol=1e-5, atol=1e-6)
+    (gx,) = torch.autograd.grad(out, xr, g)
+    xn = x.clone().requires_grad_(True)
+    (noise_grad,) = torch.autograd.grad(act.noise(xn), xn, g)
+    torch.testing.assert_close(gx, g * _fourier_reference(x, 9).float() + 0.1 * noise_grad, rtol=1e-4, atol=1e-5)
+    ops.step_binarizers(act, 1.0)
+    assert act.n == 18 and act.noise_scale == pytest.approx(0.0)
+    assert torch.equal(act(x), _ref_sign(x))  # end of schedule: binary in training mode too
+    # weights: mean|W_o| (detached) * sign, gradient alpha * Fourier series
+    w = torch.randn(4, 3, 3, 3) * 0.7
+    out, gw, gg = _forward_backward(ops.get_binarizer("fda_weight"), w)
+    alpha = _per_out(w, lambda f: f.abs().mean(1))
+    torch.testing.assert_close(out, alpha * _ref_sign(w))
+    torch.testing.assert_close(gw.double(), (gg * alpha).double() * _fourier_reference(w, 9), rtol=1e-4, atol=1e-5)
+
+
+@SETTINGS
+@given(_weights())
+def test_xnorpp_weight(w):
+    binarizer = ops.get_binarizer("xnorpp_weight", channels=w.shape[0])
+    with torch.no_grad():
+        binarizer.scale.copy_(torch.linspace(-0.5, 2.0, w.shape[0]))
+    wr = w.clone().requires_grad_(True)
+    out = binarizer(wr)
+    scale = binarizer.scale.detach().reshape([-1] + [1] * (w.dim() - 1))
+    torch.testing.assert_close(out.detach(), scale * _ref_sign(w))
+    g = torch.randn_like(out)
+    gw, gs = torch.autograd.grad(out, (wr, binarizer.scale), g)
+    torch.testing.assert_close(gw, g * scale * (w.abs() <= 1).float())
+    torch.testing.assert_close(gs, (g * _ref_sign(w)).reshape(w.shape[0], -1).sum(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="output channels"):
+        binarizer(torch.randn(w.shape[0] + 1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# latent weight clipping (BinaryNet) and the new methods end to end
+# ------------------------------------------------------------------------------------------------
+def test_clip_latent_weights_follows_the_method():
+    import binarize
+    from binarize.nn import BinaryConv2d, BinaryLinear
+
+    assert ops.get_method("bnn").clip_weights and ops.get_method("xnor").clip_weights
+    assert not ops.get_method("reactnet").clip_weights
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BinaryConv2d(3, 4, 3, method="bnn"), BinaryConv2d(4, 4, 1, method="reactnet"),
+                                torch.nn.Flatten(), BinaryLinear(4, 2, method="xnor"))
+    for p in model.parameters():
+        p.data.mul_(10)
+    untouched = model[1].weight.detach().clone()
+    assert binarize.clip_latent_weights(model) == 2
+    assert model[0].weight.abs().max() <= 1 and model[3].weight.abs().max() <= 1
+    assert model[0].weight.abs().max() == 1  # clipped, not rescaled
+    assert torch.equal(model[1].weight, untouched)
+    # a training step: weights pushed past the bound come back to it, and keep receiving gradient
+    optimizer = torch.optim.SGD(model.parameters(), lr=100.0)
+    model(torch.randn(2, 3, 3, 3)).sum().backward()
+    assert model[0].weight.grad.abs().sum() > 0
+    optimizer.step()
+    ops.clip_latent_weights(model)
+    assert model[0].weight.abs().max() <= 1 and model[3].weight.abs().max() <= 1
+    with pytest.raises(ValueError, match="bound"):
+        ops.clip_latent_weights(model, bound=0)
+
+
+NEW_METHODS = ["fda", "xnorpp", "swishsign", "heaviside", "progressive"]
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_new_methods_convert_train_and_deploy(method):
+    import warnings
+
+    import binarize
+    from binarize.engine import deploy_report
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 25, 4))
+    converted = binarize.convert(model, method=method)
+    names = [n for n, m in converted.named_modules() if hasattr(m, "weight_binarizer")]
+    layers = [converted.get_submodule(n) for n in names]
+    assert layers and all(m.input_bits == 1 and m.weight_bits == 1 and m.method == method for m in layers)
+    ops.step_binarizers(converted, 0.5)
+    x = torch.randn(4, 3, 5, 5)
+    converted.train()
+    converted(x).logsumexp(1).mean().backward()
+    grads = [m.weight.grad for m in layers]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    ops.step_binarizers(converted, 1.0)
+    converted.eval()
+    expected = converted(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deployed = binarize.deploy(converted)
+    report = deploy_report(deployed)
+    out = deployed(x)
+    # every binary layer is either packed (and then exact) or left simulated with a reason
+    if method == "heaviside":
+        assert set(names) <= set(report.simulated) and "Heaviside" in report.simulated[names[0]]
+    else:
+        assert set(names) <= set(report.packed)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_one_activations_stay_simulated_in_deploy():
+    import warnings
+
+    import binarize
+    from binarize.engine import deploy_report
+    from binarize.nn import BinaryConv2d
+
+    dorefa01 = ops.Method("test_dorefa01", "dorefa_activation", "dorefa_weight", paper="DoReFa-Net, {0, 1}")
+    model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, padding=1, method=dorefa01)).eval()
+    x = torch.rand(1, 4, 5, 5) * 1.5 - 0.25
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deployed = binarize.deploy(model)
+    assert "0" in deploy_report(deployed).simulated and not deploy_report(deployed).packed
+    torch.testing.assert_close(deployed(x), expected)
+
+
+def test_training_mode_sign_binarizers_refuse_packing():
+    for binarizer in (ops.ProgressiveSign(), ops.FDAActivation(4), ops.SwishSign()):
+        assert binarizer.eval().packed_spec() == {"threshold": None, "sample_scale": False}
+        with pytest.raises(ValueError, match="eval"):
+            binarizer.train().packed_spec()

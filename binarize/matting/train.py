@@ -43,6 +43,7 @@ from binarize.matting.train_state import (
     seed_everything,
     set_rng_state,
 )
+from binarize.ops import clip_latent_weights
 
 __all__ = [
     "Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop", "random_window",
@@ -542,6 +543,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
         self.scaler.step(self.optimizer)
+        clip_latent_weights(self.model)  # BinaryNet's [-1, 1] clip, for methods that declare it
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -36,6 +36,10 @@ __all__ = [
     "ede_grad",
     "ede_schedule",
     "recu_tau_schedule",
+    "fourier_sign_grad",
+    "swish_sign_grad",
+    "fda_schedule",
+    "clip_latent_weights",
     "Identity",
     "SignSTE",
     "XNORWeight",
@@ -50,6 +54,14 @@ __all__ = [
     "ReCUActivation",
     "BiMattingWeight",
     "BiMattingActivation",
+    "DoReFaActivation",
+    "Heaviside",
+    "SwishSign",
+    "ProgressiveSign",
+    "FDAActivation",
+    "FDAWeight",
+    "NoiseAdaptation",
+    "XNORPPWeight",
     "LearnableBias",
     "RPReLU",
 ]
@@ -66,10 +78,14 @@ class Binarizer(nn.Module):
     ``bits`` is the precision of the output (1 for a binarizer, 32 for identity) and ``kind`` says
     whether it binarizes activations or weights; layers and ``binarize.profile`` read these
     attributes, never class names. ``step(progress)`` advances a training schedule.
+    ``clip_latent`` (weight binarizers): the layer's latent float weights are clipped to [-1, 1]
+    after each optimizer step by :func:`clip_latent_weights` (BinaryNet); methods declaring
+    ``clip_weights=True`` set it on the weight binarizers they build.
     """
 
     bits: int = 1
     kind: str = "activation"
+    clip_latent: bool = False
 
     def __init__(self, kind: Optional[str] = None) -> None:
         super().__init__()
@@ -197,6 +213,39 @@ def recu_tau_schedule(progress: float, tau_min: float = 0.85, tau_max: float = 0
     return tau_min + (tau_max - tau_min) * (math.exp(p) - 1.0) / (math.e - 1.0)
 
 
+def fourier_sign_grad(x: torch.Tensor, n: int, omega: float = 0.1) -> torch.Tensor:
+    """FDA's derivative of the Fourier series of sign (Xu et al. 2021, NeurIPS; official code as copied in BiBench).
+
+    sign(x) ~ (4/pi) sum_{i=0}^{n} sin((2i+1) omega x) / (2i+1), so the surrogate derivative is
+    ``(4 omega / pi) sum_{i=0}^{n} cos((2i+1) omega x)``, zeroed where |x| > 1 (as the code).
+    The sum is evaluated in closed form, sin(2(n+1) theta) / (2 sin theta) with theta = omega x
+    (its limit n + 1 at theta = 0).
+    """
+    theta = x * omega
+    small = theta.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(theta), theta)
+    series = torch.where(small, torch.full_like(theta, float(n + 1)),
+                         torch.sin(2 * (n + 1) * safe) / (2 * torch.sin(safe)))
+    return (4 * omega / math.pi) * series * (x.abs() <= 1).to(x.dtype)
+
+
+def fda_schedule(progress: float, n_min: int = 9, n_max: int = 18, noise_max: float = 0.1) -> tuple:
+    """FDA's (n, noise scale) at a training progress p: n = n_min + floor(p (n_max - n_min)),
+    noise scale = noise_max (1 + cos(pi p)) / 2 (the official code: 9 -> 18 terms, 0.1 -> 0)."""
+    p = check_progress(progress)
+    return int(n_min + math.floor(p * (n_max - n_min))), noise_max * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def swish_sign_grad(x: torch.Tensor, beta: float = 5.0) -> torch.Tensor:
+    """Derivative of BNN+'s SignSwish (Darabi et al. 2018), as Larq / bitorch ``SwishSign``:
+    beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)), written as
+    2 beta s (1 - s) (2 + beta x (1 - 2 s)) with s = sigmoid(beta x) (the same function, finite
+    for any finite x; beta x is clamped to +-60 where the derivative is below 1e-24)."""
+    z = torch.clamp(x * beta, -60.0, 60.0)
+    s = torch.sigmoid(z)
+    return 2 * beta * s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
 def _per_output_mean_abs(w: torch.Tensor) -> torch.Tensor:
     """mean |w| over all dims but the first (output channel), keeping dims for broadcasting."""
     if w.dim() < 2:
@@ -242,21 +291,36 @@ class SignSTE(Binarizer):
 
 @register_binarizer("xnor_weight")
 class XNORWeight(Binarizer):
-    """XNOR-Net weight binarizer (Rastegari et al. 2016, Eq. 4-6).
+    """XNOR-Net weight binarizer (Rastegari et al. 2016, Eq. 4-7).
 
     Forward: alpha_o * sign(W) with alpha_o = mean|W_o| per output channel; sign(0) = +1.
-    Backward: the scale is NOT detached (XNOR-Net Eq. 7 differentiates through alpha):
-    dL/dW = g * alpha * 1{|W| <= 1} + sign(W) * mean_o(g * sign(W)).
+    Backward (default, ``detach_scale=False``): the paper's form, differentiating through alpha as
+    the authors' code does (``updateBinaryGradWeight``):
+    dL/dW = g * alpha * 1{|W| <= 1} + sign(W) * mean_o(g * sign(W)). The code then multiplies the
+    whole gradient by n (1 - 1/C_in), a learning-rate rescaling left out here.
+    ``detach_scale=True``: BiBench's form, the scale detached and the straight-through estimator
+    written as clamp(W, -1, 1) (no alpha factor): dL/dW = g * 1{|W| <= 1}.
+    The default is the paper's: the method is named after it, and it is the exact derivative of
+    the forward through the scale (with the clipped STE for sign).
     """
 
     kind = "weight"
+
+    def __init__(self, detach_scale: bool = False) -> None:
+        super().__init__()
+        self.detach_scale = bool(detach_scale)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         alpha = _per_output_mean_abs(w)
         value = sign_plus(w)
         if not needs_grad(w):
             return alpha * value
+        if self.detach_scale:
+            return straight_through(alpha * value, w, clipped_ste_grad(w))
         return alpha * straight_through(value, w, clipped_ste_grad(w))
+
+    def extra_repr(self) -> str:
+        return f"detach_scale={self.detach_scale}, " + super().extra_repr()
 
 
 @register_binarizer("xnor_activation")
@@ -265,8 +329,13 @@ class XNORActivation(Binarizer):
 
     Forward: K_b * sign(A) with K_b = mean|A_b| over every non-batch dim (C, H, W for images,
     N, C for tokens); sign(0) = +1. The paper's per-position K map is simplified to one scalar
-    per sample. Backward: clipped STE through sign, and the gradient flows through K (not detached).
+    per sample (as BiBench). Backward (default): clipped STE through sign, and the gradient flows
+    through K (not detached). ``detach_scale=True``: BiBench's form, g * 1{|A| <= 1}.
     """
+
+    def __init__(self, detach_scale: bool = False) -> None:
+        super().__init__()
+        self.detach_scale = bool(detach_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
@@ -275,7 +344,12 @@ class XNORActivation(Binarizer):
         value = sign_plus(x)
         if not needs_grad(x):
             return scale * value
+        if self.detach_scale:
+            return straight_through(scale * value, x, clipped_ste_grad(x))
         return scale * straight_through(value, x, clipped_ste_grad(x))
+
+    def extra_repr(self) -> str:
+        return f"detach_scale={self.detach_scale}, " + super().extra_repr()
 
 
 @register_binarizer("dorefa_weight")
@@ -435,6 +509,8 @@ class ReCUWeight(Binarizer):
     sign, zero outside the clamp, through the standardisation; alpha gets its own gradient; Q is
     detached. ``tau`` (buffer) follows ``recu_tau_schedule`` via ``step``; starts at tau_min.
     ``alpha`` starts at 1 (the official code draws it from U(0, 1); a BatchNorm usually follows).
+    A layer with one weight per output channel (depthwise 1x1, ``Linear(1, n)``) uses the biased
+    variance (0) where the official unbiased one is NaN.
     """
 
     kind = "weight"
@@ -458,8 +534,15 @@ class ReCUWeight(Binarizer):
         if not torch.jit.is_tracing() and w.shape[0] != self.channels:
             raise ValueError(f"ReCU binarizer built for {self.channels} output channels, got weight of shape {w.shape}")
         dims = list(range(1, w.dim()))
+        # one weight per output channel: the official unbiased variance is 0/0 = NaN; use 0 (the
+        # centred weight is exactly 0, so the layer outputs alpha_o * (+1) and stays finite)
+        count = 1
+        for d in dims:
+            count *= w.shape[d]
+        correction = 1 if count > 1 else 0
         centred = w - w.mean(dim=dims, keepdim=True)
-        standard = centred / (torch.sqrt(centred.var(dim=dims, keepdim=True) + 1e-5) / (2 * math.sqrt(2)))
+        variance = centred.var(dim=dims, keepdim=True, correction=correction)
+        standard = centred / (torch.sqrt(variance + 1e-5) / (2 * math.sqrt(2)))
         q = (-standard.abs().mean() * torch.log(2 - 2 * self.tau.to(w.dtype))).detach()
         clamped = torch.maximum(torch.minimum(standard, q), -q)
         binary = sign_plus(clamped)
@@ -475,25 +558,40 @@ class ReCUWeight(Binarizer):
 class ReCUActivation(Binarizer):
     """ReCU activations (official z-hXu/ReCU code): sign forward (sign(0) = +1), no scale.
 
-    Backward: dL/dx = g * max(0, 2 - 2|a0|), ApproxSign evaluated on a0 = x / sqrt(var_b(x) + 1e-5)
-    (per-sample variance over non-batch dims) in training mode, on x itself in eval mode (as the
-    official code). sign(a0) == sign(x), so only the gradient depends on the normalisation.
-    Deviation: the official code also back-propagates through the division (a factor 1/std per
-    layer); for near-constant activations (std ~ 3e-3 floor) that factor compounds to inf/NaN
-    gradients within a dozen layers (seen on rvm_recu at initialisation), so the normalisation
-    only selects the window of the estimator here.
+    Training mode: a0 = x / s with s = sqrt(var(x) + 1e-5), the unbiased variance per sample over
+    C, H, W (``channel_dim=1``, convolutions) or per token over the features (``channel_dim=-1``,
+    ``BinaryLinear``, as the official ``ReCULinear``); sign(a0) == sign(x). Backward: ApproxSign on
+    a0, h = g * max(0, 2 - 2|a0|), then (``through_std=True``, the default, as the official code's
+    autograd) through the division:
+    dL/dx = h / s - (x - mu) * sum(h * x) / ((N - 1) s^3), the sums over the normalised group.
+    ``through_std=False``: dL/dx = h (the standardisation only selects the estimator's window).
+    Eval mode: ApproxSign on x itself, as the official code. One element per group: biased
+    variance (0) instead of the official NaN.
     """
 
+    def __init__(self, channel_dim: int = 1, through_std: bool = True) -> None:
+        super().__init__()
+        self.channel_dim = int(channel_dim)
+        self.through_std = bool(through_std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalised = x
-        if self.training and x.dim() >= 2:
-            dims = list(range(1, x.dim()))
-            correction = 1 if x[0].numel() > 1 else 0
-            normalised = x / torch.sqrt(x.var(dim=dims, keepdim=True, correction=correction) + 1e-5)
         value = sign_plus(x)
         if not needs_grad(x):
             return value
-        return straight_through(value, x, approx_sign_grad(normalised.detach()))
+        if not (self.training and x.dim() >= 2):
+            return straight_through(value, x, approx_sign_grad(x))
+        dims = list(range(1, x.dim())) if self.channel_dim == 1 else [x.dim() - 1]
+        count = 1
+        for d in dims:
+            count *= x.shape[d]
+        correction = 1 if count > 1 else 0
+        normalised = x / torch.sqrt(x.var(dim=dims, keepdim=True, correction=correction) + 1e-5)
+        if not self.through_std:
+            return straight_through(value, x, approx_sign_grad(normalised.detach()))
+        return straight_through(value, normalised, approx_sign_grad(normalised))
+
+    def extra_repr(self) -> str:
+        return f"channel_dim={self.channel_dim}, through_std={self.through_std}, " + super().extra_repr()
 
 
 @register_binarizer("bimatting_weight")
@@ -531,6 +629,289 @@ class BiMattingActivation(Binarizer):
         if not needs_grad(x):
             return value
         return straight_through(value, x, clipped_ste_grad(x))
+
+
+@register_binarizer("dorefa_activation")
+class DoReFaActivation(Binarizer):
+    """DoReFa-Net 1-bit activations (Zhou et al. 2016, Sec. 2.4; tensorpack ``dorefa.py``).
+
+    Forward: quantize_1(clip(x, 0, 1)) = round(clip(x, 0, 1)) in **{0, 1}** (round half to even,
+    as ``tf.round``: 0.5 -> 0). Backward: straight through the rounding and the clip's
+    derivative, g * 1{0 <= x <= 1}. No scale. The packed engine computes with +-1 inputs and has
+    no equivalent, so ``deploy`` keeps a layer using it simulated (listed in its report).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = torch.round(torch.clamp(x, 0.0, 1.0))
+        if not needs_grad(x):
+            return value
+        return straight_through(value, x, ((x >= 0) & (x <= 1)).to(x.dtype))
+
+
+@register_binarizer("heaviside")
+class Heaviside(Binarizer):
+    """Heaviside step with a clipped straight-through estimator (Larq ``SteHeaviside``).
+
+    Forward: 1 if x > 0 else 0 (values **{0, 1}**; x = 0 -> 0). Backward: g * 1{|x| <= clip_value}
+    (``clip_value`` 1 as Larq). No scale. ``deploy`` keeps a layer using it simulated (the packed
+    engine's inputs are +-1).
+    """
+
+    def __init__(self, clip_value: float = 1.0, kind: Optional[str] = None) -> None:
+        super().__init__(kind)
+        if not float(clip_value) > 0:
+            raise ValueError(f"heaviside clip_value must be positive, got {clip_value}")
+        self.clip_value = float(clip_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = (x > 0).to(x.dtype)
+        if not needs_grad(x):
+            return value
+        return straight_through(value, x, (x.abs() <= self.clip_value).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"clip_value={self.clip_value:g}, " + super().extra_repr()
+
+
+def _plain_sign_spec(binarizer: Binarizer) -> Dict[str, Optional[torch.Tensor]]:
+    """``packed_spec`` of a binarizer whose eval-mode forward is sign+(x) (refused in training mode)."""
+    if binarizer.training:
+        raise ValueError(f"{type(binarizer).__name__} computes sign only in eval mode; call .eval() before deploy")
+    return {"threshold": None, "sample_scale": False}
+
+
+@register_binarizer("swishsign")
+class SwishSign(Binarizer):
+    """BNN+ SignSwish estimator (Darabi et al. 2018, "BNN+: Improved Binary Network Training";
+    Larq / bitorch ``SwishSign``).
+
+    Forward: sign+(x) (sign(0) = +1, as Larq and bitorch). No scale. Backward: the derivative of
+    SS_beta(x) = 2 sigmoid(beta x) (1 + beta x (1 - sigmoid(beta x))) - 1, i.e.
+    g * beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)); ``beta`` 5 as Larq's default.
+    Used for activations (default) or weights (``kind="weight"``).
+    """
+
+    def __init__(self, beta: float = 5.0, kind: Optional[str] = None) -> None:
+        super().__init__(kind)
+        if not float(beta) > 0:
+            raise ValueError(f"swishsign beta must be positive, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = sign_plus(x)
+        if not needs_grad(x):
+            return value
+        return straight_through(value, x, swish_sign_grad(x, self.beta))
+
+    @torch.jit.unused
+    def packed_spec(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The packed engine's description: plain sign+(x)."""
+        return _plain_sign_spec(self)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}, " + super().extra_repr()
+
+
+@register_binarizer("progressive")
+class ProgressiveSign(Binarizer):
+    """Progressive sign (bitorch ``ProgressiveSign``): a hard tanh that steepens into sign.
+
+    Training mode: hardtanh(x / max(1 - T, 1e-7)) with the temperature T = 1 - a^(-b p) at the
+    training progress p (``step(p)``; a = 4, b = 10 as bitorch), so p = 0 gives hardtanh(x) and
+    p = 1 a slope of 4^10 ~ 1e6. Backward: identity straight-through (g, as bitorch's
+    ``ProgressiveSignFunctionTrain``). Eval mode: sign+(x) (sign(0) = +1), which is what the
+    packed engine computes. Used for activations (default) or weights (``kind="weight"``).
+    """
+
+    def __init__(self, alpha: float = 4.0, beta: float = 10.0, kind: Optional[str] = None) -> None:
+        super().__init__(kind)
+        if not (float(alpha) > 1 and float(beta) > 0):
+            raise ValueError(f"progressive sign needs alpha > 1 and beta > 0, got {alpha}, {beta}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.slope = 1.0
+        self.step(0.0)
+
+    def step(self, progress: float) -> None:
+        """Set the hard tanh's slope 1 / max(alpha^(-beta p), 1e-7) for the training progress p."""
+        p = check_progress(progress)
+        self.slope = 1.0 / max(self.alpha ** (-self.beta * p), 1e-7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            value = torch.clamp(x * self.slope, -1.0, 1.0)
+        else:
+            value = sign_plus(x)
+        if not needs_grad(x):
+            return value
+        return straight_through_identity(value, x)
+
+    @torch.jit.unused
+    def packed_spec(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The packed engine's description: plain sign+(x) (eval mode only)."""
+        return _plain_sign_spec(self)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope:.4g}, " + super().extra_repr()
+
+
+class _FDAMixin:
+    """FDA's schedule state: n Fourier terms (9 -> 18) and the noise scale (0.1 -> 0)."""
+
+    def _init_fda(self, omega: float, n_min: int, n_max: int, noise_max: float) -> None:
+        if not (float(omega) > 0 and 0 <= int(n_min) <= int(n_max) and float(noise_max) >= 0):
+            raise ValueError(f"FDA needs omega > 0, 0 <= n_min <= n_max, noise_max >= 0; got "
+                             f"{omega}, {n_min}, {n_max}, {noise_max}")
+        self.omega, self.n_min, self.n_max, self.noise_max = float(omega), int(n_min), int(n_max), float(noise_max)
+        self.n, self.noise_scale = fda_schedule(0.0, self.n_min, self.n_max, self.noise_max)
+
+    def step(self, progress: float) -> None:
+        """Set (n, noise scale) for the training progress (``fda_schedule``)."""
+        self.n, self.noise_scale = fda_schedule(progress, self.n_min, self.n_max, self.noise_max)
+
+
+class NoiseAdaptation(nn.Module):
+    """FDA's noise adaptation module for activations: a per-position two-layer MLP over channels.
+
+    e(x) = W2 relu(W1 x) + 0.1 sin(x) (no biases; hidden width C // 64, or C // 4 below 64
+    channels, at least 1), applied along ``channel_dim``; as the official ``NoiseAdaption_a``.
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1) -> None:
+        super().__init__()
+        channels = int(channels)
+        hidden = max(channels // 64 if channels >= 64 else channels // 4, 1)
+        self.channel_dim = int(channel_dim)
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim
+        last = x.movedim(dim, -1)
+        mlp = self.fc2(F.relu(self.fc1(last))).movedim(-1, dim)
+        return mlp + 0.1 * torch.sin(x)
+
+
+@register_binarizer("fda_activation")
+class FDAActivation(_FDAMixin, Binarizer):
+    """FDA activations (Xu et al. 2021, "Learning Frequency Domain Approximation for Binary Neural
+    Networks", NeurIPS): sign forward with the Fourier-series gradient and noise adaptation.
+
+    Forward: sign+(x) (sign(0) = +1; the code uses torch.sign), no scale; in training mode plus
+    ``noise_scale * e(x)`` (:class:`NoiseAdaptation`, the learned correction of the truncated
+    series), so the training-mode output is not binary until the noise scale reaches 0 at the end
+    of the schedule. Eval mode: sign+(x) only (the deployed, end-of-schedule network).
+    Backward: ``fourier_sign_grad(x, n, omega)`` (omega = 0.1) plus the noise branch's autograd.
+    ``step(p)``: n = 9 + floor(9 p) terms, noise scale 0.05 (1 + cos(pi p)) (0.1 -> 0).
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1, omega: float = 0.1, n_min: int = 9,
+                 n_max: int = 18, noise_max: float = 0.1, noise: bool = True) -> None:
+        super().__init__()
+        if int(channels) <= 0:
+            raise ValueError(f"FDA needs a positive channel count, got {channels}")
+        self._init_fda(omega, n_min, n_max, noise_max)
+        self.channels = int(channels)
+        self.use_noise = bool(noise)
+        self.noise = NoiseAdaptation(self.channels, channel_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = sign_plus(x)
+        if needs_grad(x):
+            value = straight_through(value, x, fourier_sign_grad(x, self.n, self.omega))
+        if self.training and self.use_noise and self.noise_scale > 0:
+            value = value + self.noise_scale * self.noise(x)
+        return value
+
+    @torch.jit.unused
+    def packed_spec(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The packed engine's description: plain sign+(x) (eval mode only)."""
+        return _plain_sign_spec(self)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, n={self.n}, noise_scale={self.noise_scale:.4g}, " + super().extra_repr()
+
+
+@register_binarizer("fda_weight")
+class FDAWeight(_FDAMixin, Binarizer):
+    """FDA weights (Xu et al. 2021; official code as in BiBench ``FDAConv2d``).
+
+    Forward: alpha_o * sign+(W) with alpha_o = mean|W_o| DETACHED. Backward:
+    g * alpha_o * ``fourier_sign_grad(W, n, omega)``. ``step(p)`` schedules n as the activations.
+    The official weight noise-adaptation branch (an MLP over each filter's C_in*k*k weights) is
+    not included: weight binarizers are built from the output channel count only.
+    """
+
+    kind = "weight"
+
+    def __init__(self, omega: float = 0.1, n_min: int = 9, n_max: int = 18) -> None:
+        super().__init__()
+        self._init_fda(omega, n_min, n_max, 0.0)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = _per_output_mean_abs(w).detach()
+        value = sign_plus(w)
+        if not needs_grad(w):
+            return alpha * value
+        return alpha * straight_through(value, w, fourier_sign_grad(w, self.n, self.omega))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, " + super().extra_repr()
+
+
+@register_binarizer("xnorpp_weight")
+class XNORPPWeight(Binarizer):
+    """XNOR-Net++ weights (Bulat & Tzimiropoulos 2019, BMVC), the per-output-channel variant.
+
+    Forward: gamma_o * sign+(W) with gamma [channels] a learned scale (init 1, as BiBench), which
+    the paper applies to the conv output; folded into the weight here (identical without a bias).
+    The paper's factorised alpha (x) beta (x) gamma over (out-channels, H_out, W_out) ties a model
+    to one output resolution; this is its out-channel factor only. Backward: clipped STE,
+    dL/dW = g * gamma_o * 1{|W| <= 1}; gamma gets sum(g * sign(W)) per channel.
+    """
+
+    kind = "weight"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if int(channels) <= 0:
+            raise ValueError(f"XNOR-Net++ needs a positive output channel count, got {channels}")
+        self.channels = int(channels)
+        self.scale = nn.Parameter(torch.ones(self.channels))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and w.shape[0] != self.channels:
+            raise ValueError(f"XNOR-Net++ binarizer built for {self.channels} output channels, got weight of shape {w.shape}")
+        value = sign_plus(w)
+        if needs_grad(w):
+            value = straight_through(value, w, clipped_ste_grad(w))
+        return self.scale.to(w.dtype).reshape([-1] + [1] * (w.dim() - 1)) * value
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, " + super().extra_repr()
+
+
+def clip_latent_weights(model: nn.Module, bound: float = 1.0) -> int:
+    """Clip the latent float weights of ``model``'s binary layers to [-bound, bound] in place.
+
+    BinaryNet (Courbariaux et al. 2016, Algorithm 1) clips the real-valued weights
+    after every update so that they stay where the clipped straight-through estimator passes a
+    gradient. Applies to every module with a ``weight`` parameter whose ``weight_binarizer`` has
+    ``clip_latent`` set (methods with ``clip_weights=True``: ``bnn``, ``xnor``); call it after
+    each ``optimizer.step()``. Returns the number of layers clipped.
+    """
+    bound = float(bound)
+    if not bound > 0:
+        raise ValueError(f"clip bound must be positive, got {bound}")
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            binarizer = getattr(module, "weight_binarizer", None)
+            weight = getattr(module, "weight", None)
+            if binarizer is None or not isinstance(weight, torch.Tensor) or not getattr(binarizer, "clip_latent", False):
+                continue
+            weight.clamp_(-bound, bound)
+            count += 1
+    return count
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class Method:
     binarization. ``post``: optional factory ``post(channels)`` of a module applied after the
     layer (RPReLU for ReActNet). ``channel_threshold``: conv layers own an unused
     ``channel_threshold`` [1, C_in, 1, 1] parameter (official BiMatting checkpoints have one).
+    ``clip_weights``: the latent float weights are clipped to [-1, 1] after each optimizer step
+    (BinaryNet); ``make_weight`` marks the weight binarizer (``clip_latent``) and
+    :func:`binarize.ops.clip_latent_weights` does the clipping, so a trainer needs no method names.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Method:
     post: Optional[Callable[..., nn.Module]] = None
     paper: str = ""
     channel_threshold: bool = False
+    clip_weights: bool = False
 
     def make_activation(self, channels: int, channel_dim: int = 1) -> Binarizer:
         """Input binarizer for a layer with ``channels`` input channels (``channel_dim`` -1 for tokens)."""
@@ -68,7 +72,10 @@ class Method:
 
     def make_weight(self, channels: int) -> Binarizer:
         """Weight binarizer for a layer with ``channels`` output channels."""
-        return _build(self.weight, channels, 1, "weight")
+        binarizer = _build(self.weight, channels, 1, "weight")
+        if self.clip_weights:
+            binarizer.clip_latent = True
+        return binarizer
 
     def make_post(self, channels: int, channel_dim: int = 1) -> Optional[nn.Module]:
         """Module applied after the layer's output (``None`` when the method has none)."""
@@ -129,9 +136,9 @@ def step_binarizers(model: nn.Module, progress: float) -> int:
 
 
 for _method in (
-    Method("bnn", "sign", "sign",
+    Method("bnn", "sign", "sign", clip_weights=True,
            paper="Courbariaux et al. 2016, Binarized Neural Networks (arXiv:1602.02830)"),
-    Method("xnor", "xnor_activation", "xnor_weight",
+    Method("xnor", "xnor_activation", "xnor_weight", clip_weights=True,
            paper="Rastegari et al. 2016, XNOR-Net (ECCV)"),
     Method("dorefa", "sign", "dorefa_weight",
            paper="Zhou et al. 2016, DoReFa-Net (arXiv:1606.06160)"),
@@ -145,6 +152,16 @@ for _method in (
            paper="Xu et al. 2021, ReCU: Reviving the Dead Weights in Binary Neural Networks (ICCV)"),
     Method("bimatting", "bimatting_activation", "bimatting_weight", channel_threshold=True,
            paper="Qin et al. 2023, BiMatting: Efficient Video Matting via Binarization (NeurIPS)"),
+    Method("fda", "fda_activation", "fda_weight",
+           paper="Xu et al. 2021, Learning Frequency Domain Approximation for Binary Neural Networks (NeurIPS)"),
+    Method("xnorpp", "sign", "xnorpp_weight",
+           paper="Bulat & Tzimiropoulos 2019, XNOR-Net++: Improved Binary Neural Networks (BMVC)"),
+    Method("swishsign", "swishsign", "sign",
+           paper="Darabi et al. 2018, BNN+: Improved Binary Network Training (arXiv:1812.11800); Larq SwishSign"),
+    Method("heaviside", "heaviside", "sign",
+           paper="Larq SteHeaviside (Geiger & Team Plumerai 2020, Larq, JOSS): {0, 1} activations"),
+    Method("progressive", "progressive", "sign",
+           paper="bitorch ProgressiveSign (hpi-xnor/bitorch): hard tanh annealed into sign"),
 ):
     register_method(_method)
 del _method
