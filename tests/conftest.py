@@ -10,7 +10,8 @@ from hypothesis import settings
 
 # no per-example deadline (CI machines are shared and slow); on CI, a fixed example sequence so a
 # green run stays green (locally hypothesis keeps exploring new examples)
-settings.register_profile("binarize", deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True)
+ON_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+settings.register_profile("binarize", deadline=None, derandomize=ON_CI, print_blob=True)
 settings.load_profile("binarize")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from conftest import ON_CI
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from official_weights import make_state_dict
 from torch import nn
 
 import binarize
-from binarize.models import create_model, read_config
+from binarize.models import create_model, read_config, save_pretrained
 from binarize.models import registry as registry_module
 from binarize.models.checkpoint import reconstruct_latent_weight
 from binarize.nn import BinaryConv2d
@@ -182,8 +184,31 @@ def test_every_method_reloads_exactly(conv_zoo, tmp_path, method):
                                .weight_binarizer(original)), key
 
 
+def test_save_respects_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = binarize.save(nn.Linear(2, 2), tmp_path / "masked.safetensors")
+        pretrained = save_pretrained(create_model("rvm_bnn"), tmp_path / "pretrained")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # as open() would create it, not safetensors' 0600
+    assert {p.stat().st_mode & 0o777 for p in pretrained.iterdir()} == {0o640}
+
+
 # ---------------------------------------------------------------- the reconstruction itself
+# DoReFa's one scale, mean|W| over the whole tensor, couples the channels: it is fl(X / N) of the
+# float sum X of all N = out_channels x fan_in magnitudes, and the per-channel exact-sum
+# constructions fix each channel's sum, not X. For some N (odd ones such as 63 = 9 x 7) and
+# magnitudes no channel comes out exact (about 1% of random draws here), so the old bound of 90%
+# exact channels was wrong for it; save() then stores such a layer in full precision, and what
+# the property must hold is: whatever is reported exact is exact, and the file reloads exactly.
+PER_TENSOR_SCALE = {"dorefa_weight"}
+
+
 @settings(max_examples=25, deadline=None)
+@example(name="dorefa_weight", out_channels=16, fan_in=(7, 1, 1), std=3.6595, seed=340)  # issue 19's report
+@example(name="dorefa_weight", out_channels=9, fan_in=(7, 1, 1), std=2.261243584681615, seed=40828)  # none exact
+@example(name="dorefa_weight", out_channels=21, fan_in=(1, 3, 3), std=1.116811950237449, seed=36711)  # none exact
 @given(
     name=st.sampled_from(["bimatting_weight", "xnor_weight", "bireal_weight", "dorefa_weight"]),
     out_channels=st.integers(1, 24),
@@ -203,4 +228,29 @@ def test_reconstruction_is_bit_exact(name, out_channels, fan_in, std, seed):
     with torch.no_grad():
         rebuilt = binarizer(latent)
     assert torch.equal(rebuilt[exact], effective[exact])
-    assert exact.float().mean() >= 0.9  # the rare rest is stored as latent rows by save()
+    if name not in PER_TENSOR_SCALE:
+        assert exact.float().mean() >= 0.9  # the rare rest is stored as latent rows by save()
+        return
+    assert bool(exact.all()) or not bool(exact.any())  # one scale: all channels exact, or none
+    layer = BinaryConv2d(fan_in[0], out_channels, fan_in[1], method="dorefa")
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    _assert_reloads_exactly(layer, fan_in)
+
+
+def _assert_reloads_exactly(layer: nn.Module, fan_in) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = binarize.save(nn.Sequential(layer), os.path.join(folder, "layer.safetensors"))
+        fresh = nn.Sequential(BinaryConv2d(fan_in[0], layer.out_channels, fan_in[1], method="dorefa"))
+        reloaded = binarize.load(path, model=fresh)[0]
+    with torch.no_grad():
+        assert torch.equal(reloaded.weight_binarizer(reloaded.weight), layer.weight_binarizer(layer.weight))
+
+
+def test_ci_runs_hypothesis_derandomized():
+    """conftest's profile reaches the decorated property tests: a fixed example sequence on CI."""
+    active = settings.default
+    assert active.derandomize == ON_CI and active.deadline is None
+    assert test_reconstruction_is_bit_exact._hypothesis_internal_use_settings.derandomize == ON_CI

@@ -408,6 +408,12 @@ def _model_config(model: nn.Module, name: Optional[str], kwargs: Optional[Dict[s
     return {"model": name, "kwargs": kwargs}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_target(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -438,6 +444,7 @@ def save(
     tmp = _atomic_target(path)
     try:
         save_file(blobs, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; give what open() would
         os.replace(tmp, path)
     finally:
         if tmp.exists():
