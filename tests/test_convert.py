@@ -163,7 +163,8 @@ def test_skip_globs_and_predicate() -> None:
     model = Nested()
     _, report = convert(model, skip="stages.*", return_report=True)
     assert {k.name for k in report.kept if k.reason == REASON_SKIP} == {"stages.0.0", "stages.1.0"}
-    _, report = convert(model, skip=["head.1", "nothing*"], return_report=True)
+    with pytest.warns(UserWarning, match="'nothing\\*' matches no"):
+        _, report = convert(model, skip=["head.1", "nothing*"], return_report=True)
     assert [k.name for k in report.kept if k.reason == REASON_SKIP] == ["head.1"]
     # a shared module matches through any of its names
     _, report = convert(model, skip="branches.a.*", return_report=True)
@@ -385,3 +386,143 @@ def test_first_and_last_in_call_order_with_example_inputs() -> None:
     assert converted.training and converted.stem.training  # modes restored after the probing forward
     with pytest.raises(ValueError, match="example_inputs failed"):
         convert(model, example_inputs=torch.randn(1, 5, 6, 6))
+
+
+class _FunctionalAttention(nn.Module):
+    """Reads its projections' weights through ``F.linear`` (as torchvision's swin attention does)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return F.linear(attn @ v, self.proj.weight, self.proj.bias)
+
+
+class _HiddenRead(nn.Module):
+    """Reads its child's weight in a way no source scan sees (only a forward reveals it)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.inner = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, "inn" + "er")
+        return F.linear(x, layer.weight, layer.bias)
+
+
+def _mlp_around(block: nn.Module, dim: int = 8) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, dim), block, nn.Linear(dim, dim), nn.Linear(dim, 2))
+
+
+def test_layers_read_functionally_are_kept_not_reported_replaced() -> None:
+    model = _mlp_around(_FunctionalAttention())
+    converted, report = convert(model, return_report=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert "functionally" in kept["2.qkv"] and "functionally" in kept["2.proj"]
+    assert {r.name for r in report.replaced} == {"1", "3"}
+    assert type(converted[2].qkv) is nn.Linear
+    # every replaced layer really runs: removing its binarization changes the output
+    x = torch.randn(3, 5, 8)
+    assert not torch.allclose(converted.eval()(x), model.eval()(x))
+
+
+def test_uncalled_layers_are_found_by_the_example_forward() -> None:
+    model = _mlp_around(_HiddenRead())
+    _, report = convert(model, return_report=True)
+    assert "2.inner" in {r.name for r in report.replaced}  # the source gives nothing away
+    _, report = convert(model, return_report=True, example_inputs=torch.randn(2, 8))
+    kept = {k.name: k.reason for k in report.kept}
+    assert "never called" in kept["2.inner"] and "_HiddenRead" in kept["2.inner"]
+    assert {r.name for r in report.replaced} == {"1", "3"}
+
+
+def test_transformer_encoder_fast_path_does_not_bypass_binary_layers() -> None:
+    """In eval mode without gradients nn.TransformerEncoderLayer's fast path read linear1/linear2's
+    weights directly: the converted layers were bypassed (outputs differed by 0.25)."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.Linear(8, 16), layer, nn.Linear(16, 3))
+    converted, report = convert(model, return_report=True)
+    assert {"1.linear1", "1.linear2"} <= {r.name for r in report.replaced}
+    converted.eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        fast = converted(x)
+    torch.testing.assert_close(fast, converted(x).detach())
+    # the float model keeps its fast path
+    assert model[1].activation_relu_or_gelu
+
+
+def test_swin_t_attention_projections_kept() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    _, report = convert(torchvision.models.swin_t(num_classes=4), return_report=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert "functionally" in kept["features.1.0.attn.qkv"] and "functionally" in kept["features.5.1.attn.proj"]
+    assert "features.1.0.mlp.0" in {r.name for r in report.replaced}
+
+
+def test_layers_never_considered_are_listed_as_kept() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3)
+            self.body = nn.Conv2d(8, 8, 3)
+            self.c1 = nn.Conv1d(8, 8, 3)
+            self.c3 = nn.Conv3d(8, 8, 1)
+            self.up = nn.ConvTranspose2d(8, 8, 2)
+            self.rnn = nn.LSTM(8, 8)
+            self.gru = nn.GRU(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.head = nn.Linear(8, 2)
+
+    _, report = convert(Mixed(), return_report=True)
+    kept = {k.name: (k.layer_type, k.reason) for k in report.kept}
+    for name, kind in [("c1", "Conv1d"), ("c3", "Conv3d"), ("up", "ConvTranspose2d"), ("rnn", "LSTM"),
+                       ("gru", "GRU")]:
+        assert kept[name][0] == kind and "no binary counterpart" in kept[name][1], name
+    assert "in_proj_weight" in kept["attn"][1]
+    assert "functionally" in kept["attn.out_proj"][1]
+    assert {r.name for r in report.replaced} == {"body"}
+    assert "no binary counterpart" in str(report) and report.to_dict()["kept"]
+
+
+def test_skip_glob_matching_nothing_warns() -> None:
+    with pytest.warns(UserWarning, match="'stages.9.*' matches no"):
+        convert(Nested(), skip=["stages.0.*", "stages.9.*"])
+    with pytest.warns(UserWarning, match="'stages' matches no"):  # a container name: its layers are not skipped
+        convert(Nested(), skip="stages")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(Nested(), skip="stages.*")
+        convert(Nested(), skip=lambda name, module: False)
+
+
+def test_method_names_are_case_insensitive() -> None:
+    converted, report = convert(Nested(), "ReActNet", return_report=True)
+    assert report.method == "reactnet"
+    assert all(m.method == "reactnet" for m in converted.modules() if _is_binary(m))
+    assert convert(Nested(), "BNN").binarize_report.method == "bnn"
+
+
+def test_parametrized_and_weight_norm_layers_are_kept() -> None:
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)], nn.Linear(8, 2))
+    parametrizations.weight_norm(model[1])
+    parametrizations.orthogonal(model[2])
+    weight_norm(model[3])
+    spectral_norm(model[4])
+    x = torch.randn(4, 8)
+    expected = model.eval()(x)
+    # old-style weight_norm / spectral_norm hooks make the model impossible to deep-copy: inplace
+    converted, report = convert(model, return_report=True, inplace=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert "parametrize (_WeightNorm)" in kept["1"] and "parametrize (_Orthogonal)" in kept["2"]
+    assert "WeightNorm hook" in kept["3"] and "SpectralNorm hook" in kept["4"]
+    assert {r.name for r in report.replaced} == {"5"}
+    assert not _is_binary(converted[1]) and hasattr(converted[1], "parametrizations")
+    converted[5] = unconvert(converted[5])
+    torch.testing.assert_close(converted.eval()(x), expected)  # the kept layers still compute their weights
