@@ -5,6 +5,11 @@ saw), mattes it with the BiMatting checkpoint shipped in ``binarize/models/weigh
 ``convert_video`` (composite and alpha videos), saves a side-by-side PNG (input | alpha |
 composite), scores the alpha against the known ground truth (MAD, MSE, dtSSD in the official
 units) and prints the speed and what binarization saves against RVM (``binarize.profile``).
+
+``--engine auto`` (the default) runs the packed engine on the CPU when the compiled kernels load and
+the simulated model otherwise, and says which in the first line.  Unless ``--no-compare``, the
+model-only frame rate of the deployed model, the simulated model and full-precision RVM is then
+measured side by side on the same clip (frames interleaved between the models, median frame time).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +28,7 @@ DEFAULT_FRAMES = 48
 DEFAULT_SIZE = "256x144"
 DEMO_SEED = 2023
 BASELINE = "rvm_mobilenetv3"
+COMPARE_FRAMES = 16  # timed frames per model in the side-by-side comparison (after one warm-up frame)
 GREEN = (120, 255, 155)  # RVM's composition colour
 
 
@@ -42,6 +48,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="BiMatting weights to use instead of the bundled ones")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic clip")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--engine", choices=("auto", "simulated", "packed"), default="auto",
+                        help="auto (default: packed kernels on CPU when the compiled library loads, "
+                        "simulated otherwise), simulated or packed")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the side-by-side fps of the deployed, simulated and RVM models")
     parser.add_argument("--no-profile", action="store_true", help="skip the cost comparison with RVM")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -171,46 +182,123 @@ def load_model(checkpoint: Optional[str]) -> Tuple[Any, pathlib.Path]:
     return binarize.load(path), path
 
 
+def interleaved_fps(models: Dict[str, Any], src: np.ndarray, device: Any, downsample_ratio: float,
+                    frames: Optional[int] = None,
+                    clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Model-only frames per second of each model on the clip ``src`` (uint8 T x H x W x 3), measured
+    side by side: frame by frame, every model runs the same frame before the next one (each with its
+    own recurrent state), so background load and cache effects hit all of them alike.  The first
+    frame warms up (not timed); then ``frames`` frames (default ``COMPARE_FRAMES``), cycling through
+    the clip; fps is one over the median frame time."""
+    import torch
+
+    if not models:
+        return {}
+    frames = COMPARE_FRAMES if frames is None else int(frames)
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    device = torch.device(device)
+    state: Dict[str, List[Any]] = {name: [None] * 4 for name in models}
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    order = [0] + [(1 + i) % len(src) for i in range(frames)]  # frame 0 warms up
+    with torch.no_grad():
+        for step, index in enumerate(order):
+            x = torch.from_numpy(src[index]).to(device).permute(2, 0, 1)[None].float() / 255
+            for name, model in models.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = clock()
+                _, _, *state[name] = model(x, *state[name], downsample_ratio=downsample_ratio)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if step:
+                    times[name].append(clock() - start)
+    return {name: 1.0 / max(float(np.median(t)), 1e-9) for name, t in times.items()}
+
+
+def comparison_models(model: Any, deployed: Optional[Any], device: Any) -> Tuple[Dict[str, Any], str]:
+    """The models of the side-by-side comparison (deployed when there is one, simulated, full-precision
+    RVM with random weights: its speed does not depend on them) and a note on a missing deployed row."""
+    from binarize import create_model
+
+    models: Dict[str, Any] = {}
+    note = ""
+    if deployed is not None:
+        models["deployed"] = deployed
+    elif device.type != "cpu":
+        note = f"no deployed row: the packed kernels run on the CPU, the device is {device.type}"
+    else:
+        note = "no deployed row: the compiled kernel library is not built"
+    models["simulated"] = model
+    models[BASELINE] = create_model(BASELINE).to(device).eval()
+    return models, note
+
+
+def comparison_line(fps: Dict[str, float]) -> str:
+    """``deployed 40.1 | simulated 5.2 | rvm_mobilenetv3 (32-bit) 12.3 fps; deployed: 3.3x RVM, 7.7x simulated``."""
+    cells = [f"{name}{' (32-bit)' if name == BASELINE else ''} {value:.1f}" for name, value in fps.items()]
+    line = " | ".join(cells) + " fps"
+    lead = "deployed" if "deployed" in fps else "simulated"
+    ratios = [f"{fps[lead] / fps[other]:.1f}x {'RVM' if other == BASELINE else other}"
+              for other in (BASELINE, "simulated") if other in fps and other != lead]
+    return line + (f"; {lead}: " + ", ".join(ratios) if ratios else "")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from binarize.cli.matte import deploy_packed, select_engine
     from binarize.matting.inference import convert_video
 
     size = parse_size(args.size)
     if args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
     out = pathlib.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     model, ckpt = load_model(args.checkpoint)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    engine, reason = select_engine(getattr(args, "engine", "auto"), device, model)
+    out.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
-    print(f"binarize demo: {getattr(model, 'model_name', type(model).__name__)} weights {ckpt}")
+    name = getattr(model, "model_name", type(model).__name__)
+    print(f"binarize demo: {name} on the {engine} engine ({reason}); weights {ckpt}", flush=True)
+    runner = deploy_packed(model) if engine == "packed" else model
 
     clip = make_clip(args.frames, size, args.seed)
     frames_dir = write_frames(clip["src"], out / "input")
     ratio = 1.0  # the bundled weights never trained the refiner (downsample_ratio < 1), so run at full scale
     result = convert_video(
-        model, frames_dir, output_composition=out / "composite.mp4", output_alpha=out / "alpha.mp4",
+        runner, frames_dir, output_composition=out / "composite.mp4", output_alpha=out / "alpha.mp4",
         background="green", downsample_ratio=ratio, device=device, progress=not args.no_progress,
     )
     start = time.perf_counter()
-    pred = predict_alpha(model, clip["src"], device, ratio)
+    pred = predict_alpha(runner, clip["src"], device, ratio)
     eval_fps = len(pred) / max(time.perf_counter() - start, 1e-9)
     scores = score(pred, clip["pha"])
     middle = len(pred) // 2
     side_by_side(clip["src"][middle], pred[middle], out / "side_by_side.png")
 
     summary: Dict[str, Any] = {
-        "checkpoint": str(ckpt), "frames": len(pred), "width": size[0], "height": size[1],
+        "checkpoint": str(ckpt), "engine": engine, "frames": len(pred), "width": size[0], "height": size[1],
         "fps": result.fps, "model_only_fps": eval_fps, **scores,
     }
+    compare_note = ""
+    if not getattr(args, "no_compare", False):
+        deployed = runner if engine == "packed" else None
+        if deployed is None and device.type == "cpu" and select_engine("auto", device, model)[0] == "packed":
+            deployed = deploy_packed(model)  # --engine simulated asked: deploy a copy for the comparison
+        models, compare_note = comparison_models(model, deployed, device)
+        summary["compare_fps"] = interleaved_fps(models, clip["src"], device, ratio)
     if not args.no_profile:
         summary.update(profile_savings(model, clip["src"][middle]))
     _write_json(summary, out / "summary.json")
 
     print(f"  clip: {len(pred)} synthetic frames {size[0]}x{size[1]} (held out, seed {args.seed}) -> {out}/")
     print("  wrote: composite.mp4, alpha.mp4, side_by_side.png (input | alpha | composite), input/, summary.json")
-    print(f"  speed: {result.fps:.1f} fps end to end on {device.type} ({eval_fps:.1f} fps model only)")
+    print(f"  speed: {result.fps:.1f} fps end to end on {device.type} ({eval_fps:.1f} fps model only, {engine})")
+    if "compare_fps" in summary:
+        print(f"  side by side on this clip, model only: {comparison_line(summary['compare_fps'])}")
+        if compare_note:
+            print(f"    ({compare_note})")
     print(f"  alpha vs ground truth: MAD {scores['pha_mad']:.2f}  MSE {scores['pha_mse']:.2f} (x1e3)  "
           f"dtSSD {scores['pha_dtssd']:.2f} (x1e2)")
     if not args.no_profile:

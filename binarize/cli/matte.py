@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from binarize.cli.main import CLIError
 
-ENGINES = ("simulated", "packed")
+ENGINES = ("auto", "simulated", "packed")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,8 +43,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--downsample-ratio", type=float, default=None,
                         help="model's internal scale in (0, 1]; default min(512 / max(h, w), 1)")
     parser.add_argument("--seq-chunk", type=int, default=1, help="frames per model call (default 1)")
-    parser.add_argument("--engine", choices=ENGINES, default="simulated",
-                        help="simulated float layers (default) or packed XNOR-popcount kernels")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto (default: packed XNOR-popcount kernels on CPU when the compiled library "
+                        "loads, simulated float layers otherwise), simulated or packed")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--fps", default=None,
                         help="frame rate of image inputs (default 30): 25, 29.97 (= 30000/1001) or 30000/1001")
@@ -61,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"input not found: {args.input!r}")
     check_arguments(args)
     model = build_model(args.model, args.checkpoint)
-    if args.engine == "packed":
+    engine, reason = select_engine(args.engine, args.device, model)
+    print(f"binarize matte: {args.model} on the {engine} engine ({reason})", flush=True)
+    if engine == "packed":
         model = deploy_packed(model)
 
     from binarize.matting.inference import convert_video
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     written = ", ".join(str(path) for path in result.outputs.values())
     print(
         f"matted {result.frames} frames ({result.width}x{result.height}, {result.frame_rate} fps) "
-        f"at {result.fps:.1f} frames/s with {args.model} [{args.engine}]: {written}"
+        f"at {result.fps:.1f} frames/s with {args.model} [{engine}]: {written}"
     )
     return 0
 
@@ -156,3 +159,43 @@ def deploy_packed(model: Any) -> Any:
         raise CLIError(f"--engine packed is unavailable: {exc}") from None
     deployed = deploy(model)
     return model if deployed is None else deployed
+
+
+def select_engine(requested: str, device: Any, model: Any = None) -> Tuple[str, str]:
+    """The engine that ``--engine requested`` runs on ``device``, and why (said in the first line of output).
+
+    ``"simulated"`` and ``"packed"`` are taken as asked.  ``"auto"`` picks ``"packed"`` on the CPU when
+    the compiled kernel library loads, and ``"simulated"`` on another device (the kernels are CPU
+    code) or without the library (no C compiler at install); a ``model`` without binary layers (RVM)
+    runs as it is, ``"float"``.
+    """
+    if requested not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "as requested"
+    import warnings
+
+    import torch
+
+    try:
+        kind = torch.device(device).type if device is not None else "cpu"
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {device!r}") from None
+    if model is not None:
+        from binarize.nn import BinaryConv2d, BinaryLinear
+
+        if not any(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in model.modules()):
+            return "float", "auto: the model has no binary layers"
+    if kind != "cpu":
+        return "simulated", f"auto: the packed kernels run on the CPU, the device is {kind}"
+    try:
+        from binarize.engine import _lib
+    except ImportError as exc:
+        return "simulated", f"auto: the packed engine is unavailable ({exc})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason is said here instead
+        loaded = _lib.available()
+    if not loaded:
+        return "simulated", "auto: the compiled kernel library is not built (pip install -e . needs a C compiler)"
+    info = _lib.kernel_info()
+    return "packed", f"auto: compiled kernels {info['kernel']}, {torch.get_num_threads()} threads"
