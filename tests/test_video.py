@@ -5,6 +5,8 @@ test_cli_matte.py (``from test_video import ...``).
 """
 from __future__ import annotations
 
+import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -22,10 +24,12 @@ from binarize.matting.video import (
     ImageWriter,
     VideoReader,
     VideoWriter,
+    check_output_path,
     has_encoder,
     natural_key,
     open_source,
     open_writer,
+    parse_frame_rate,
     resize_cover,
     video_codec_for,
 )
@@ -343,3 +347,219 @@ def test_writer_errors(tmp_path):
     video.write(np.zeros((2, 8, 8, 3), np.uint8))
     video.abort()
     assert only_visible(tmp_path) == ["full"]
+
+
+# ----------------------------------------------------------------------------------------- hostile sources (issue 19)
+def make_vfr_video(path: Path, steps: List[int], audio: bool = True, w: int = 32, h: int = 24) -> List[Fraction]:
+    """An h264 clip whose frame ``i`` lasts ``steps[i]`` ticks of 1/30 s (variable frame rate),
+    with a 16 kHz sine audio track when ``audio``; returns the frame times in seconds."""
+    times, tick = [], 0
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=30, options={"crf": "10", "preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = w, h, "yuv444p"
+        video.codec_context.time_base = Fraction(1, 30)
+        stream = container.add_stream("aac", rate=16000) if audio else None
+        if stream is not None:
+            stream.layout = "mono"
+        for i, step in enumerate(steps):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), (i * 9) % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = tick, Fraction(1, 30)
+            times.append(Fraction(tick, 30))
+            container.mux(video.encode(frame))
+            tick += step
+        container.mux(video.encode(None))
+        if stream is not None:
+            total = 16000 * tick // 30
+            signal = (0.3 * np.sin(2 * np.pi * 440 * np.arange(total) / 16000)).astype(np.float32)[None]
+            for start in range(0, total, 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(signal[:, start:start + 1024]), format="fltp",
+                                                   layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, start
+                container.mux(stream.encode(chunk))
+            container.mux(stream.encode(None))
+    return times
+
+
+def frame_times(path: Path) -> List[float]:
+    """Presentation times (seconds) of the decoded video frames, from the stream's first one."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts = [frame.pts for frame in container.decode(stream)]
+        return [float((p - pts[0]) * stream.time_base) for p in pts]
+
+
+def test_variable_frame_rate_source_keeps_its_timestamps(tmp_path):
+    steps = [1] * 10 + [3] * 10  # 30 fps, then 10 fps: average 300/19, frame 15 at 25/30 s
+    times = make_vfr_video(tmp_path / "vfr.mp4", steps)
+    with open_source(tmp_path / "vfr.mp4") as source:
+        assert source.time_base is not None  # recognised as variable-rate
+        got = [t for _, t in source.timed_frames()]
+        assert got == pytest.approx([float(t) for t in times], abs=1e-4)
+        writer = VideoWriter(tmp_path / "out.mp4", 32, 24, source.frame_rate, audio_path=source.audio_path,
+                             audio_offset=source.start_time, time_base=source.time_base)
+    with open_source(tmp_path / "vfr.mp4") as source:
+        for frame, t in source.timed_frames():
+            writer.write(frame[None], [t])
+    writer.commit()
+    assert frame_times(tmp_path / "out.mp4") == pytest.approx([float(t) for t in times], abs=1e-3)
+    assert audio_samples(tmp_path / "out.mp4") / 16000 == pytest.approx(float(times[-1] + Fraction(3, 30)), abs=0.07)
+
+
+def test_constant_rate_source_is_not_taken_for_variable(tmp_path):
+    make_video(tmp_path / "cfr.mp4", n=12)
+    with open_source(tmp_path / "cfr.mp4") as source:
+        assert source.time_base is None
+        assert all(t is None for _, t in source.timed_frames())
+
+
+@pytest.mark.parametrize(("degrees", "turns"), [(90, 1), (-90, 3), (180, 2)])
+def test_display_rotation_is_applied(tmp_path, degrees, turns):
+    coded = clip_frames(3, 32, 16)
+    coded[:, :4, :8] = 255  # a white mark in the coded top-left corner
+    with av.open(str(tmp_path / "rot.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv444p"
+        stream.set_display_rotation(degrees)
+        for i, array in enumerate(coded):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with open_source(tmp_path / "rot.mp4") as source:
+        expected = np.rot90(coded, turns, axes=(1, 2))
+        assert (source.width, source.height) == (expected.shape[2], expected.shape[1])
+        frames = np.stack(list(source))
+    assert np.abs(frames.astype(int) - expected).max() <= 8
+
+
+def test_sixteen_bit_grayscale_png_is_scaled(tmp_path):
+    values = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode in ("I;16", "I")
+    with open_source(tmp_path / "deep.png") as source:
+        frame = next(iter(source))
+    expected = np.rint(values / 257).astype(int)
+    assert np.array_equal(frame[..., 0].astype(int), expected) and np.array_equal(frame[..., 0], frame[..., 2])
+
+
+def test_decompression_bomb_image_is_a_clear_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the file stands for a huge one
+    with pytest.raises(ValueError, match=r"bomb.png.*50x40 pixels.*limit of 1000 .*decompression bomb"):
+        open_source(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        open_source(tmp_path)
+
+
+def make_truncated(path: Path, n: int = 40) -> Path:
+    """A clip with its index first (faststart) and the second half of the file cut off."""
+    make_video(path.with_name("whole.mp4"), n=n)
+    fast = path.with_name("fast.mp4")
+    with av.open(str(path.with_name("whole.mp4"))) as src, av.open(str(fast), "w",
+                                                                    options={"movflags": "faststart"}) as dst:
+        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                dst.mux(packet)
+    data = fast.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    path.with_name("whole.mp4").unlink()
+    fast.unlink()
+    return path
+
+
+def test_truncated_video_is_read_up_to_the_damage(tmp_path):
+    make_truncated(tmp_path / "cut.mp4")
+    with open_source(tmp_path / "cut.mp4") as source:
+        assert source.num_frames == 40
+        frames = list(source)
+        assert 0 < len(frames) < 40 and source.frames_read == len(frames)
+
+
+def test_a_size_change_mid_stream_is_scaled_to_the_first_size(tmp_path):
+    parts = []
+    for k, (w, h) in enumerate([(32, 24), (16, 12)]):
+        part = tmp_path / f"part{k}.ts"
+        with av.open(str(part), "w") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for i in range(4):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 100 + 40 * k, np.uint8), format="rgb24")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        parts.append(part.read_bytes())
+    (tmp_path / "joined.ts").write_bytes(b"".join(parts))
+    with open_source(tmp_path / "joined.ts") as source:
+        frames = list(source)
+        assert {frame.shape for frame in frames} == {(24, 32, 3)}
+        assert len(frames) >= 7 and frames[-1].mean() > 120  # the second part's frames, scaled up
+        assert any(re.search(r"changes size at frame [34] \(16x12\)", note) for note in source.problems), source.problems
+
+
+def test_two_writers_of_one_output_never_share_a_temporary_file(tmp_path):
+    first = VideoWriter(tmp_path / "same.mp4", 64, 48, Fraction(25))
+    second = VideoWriter(tmp_path / "same.mp4", 64, 48, Fraction(25))
+    assert first.temp_path != second.temp_path
+    second.write(clip_frames(3))
+    second.commit()
+    assert len(read_video(tmp_path / "same.mp4")[0]) == 3
+    first.write(clip_frames(5))
+    first.commit()  # the later commit replaces the file as a whole
+    assert len(read_video(tmp_path / "same.mp4")[0]) == 5
+    assert only_visible(tmp_path) == ["same.mp4"]
+
+
+def test_commit_can_be_rolled_back_and_restores_the_old_file(tmp_path):
+    (tmp_path / "out.png").write_bytes(b"old")
+    writer = ImageWriter(tmp_path / "out.png", 4, 4, 3)
+    writer.write(np.zeros((1, 4, 4, 3), np.uint8))
+    writer.commit(keep_backup=True)
+    assert (tmp_path / "out.png").read_bytes() != b"old"
+    writer.rollback()
+    assert (tmp_path / "out.png").read_bytes() == b"old"
+    writer.abort()
+    assert only_visible(tmp_path) == ["out.png"]
+
+
+def test_writers_respect_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        video = VideoWriter(tmp_path / "v.mp4", 8, 8, Fraction(25))
+        video.write(np.zeros((1, 8, 8, 3), np.uint8))
+        video.commit()
+        folder = ImageSequenceWriter(tmp_path / "seq", 8, 8, 3)
+        folder.write(np.zeros((1, 8, 8, 3), np.uint8))
+        folder.commit()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "seq").stat().st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize(("text", "rate"), [
+    ("29.97", NTSC), ("23.976", Fraction(24000, 1001)), ("59.94", Fraction(60000, 1001)), ("30", Fraction(30)),
+    ("12.5", Fraction(25, 2)), ("30000/1001", NTSC), (29.97, NTSC), (Fraction(24), Fraction(24)),
+])
+def test_frame_rates_parse_to_sensible_fractions(text, rate):
+    assert parse_frame_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-5", "0", "1e-9", "1e9", "abc", "1/0"])
+def test_bad_frame_rates_are_one_line_errors(text):
+    with pytest.raises(ValueError, match="frame rate") as info:
+        parse_frame_rate(text)
+    assert "\n" not in str(info.value)
+
+
+def test_output_path_checks(tmp_path):
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(ValueError, match="is an existing folder"):
+        check_output_path(tmp_path / "dir.mp4")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "sub" / "out.mp4")
+    with pytest.raises(ValueError, match="is an existing file; a PNG sequence needs a folder"):
+        check_output_path(tmp_path / "file", folder=True)
+    check_output_path(tmp_path / "new" / "deeper" / "out.mp4")  # missing folders are created later

@@ -254,7 +254,7 @@ def _commit_all(writers: Sequence[FrameWriter]) -> None:
     done: List[FrameWriter] = []
     try:
         for writer in writers:
-            writer.commit()
+            writer.commit(keep_backup=True)
             done.append(writer)
     except BaseException:
         for writer in reversed(done):

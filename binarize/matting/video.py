@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -349,9 +350,15 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _open_image(path: Path) -> Image.Image:
+    with warnings.catch_warnings():  # a possible bomb is refused by _check_pixels, in one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             _check_pixels(image, path)
             return image.size
     except (OSError, Image.DecompressionBombError) as exc:
@@ -387,7 +394,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 def _read_rgb(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             _check_pixels(image, path)
             return image_to_rgb8(image)
     except (OSError, Image.DecompressionBombError) as exc:
@@ -502,9 +509,9 @@ class FrameWriter:
     def close(self) -> None:
         """Flush encoders and close the temporary file."""
 
-    def commit(self) -> None:
-        """Move the finished temporary output to the requested name (an existing file there is
-        kept aside until :meth:`finalize`, so :meth:`rollback` can restore it)."""
+    def commit(self, keep_backup: bool = False) -> None:
+        """Move the finished temporary output to the requested name. With ``keep_backup`` an
+        existing file there is kept aside until :meth:`finalize`, so :meth:`rollback` can restore it."""
         self.close()
         if self._folder:
             if self.path.is_dir():
@@ -521,6 +528,8 @@ class FrameWriter:
             self._restore_backup()
             raise
         self._committed = True
+        if not keep_backup:
+            self.finalize()
 
     def rollback(self) -> None:
         """Undo :meth:`commit`: the output goes back to its temporary name and the old file returns."""
