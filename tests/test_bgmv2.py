@@ -223,3 +223,111 @@ def test_bad_input_is_a_clear_error(src, bgr, message):
     model = create_model("bgmv2_mobilenetv2")
     with pytest.raises(ValueError, match=message):
         model(src, bgr)
+
+
+# ------------------------------------------------------------------------------------------------
+# binarized baselines: bgmv2_<method>
+# ------------------------------------------------------------------------------------------------
+def _binary_model(method="reactnet", **kwargs):
+    """A bgmv2_<method> with non-trivial BN statistics and an error map above the 0.1 threshold in
+    places (a fresh model's error head is ~0 everywhere, so nothing would be refined)."""
+    from engine_helpers import randomize_stats
+
+    model = randomize_stats(create_model(f"bgmv2_{method}", **kwargs))
+    with torch.no_grad():
+        model.decoder.conv4.bias[4] = 0.1
+    return model
+
+
+@pytest.mark.parametrize("method", ["bnn", "reactnet"])
+def test_baseline_keeps_stem_outputs_and_depthwise_full_precision(method):
+    from binarize.nn import BinaryConv2d
+
+    model = create_model(f"bgmv2_{method}")
+    binary = {n for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)} - binary
+    depthwise = {n for n in convs if n.endswith("conv_dw")}
+    assert convs - depthwise == {"backbone.body.conv_stem", "decoder.conv4", "refiner.conv4"}
+    assert len(depthwise) == 17 and len(binary) == 45
+    assert {"refiner.conv1", "refiner.conv2", "refiner.conv3", "aspp.project.0"} <= binary
+    resnet = create_model(f"bgmv2_{method}", backbone="resnet50", refine_mode="full")
+    assert isinstance(resnet.backbone.body.layer4[2].conv2, BinaryConv2d)
+    assert not isinstance(resnet.backbone.body.conv1, BinaryConv2d)
+    with pytest.raises(ValueError, match="backbone"):
+        create_model(f"bgmv2_{method}", backbone="vgg")
+
+
+def test_baseline_trains_forward_and_backward():
+    model = create_model("bgmv2_reactnet", refine_mode="sampling", refine_sample_pixels=16 * 40).train()
+    with torch.no_grad():
+        model.decoder.conv4.bias[4] = 0.3  # error > 0 so sampling refines patches
+    src, bgr = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm = model(src, bgr)
+    assert ref_sm.sum() == 80  # 40 patches per image
+    loss = pha.mean() + fgr.mean() + pha_sm.mean() + err_sm.mean()
+    loss.backward()
+    for name in ("backbone.body.blocks.3.0.conv_pw", "aspp.project.0", "decoder.conv1", "refiner.conv1",
+                 "refiner.conv3"):
+        grad = model.get_submodule(name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_baseline_compact_round_trip(tmp_path):
+    import binarize
+
+    model = _binary_model("reactnet", refine_mode="thresholding").eval()
+    src, bgr = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(src, bgr)
+    path = tmp_path / "bgmv2_reactnet.safetensors"
+    binarize.save(model, path)
+    restored = binarize.load(path).eval()
+    assert restored.model_name == "bgmv2_reactnet" and restored.refiner.mode == "thresholding"
+    with torch.no_grad():
+        got = restored(src, bgr)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert path.stat().st_size < fp32_bytes / 10
+
+
+@pytest.mark.parametrize("mode", ["full", "thresholding"])
+def test_deployed_baseline_matches_simulated_and_refines_only_selected_patches(mode):
+    from binarize.engine import deploy, deploy_report
+
+    model = _binary_model("reactnet", refine_mode=mode)
+    src, bgr = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(src, bgr)
+    deployed = deploy(model)
+    assert len(deploy_report(deployed).packed) == 45 and not deploy_report(deployed).simulated
+    shapes = []
+    deployed.refiner.conv1.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        got = deployed(src, bgr)
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+    cells = int(expected[5].sum())
+    assert deployed.refiner.mask_density == pytest.approx(model.refiner.mask_density)
+    if mode == "full":
+        assert shapes == [(1, 42, 38, 54)] and cells == 16 * 24
+    else:
+        assert 0 < cells < 16 * 24 and shapes == [(cells, 42, 8, 8)]  # packed convs on the patches only
+
+
+def test_profile_reports_the_refiner_dense_and_sparse():
+    import binarize
+
+    model = _binary_model("reactnet", refine_mode="thresholding")
+    src, bgr = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    report = binarize.profile(model, (src, bgr))
+    density = model.refiner.mask_density
+    assert 0 < density < 1
+    refiner = [layer for layer in report.layers if layer.name.startswith("refiner.")]
+    assert {layer.name for layer in refiner if layer.bops} == {"refiner.conv1", "refiner.conv2", "refiner.conv3"}
+    for layer in refiner:
+        assert layer.density == pytest.approx(density)
+    # dense: the refiner's convs over the whole (padded) map, as in full mode
+    assert next(la for la in refiner if la.name == "refiner.conv1").bops == 24 * 42 * 9 * 36 * 52  # 3x3 valid on 32x48 padded by 3
+    others = [layer for layer in report.layers if not layer.name.startswith("refiner.")]
+    assert report.sparse_bops == pytest.approx(sum(la.bops for la in others) + density * sum(la.bops for la in refiner))

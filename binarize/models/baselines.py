@@ -11,6 +11,11 @@ the layers that stay full precision under the usual policy (see ``FULL_PRECISION
   (an averaging filter of constant 1/9 weights, not a learned feature extractor);
 - MobileNetV3's depthwise convolutions (``keep_depthwise``: one input channel per filter
   keeps too little information after binarization).
+
+``bgmv2_<method>`` do the same for Background Matting V2 (MobileNetV2 by default, ``backbone=`` for
+ResNet-50/101): the stem, the base's output conv ``decoder.conv4`` (alpha, foreground, the error
+map that selects the refined patches, the refiner's hidden channels), the refiner's output conv
+``refiner.conv4`` and the depthwise convs stay full precision (see ``docs/models.md``).
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ from typing import Any
 
 from torch import nn
 
+from binarize.models.bgmv2 import bgmv2_mobilenetv2, bgmv2_resnet50, bgmv2_resnet101
 from binarize.models.registry import register_model
 from binarize.models.rvm import rvm_mobilenetv3
 
-__all__ = ["FULL_PRECISION", "METHODS", "binarized_rvm"]
+__all__ = ["FULL_PRECISION", "BGMV2_FULL_PRECISION", "METHODS", "binarized_rvm", "binarized_bgmv2"]
 
 FULL_PRECISION = ("project_mat.conv", "project_seg.conv", "refiner.box_filter")
 METHODS = ("bnn", "xnor", "dorefa", "bireal", "reactnet", "irnet", "recu")
@@ -76,3 +82,43 @@ def rvm_irnet(**kwargs: Any) -> nn.Module:
 def rvm_recu(**kwargs: Any) -> nn.Module:
     """RVM binarized with ReCU (Xu et al. 2021): rectified clamp of the weights."""
     return binarized_rvm("recu", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# BGMv2 baselines: bgmv2_<method> = convert(bgmv2_mobilenetv2(), method) (or another backbone)
+# ----------------------------------------------------------------------------------------------
+#: BGMv2 layers kept in full precision besides the stem (keep_first), the refiner's output conv
+#: ``refiner.conv4`` (keep_last) and the depthwise convs (keep_depthwise): the base's output conv
+#: ``decoder.conv4``, which emits alpha, the foreground residual, the error map that selects the
+#: refined patches, and the refiner's 32 hidden channels.
+BGMV2_FULL_PRECISION = ("decoder.conv4",)
+_BGMV2_BACKBONES = {"mobilenetv2": bgmv2_mobilenetv2, "resnet50": bgmv2_resnet50, "resnet101": bgmv2_resnet101}
+
+
+def binarized_bgmv2(method: str, backbone: str = "mobilenetv2", **kwargs: Any) -> nn.Module:
+    """BGMv2 (``bgmv2_<backbone>(**kwargs)``) converted with ``method``: the stem, both output convs
+    (``decoder.conv4``, ``refiner.conv4``) and the depthwise convs stay full precision."""
+    from binarize.convert import convert
+
+    if backbone not in _BGMV2_BACKBONES:
+        raise ValueError(f"unknown BGMv2 backbone {backbone!r}; expected one of {', '.join(_BGMV2_BACKBONES)}")
+    return convert(_BGMV2_BACKBONES[backbone](**kwargs), method=method, keep_first=True, keep_last=True,
+                   keep_depthwise=True, skip=list(BGMV2_FULL_PRECISION), inplace=True)
+
+
+def _register_bgmv2(method: str, paper: str) -> None:
+    def factory(backbone: str = "mobilenetv2", **kwargs: Any) -> nn.Module:
+        return binarized_bgmv2(method, backbone, **kwargs)
+
+    name = f"bgmv2_{method}"
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (f"BGMv2 (MobileNetV2 unless ``backbone=``) binarized with {paper}; kwargs as "
+                       "``bgmv2_mobilenetv2`` (refine_mode, backbone_scale, ...).")
+    globals()[name] = register_model(factory)
+
+
+for _method, _paper in (("bnn", "BNN (Courbariaux et al. 2016)"), ("xnor", "XNOR-Net (Rastegari et al. 2016)"),
+                        ("dorefa", "1-bit DoReFa-Net (Zhou et al. 2016)"), ("bireal", "Bi-Real Net (Liu et al. 2018)"),
+                        ("reactnet", "ReActNet (Liu et al. 2020)"), ("irnet", "IR-Net (Qin et al. 2020)"),
+                        ("recu", "ReCU (Xu et al. 2021)")):
+    _register_bgmv2(_method, _paper)
