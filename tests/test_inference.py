@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import NTSC, audio_samples, make_video, needs_encoder, only_visible, read_video
+from test_video import (
+    NTSC,
+    audio_samples,
+    frame_times,
+    make_truncated,
+    make_vfr_video,
+    make_video,
+    needs_encoder,
+    only_visible,
+    read_video,
+)
 
 import binarize.matting.video as video_module
 from binarize.matting import convert_video
@@ -366,3 +376,123 @@ def test_a_model_without_the_matting_contract_is_refused(tmp_path, clip):
     with pytest.raises(ValueError, match="'Classifier' is not a matting model"):
         convert_video(Classifier(), clip, output_alpha=tmp_path / "a.mp4", progress=False)
     assert only_visible(tmp_path) == ["clip.mp4"]
+
+
+# ----------------------------------------------------------------------------------------- hostile input (issue 19)
+@pytest.mark.parametrize("audio", [True, False])
+def test_variable_frame_rate_keeps_sync_end_to_end(tmp_path, audio):
+    times = make_vfr_video(tmp_path / "vfr.mp4", [1] * 10 + [3] * 10, audio=audio)
+    result = convert_video(MeanAlpha(), tmp_path / "vfr.mp4", output_composition=tmp_path / "comp.mp4",
+                           output_alpha=tmp_path / "alpha.webm", progress=False)
+    assert result.frames == 20
+    for name in ("comp.mp4", "alpha.webm"):
+        # frame 15 is at 25/30 s in the source and must stay there (not at 15 / average rate)
+        assert frame_times(tmp_path / name) == pytest.approx([float(t) for t in times], abs=2e-3), name
+        streams = read_video(tmp_path / name)[2]
+        assert [kind for kind, _ in streams] == (["video", "audio"] if audio else ["video"])
+
+
+def test_truncated_input_warns_with_the_counts(tmp_path):
+    make_truncated(tmp_path / "cut.mp4")
+    with pytest.warns(UserWarning, match=r"cut.mp4': decoded (\d+) of the 40 frames the file declares") as record:
+        result = convert_video(MeanAlpha(), tmp_path / "cut.mp4", output_composition=tmp_path / "comp.mp4",
+                               output_alpha=tmp_path / "alpha.webm", progress=False)
+    assert 0 < result.frames < 40 and f"decoded {result.frames} of the 40" in str(record[0].message)
+    assert result.problems and len(read_video(tmp_path / "alpha.webm")[0]) == result.frames
+
+
+def test_all_outputs_are_checked_before_any_work(tmp_path, clip):
+    (tmp_path / "dir.mp4").mkdir()
+    model = MeanAlpha()
+    with pytest.raises(ValueError, match="dir.mp4' is an existing folder"):
+        convert_video(model, clip, output_composition=tmp_path / "comp.mp4", output_alpha=tmp_path / "dir.mp4",
+                      progress=False)
+    assert model.calls == [] and only_visible(tmp_path) == ["clip.mp4", "dir.mp4"]
+
+
+def test_outputs_are_committed_together_or_not_at_all(tmp_path, clip, monkeypatch):
+    (tmp_path / "comp.mp4").write_bytes(b"old composition")
+    original = video_module.FrameWriter.commit
+
+    def commit(self, keep_backup=False):
+        if self.path.name == "fgr.mp4":
+            raise OSError("no space left (simulated)")
+        original(self, keep_backup)
+
+    monkeypatch.setattr(video_module.FrameWriter, "commit", commit)
+    with pytest.raises(OSError, match="no space left"):  # the last of three outputs fails to commit
+        convert_video(MeanAlpha(), clip, output_composition=tmp_path / "comp.mp4",
+                      output_alpha=tmp_path / "alpha.mp4", output_foreground=tmp_path / "fgr.mp4", progress=False)
+    assert (tmp_path / "comp.mp4").read_bytes() == b"old composition"  # put back after its own commit
+    assert only_visible(tmp_path) == ["clip.mp4", "comp.mp4"]
+
+
+def test_a_failed_run_removes_the_folders_it_created(tmp_path, clip):
+    with pytest.raises(RuntimeError):
+        convert_video(FailAt(1, RuntimeError("x")), clip, output_composition=tmp_path / "new" / "a" / "comp.mp4",
+                      output_alpha=tmp_path / "new" / "alpha.mp4", progress=False)
+    assert only_visible(tmp_path) == ["clip.mp4"]
+    convert_video(MeanAlpha(), clip, output_alpha=tmp_path / "new" / "a" / "alpha.mp4", progress=False)
+    assert only_visible(tmp_path / "new" / "a") == ["alpha.mp4"]
+
+
+class Gate(MeanAlpha):
+    """MeanAlpha that waits for ``event`` before its second call."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def forward(self, src, *rec, downsample_ratio=1.0):
+        if len(self.calls) == 1:
+            assert self.event.wait(30)
+        return super().forward(src, *rec, downsample_ratio=downsample_ratio)
+
+
+def test_two_runs_on_one_output_each_commit_their_own_result(tmp_path):
+    make_video(tmp_path / "a.mp4", n=6, audio=None)
+    make_video(tmp_path / "b.mp4", n=9, audio=None)
+    release = threading.Event()
+    results = {}
+
+    def slow_run():
+        results["a"] = convert_video(Gate(release), tmp_path / "a.mp4", output_composition=tmp_path / "same.mp4",
+                                     progress=False)
+
+    thread = threading.Thread(target=slow_run)
+    thread.start()
+    try:
+        results["b"] = convert_video(MeanAlpha(), tmp_path / "b.mp4", output_composition=tmp_path / "same.mp4",
+                                     progress=False)
+        assert len(read_video(tmp_path / "same.mp4")[0]) == 9  # b finished: b's frames
+    finally:
+        release.set()
+        thread.join()
+    assert results["a"].frames == 6 and len(read_video(tmp_path / "same.mp4")[0]) == 6  # then a's, whole
+    assert only_visible(tmp_path) == ["a.mp4", "b.mp4", "same.mp4"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"frame_rate": float("nan")}, "bad frame rate 'nan'"),
+    ({"frame_rate": 0}, "frame rate 0 is out of range"),
+    ({"output_video_mbps": float("nan")}, "bit rate nan"),
+    ({"output_video_mbps": 1e9}, "out of range"),
+    ({"output_video_mbps": 1e-9}, "out of range"),
+    ({"device": "bogus"}, "bad device 'bogus'"),
+    ({"device": "meta"}, "device 'meta' holds no data"),
+    ({"background": "."}, "is a folder"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, clip, kwargs, message):
+    model = MeanAlpha()
+    with pytest.raises(ValueError, match=message):
+        convert_video(model, clip, output_composition=tmp_path / "c.mp4", progress=False, **kwargs)
+    assert model.calls == [] and only_visible(tmp_path) == ["clip.mp4"]
+
+
+def test_ntsc_decimal_rate_of_an_image_folder(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(folder / f"{i}.png")
+    result = convert_video(MeanAlpha(), folder, output_alpha=tmp_path / "a.mp4", frame_rate=29.97, progress=False)
+    assert result.frame_rate == NTSC and read_video(tmp_path / "a.mp4")[1] == NTSC
