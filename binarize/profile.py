@@ -468,11 +468,25 @@ def _runs_elsewhere(module: nn.Module) -> bool:
     return isinstance(implementation, str) and implementation != "simulated"
 
 
-def _parameter_split(module: nn.Module, seen: set, dead: set) -> Tuple[int, int, int]:
+def _read_as_float(model: nn.Module, used: Optional[set], called: set) -> set:
+    """ids of binary layers' weights that the forward reads although the layer never ran: a parent
+    passes the latent float weight to its own code (``F.linear(x, self.qkv.weight)``), so the
+    layer computes in full precision and its weight must be stored as floats."""
+    if used is None:
+        return set()
+    return {id(m.weight) for m in _unique_modules(model)
+            if has_binary_weight(m) and id(m) not in called and not _runs_elsewhere(m) and id(m.weight) in used}
+
+
+def _parameter_split(module: nn.Module, seen: set, dead: set, as_float: frozenset = frozenset()
+                     ) -> Tuple[int, int, int]:
     """(binary, fp, unused) element counts of the module's own parameters not counted yet;
-    ``dead`` parameters (never read, see ``_dead_parameters``) are counted as unused."""
+    ``dead`` parameters (never read, see ``_dead_parameters``) are counted as unused, and binary
+    weights in ``as_float`` (read as floats, see ``_read_as_float``) as full precision."""
     binary = fp = unused = 0
     weight = getattr(module, "weight", None) if has_binary_weight(module) else None
+    if weight is not None and id(weight) in as_float:
+        weight = None
     for param in module.parameters(recurse=False):
         if id(param) in seen:
             continue
@@ -544,6 +558,7 @@ def _build_report(
     binarizer_scopes = {name for name, m in modules.items() if is_binarizer(m)}
     seen_params: set = set()
     dead = _dead_parameters(model, used, recorder.called)
+    as_float = frozenset(_read_as_float(model, used, recorder.called))
     layers: List[LayerCost] = []
     totals = Counter()
     binarizer_flops = 0
@@ -556,7 +571,7 @@ def _build_report(
         lineage = _ancestors(name)
         mask_owner = next((n for n in lineage if n in densities), None)
         density = densities[mask_owner] if mask_owner is not None else 1.0
-        binary_params, fp_params, unused = _parameter_split(module, seen_params, dead)
+        binary_params, fp_params, unused = _parameter_split(module, seen_params, dead, as_float)
         totals["unused"] += unused
         if any(n in binarizer_scopes for n in lineage):
             binarizer_flops += sum(ops.values())

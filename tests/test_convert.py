@@ -526,3 +526,24 @@ def test_parametrized_and_weight_norm_layers_are_kept() -> None:
     assert not _is_binary(converted[1]) and hasattr(converted[1], "parametrizations")
     converted[5] = unconvert(converted[5])
     torch.testing.assert_close(converted.eval()(x), expected)  # the kept layers still compute their weights
+
+
+def test_profile_counts_a_binary_weight_read_as_floats_in_full_precision() -> None:
+    """A binary layer whose parent reads its latent weight through ``F.linear`` computes in float:
+    ``profile`` stores that weight at 32 bits (it counted it at 1 bit)."""
+    import binarize
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.read = BinaryLinear(64, 32)
+            self.called = BinaryLinear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.called(F.linear(x, self.read.weight, self.read.bias))
+
+    cost = binarize.profile(Parent(), torch.randn(2, 64))
+    assert cost.binary_params == 32 * 16
+    rows = {layer.name: layer for layer in cost.layers}
+    assert rows["read"].binary_params == 0 and rows["read"].fp_params == 64 * 32 + 32
+    assert cost.bops == 2 * 32 * 16 and cost.flops >= 2 * 64 * 32
