@@ -872,3 +872,30 @@ def test_training_mode_sign_binarizers_refuse_packing():
         assert binarizer.eval().packed_spec() == {"threshold": None, "sample_scale": False}
         with pytest.raises(ValueError, match="eval"):
             binarizer.train().packed_spec()
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_new_methods_script_and_checkpoint_round_trip(method, tmp_path):
+    import binarize
+    from binarize.nn import BinaryConv2d, BinaryLinear
+
+    torch.manual_seed(0)
+    for layer, x in ((BinaryConv2d(4, 4, 3, padding=1, method=method), torch.randn(1, 4, 5, 5)),
+                     (BinaryLinear(4, 3, method=method), torch.randn(2, 5, 4))):
+        for training in (True, False):
+            layer.train(training)
+            torch.testing.assert_close(torch.jit.script(layer)(x), layer(x))
+
+    def build():
+        torch.manual_seed(1)
+        return binarize.convert(torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 25, 2)), method=method).eval()
+
+    model = build()
+    for p in model.parameters():  # move learned scales / noise weights off their initial values
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, 5, 5)
+    binarize.save(model, tmp_path / "model.safetensors")
+    restored = binarize.load(tmp_path / "model.safetensors", model=build())
+    torch.testing.assert_close(restored(x), model(x))
