@@ -1,8 +1,11 @@
 """`binarize matte`: options reach convert_video, outputs are written, user errors exit with status 2."""
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -224,3 +227,156 @@ def test_non_matting_model_exits_2(tmp_path, clip, capsys):
     assert matte(clip, "-m", "bimobilenet", "-o", tmp_path / "c.mp4", "--no-progress") == 2
     assert "'bimobilenet' is not a matting model" in capsys.readouterr().err
     assert only_visible(tmp_path) == ["clip.mp4"]
+
+
+# ----------------------------------------------------------------------------------------- hostile input (issue 19)
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: the errors below must come before that."""
+    import binarize.cli.matte as matte_module
+
+    def build_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(matte_module, "build_model", build_model)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fps", "nan"], "--fps: bad frame rate 'nan'"),
+        (["--fps", "-5"], "--fps: frame rate -5 is out of range"),
+        (["--fps", "0"], "--fps: frame rate 0 is out of range"),
+        (["--fps", "30/0"], "--fps: bad frame rate '30/0'"),
+        (["--mbps", "nan"], "--mbps: bit rate nan Mbit/s is out of range"),
+        (["--mbps", "-1"], "--mbps: bit rate -1.0 Mbit/s is out of range"),
+        (["--mbps", "0"], "out of range"),
+        (["--mbps", "1e-9"], "out of range"),
+        (["--mbps", "1e9"], "out of range"),
+        (["--device", "bogus"], "bad device 'bogus'"),
+        (["--device", "meta"], "device 'meta' holds no data"),
+        (["--alpha", "{out}/dir.mp4"], "dir.mp4' is an existing folder"),
+        (["--alpha", "{out}/file.txt/a.mp4"], "file.txt' is a file, not a folder"),
+        (["--background", "{out}/dir.mp4"], "is a folder; expected a colour, an image or a video file"),
+        (["--output-type", "png_sequence", "-o", "{out}/file.txt"], "is an existing file; a PNG sequence"),
+        (["-m", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["--downsample-ratio", "nan"], "downsample_ratio must be in (0, 1]"),
+        (["--seq-chunk", "0"], "seq_chunk must be a positive integer"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_the_model_loads(tmp_path, clip, capsys, no_model, args, message):
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    argv = [arg.format(out=tmp_path) for arg in args]
+    model = [] if "-m" in argv else ["-m", "_test_cli_matting"]
+    output = [] if "-o" in argv else ["-o", tmp_path / "c.mp4"]
+    code = matte(clip, *output, *model, *argv, "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err  # one line, and no "random weights" warning first
+    assert err.startswith("binarize matte: error: ") and message in err, err
+    assert only_visible(tmp_path) == ["clip.mp4", "dir.mp4", "file.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists here")
+def test_absent_cuda_device_is_one_line(tmp_path, clip, capsys, no_model):
+    assert matte(clip, "-o", tmp_path / "c.mp4", "-m", "_test_cli_matting", "--device", "cuda") == 2
+    assert "device 'cuda' is not available: no CUDA GPU" in capsys.readouterr().err
+
+
+def test_ntsc_fps_works(tmp_path, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    for text in ("29.97", "30000/1001"):
+        assert matte(folder, "-m", "_test_cli_matting", "--alpha", tmp_path / f"a{len(text)}.mp4", "--fps", text,
+                     "--no-progress") == 0
+        assert "30000/1001 fps" in capsys.readouterr().out
+        assert read_video(tmp_path / f"a{len(text)}.mp4")[1] == NTSC
+
+
+def test_decompression_bomb_input_and_background_are_one_line(tmp_path, clip, capsys, monkeypatch):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert matte(tmp_path / "bomb.png", "-m", "_test_cli_matting", "--alpha", tmp_path / "a.png") == 2
+    assert matte(clip, "-m", "_test_cli_matting", "-o", tmp_path / "c.mp4", "--background", tmp_path / "bomb.png") == 2
+    err = capsys.readouterr().err
+    assert err.count("decompression bomb") == 2 and err.count("\n") == 2, err
+
+
+@pytest.mark.parametrize("output_type", ["image", "png_sequence"])
+def test_permission_errors_are_one_line(tmp_path, capsys, monkeypatch, output_type):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one.png")
+    extra = ["--alpha", tmp_path / "a.png"] if output_type == "image" else [
+        "--alpha", tmp_path / "seq", "--output-type", "png_sequence"]
+    # refused up front where the folder is not writable (simulated: tests may run as root) ...
+    monkeypatch.setattr("os.access", lambda *args, **kwargs: False)
+    assert matte(tmp_path / "one.png", "-m", "_test_cli_matting", *extra, "--no-progress") == 2
+    assert "no permission to write in" in capsys.readouterr().err
+    monkeypatch.undo()
+    # ... and an error while writing (a full or read-only disk) is one line too, with nothing left behind
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]) if args else "?")
+
+    monkeypatch.setattr(Image.Image, "save", refuse)
+    assert matte(tmp_path / "one.png", "-m", "_test_cli_matting", *extra, "--no-progress") == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the warning that the test model has random weights
+    target = tmp_path / ("a.png" if output_type == "image" else "seq")
+    assert last == f"binarize matte: error: Permission denied: {str(target)!r}", last
+    assert only_visible(tmp_path) == ["one.png"]
+
+
+def test_truncated_input_prints_a_one_line_warning(tmp_path, capsys):
+    from test_video import make_truncated
+
+    make_truncated(tmp_path / "cut.mp4")
+    assert matte(tmp_path / "cut.mp4", "-m", "_test_cli_matting", "--alpha", tmp_path / "a.webm", "--no-progress") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: input" in line]
+    assert len(warnings) == 1 and re.search(r"decoded \d+ of the 40 frames the file declares", warnings[0])
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    import binarize.cli.main as main_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_module, "build_parser", interrupted)
+    assert main(["matte", "x.mp4"]) == 130
+    assert capsys.readouterr().err == "binarize main: interrupted\n"
+
+
+_SLOW_RUN = """
+import sys, time, torch
+from binarize.cli.main import main
+from binarize.models import register_model
+
+class Slow(torch.nn.Module):
+    def forward(self, src, *rec, downsample_ratio=1.0):
+        time.sleep(0.05)
+        return src, src.mean(dim=2, keepdim=True), *rec
+
+register_model("_slow")(lambda **kwargs: Slow())
+sys.exit(main(["matte", sys.argv[1], "-m", "_slow", "-o", sys.argv[2], "--alpha", sys.argv[3], "--no-progress"]))
+"""
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    make_video(tmp_path / "long.mp4", n=200, w=16, h=16)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, str(tmp_path / "long.mp4"), str(out / "comp.mp4"),
+                                str(out / "alpha.webm")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and len(list(out.iterdir())) == 2) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.05)
+        assert sorted(p.name.split(".")[1] for p in out.iterdir()) == ["alpha", "comp"]  # hidden temporaries
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stderr.read().strip().splitlines()[-1] == "binarize matte: terminated"
+    assert only_visible(tmp_path) == ["long.mp4"]  # temporaries and the folder the run created are gone

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -244,6 +245,18 @@ def _read_chunks(source: FrameSource, seq_chunk: int) -> Iterator[Tuple[np.ndarr
             batch, times = [], []
     if batch:
         yield np.stack(batch), times
+
+
+@contextmanager
+def _naming_output(path: Path) -> Iterator[None]:
+    """An ``OSError`` while writing (permission, full disk) names the requested output, not the
+    hidden temporary file it happened in."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _commit_all(writers: Sequence[FrameWriter]) -> None:
@@ -579,14 +592,16 @@ class _MattingJob:
                 frames = _render(self.outputs, *tensors)
             timed = any(t is not None for t in times)  # only variable-rate sources carry times
             for out in self.outputs:
-                if timed:
-                    out.writer.write(frames[out.name], times)
-                else:
-                    out.writer.write(frames[out.name])
+                with _naming_output(out.path):
+                    if timed:
+                        out.writer.write(frames[out.name], times)
+                    else:
+                        out.writer.write(frames[out.name])
         if self.pipeline.stop.is_set():
             return  # cancelled: the main thread aborts the writers
         for out in self.outputs:
-            out.writer.close()
+            with _naming_output(out.path):
+                out.writer.close()
 
 
 def _static_background(
