@@ -563,3 +563,12 @@ def test_output_path_checks(tmp_path):
     with pytest.raises(ValueError, match="is an existing file; a PNG sequence needs a folder"):
         check_output_path(tmp_path / "file", folder=True)
     check_output_path(tmp_path / "new" / "deeper" / "out.mp4")  # missing folders are created later
+
+
+def test_dataset_image_reader_scales_sixteen_bit_colour_reads(tmp_path):
+    from binarize.matting.data.imageio import read_gray, read_rgb
+
+    values = np.array([[0, 257, 32896, 65535]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert np.allclose(read_gray(tmp_path / "deep.png"), values / 65535)
+    assert np.allclose(read_rgb(tmp_path / "deep.png"), np.repeat((values / 65535)[..., None], 3, -1))

@@ -36,13 +36,16 @@ def list_subdirs(folder: PathLike) -> List[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _open(path: PathLike) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     return image
 
@@ -50,7 +53,7 @@ def _open(path: PathLike) -> Image.Image:
 def read_gray(path: PathLike) -> np.ndarray:
     """A single-channel image as float32 ``[H, W]`` in [0, 1] (colour images are converted to L)."""
     image = _open(path)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in _SIXTEEN_BIT_MODES:
         return np.asarray(image, dtype=np.float32) / 65535.0
     if image.mode != "L":
         image = image.convert("L")
@@ -58,8 +61,11 @@ def read_gray(path: PathLike) -> np.ndarray:
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
-    """A colour image as float32 ``[H, W, 3]`` in [0, 1]."""
+    """A colour image as float32 ``[H, W, 3]`` in [0, 1] (16-bit grayscale scaled by 1/65535, not clipped)."""
     image = _open(path)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=-1)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.float32) / 255.0
