@@ -18,7 +18,7 @@ from torch import nn
 from binarize.engine._lib import available, kernel_info, set_kernel
 from binarize.engine.functional import Epilogue, PackedWeights, binary_conv2d, binary_linear, pack_weights
 from binarize.engine.fusion import DeployReport, deploy_modules
-from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer
+from binarize.engine.layers import PackedConv2d, PackedLinear, UnsupportedLayer, refuse_tracing
 from binarize.engine.memory import keep_freed_memory
 
 __all__ = [
@@ -84,9 +84,29 @@ def deploy(
     target.requires_grad_(False)
     report = deploy_modules(target, fuse=fuse, sparse=sparse, num_threads=num_threads, backend=backend)
     target.__dict__[_REPORT_ATTR] = report
+    target.register_forward_pre_hook(_refuse_tracing_hook)
     for module in target.modules():
         module.register_load_state_dict_pre_hook(_refuse_load)
+        module.train = _InferenceOnly(module)
     return target
+
+
+class _InferenceOnly:
+    """``train`` of a deployed module: ``train(False)`` / ``eval()`` work, ``train(True)`` raises
+    (packed weights, fused BatchNorm and pass-through neighbours compute the eval-mode model only)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if mode:
+            raise RuntimeError("a deployed model is inference-only (packed weights, BatchNorm folded into the "
+                               "kernels): train the original model, then call binarize.deploy on it")
+        return nn.Module.train(self.module, False)
+
+
+def _refuse_tracing_hook(module: nn.Module, args) -> None:
+    refuse_tracing()
 
 
 def _refuse_load(module: nn.Module, state_dict, prefix: str, *args) -> None:

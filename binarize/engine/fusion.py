@@ -48,6 +48,7 @@ from binarize.engine.layers import (
     fold_batchnorm,
     foldable_batchnorm,
     is_pointwise,
+    refuse_tracing,
 )
 from binarize.nn.blocks import ElasticShortcutBlock, MaskedBranch, SparseAssistedPair
 from binarize.nn.layers import BinaryConv2d, BinaryLinear
@@ -269,6 +270,7 @@ class FoldedConv2dForward:
 
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                  zero_rest: bool = True) -> torch.Tensor:
+        refuse_tracing()
         self._follow(x.device)
         if positions is not None and x.dim() == 4 and self.groups == 1 and self.stride == (1, 1):
             y = self._sparse_c(x, positions, zero_rest)
@@ -449,6 +451,7 @@ class SparseMaskedForward:
                 radius += (max(module.kernel_size) // 2) * dilation
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
         info = _mask_info(mask)
         _record_density(self.branch, mask, info)
         x, _, _ = self._run(x, mask, len(self.branch), info=info)
@@ -732,6 +735,7 @@ class PointwiseChainForward:
         self.num_threads, self.backend = num_threads, backend
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        refuse_tracing()
         return pointwise(x, self.epilogue, self.num_threads, self.backend)
 
 
@@ -776,6 +780,7 @@ class ResampleForward:
         self.kind, self.num_threads, self.backend = kind, num_threads, backend
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
         if x.dim() != 4:
             return (F.avg_pool2d(x, 2, 2, ceil_mode=True) if self.kind == "pool"
                     else F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))

@@ -43,6 +43,17 @@ class UnsupportedLayer(ValueError):
     """The layer computes something the packed engine cannot reproduce exactly (reason in the message)."""
 
 
+TRACING_MESSAGE = ("a deployed model cannot be traced or exported (torch.jit.trace, torch.onnx): its packed "
+                   "kernels run in C outside the tracer, so the trace would replay stale buffers; trace or "
+                   "export the simulated model (before binarize.deploy) instead")
+
+
+def refuse_tracing() -> None:
+    """Raise a clear error under ``torch.jit.trace`` (the packed kernels are invisible to the tracer)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(TRACING_MESSAGE)
+
+
 @dataclass
 class InputSpec:
     """How the layer binarizes its input: ``sign(x + bias)``, optionally times mean|x| per sample."""
@@ -275,6 +286,7 @@ class PackedConv2d:
         the shape, see ``binary_conv2d``).  ``out`` and ``accumulate`` (batched input, positions,
         everything after the conv fused): ``out = y * accumulate + out`` at the positions, in place.
         """
+        refuse_tracing()
         if packed_input is not None and (self.spec.sample_scale or self.padding_mode != "zeros"):
             raise ValueError("packed_input needs a plain-sign input binarizer and zero padding")
         if accumulate is not None and (self.spec.sample_scale or self.torch_post is not None or x.dim() != 4
@@ -331,6 +343,7 @@ class PackedLinear:
             self.epilogue, self.bias = Epilogue(scale=scale, shift=shift, ops=ops), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
         dtype = x.dtype
         rows = x.reshape(-1, x.shape[-1]).float()
         y = binary_conv2d(rows[:, :, None, None], self.weights, input_bias=self.spec.bias,
