@@ -30,10 +30,14 @@ static int cpu_has(int kernel) {
 #endif
 }
 
+/* the automatic choice: the table kernel wherever AVX2 runs, AVX-512 CPUs included (on an AMD EPYC
+ * Zen 4 with AVX-512 VPOPCNTDQ, one thread, the 22 BiMatting 3x3 shapes with packed input took 13.5 ms
+ * with avx2_nibble against 40.9 ms with avx512, and a 512x288 frame on two threads 143 against 156 ms,
+ * median of 24 frames each in alternating blocks, a loaded machine); avx512 runs when forced */
 int best_kernel(void) {
     if (g_forced_kernel != BZ_KERNEL_AUTO && cpu_has(g_forced_kernel)) return g_forced_kernel;
-    if (cpu_has(BZ_KERNEL_AVX512)) return BZ_KERNEL_AVX512;
     if (cpu_has(BZ_KERNEL_AVX2)) return BZ_KERNEL_AVX2_NIBBLE;
+    if (cpu_has(BZ_KERNEL_AVX512)) return BZ_KERNEL_AVX512;
     if (cpu_has(BZ_KERNEL_POPCNT)) return BZ_KERNEL_POPCNT;
     return BZ_KERNEL_GENERIC;
 }
