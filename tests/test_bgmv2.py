@@ -331,3 +331,67 @@ def test_profile_reports_the_refiner_dense_and_sparse():
     assert next(la for la in refiner if la.name == "refiner.conv1").bops == 24 * 42 * 9 * 36 * 52  # 3x3 valid on 32x48 padded by 3
     others = [layer for layer in report.layers if not layer.name.startswith("refiner.")]
     assert report.sparse_bops == pytest.approx(sum(la.bops for la in others) + density * sum(la.bops for la in refiner))
+
+
+# ------------------------------------------------------------------------------------------------
+# losses and training
+# ------------------------------------------------------------------------------------------------
+def test_sobel_matches_the_normalised_sobel_magnitude():
+    from binarize.matting.losses import sobel
+
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = ((p[..., :-2, 2:] + 2 * p[..., 1:-1, 2:] + p[..., 2:, 2:])
+          - (p[..., :-2, :-2] + 2 * p[..., 1:-1, :-2] + p[..., 2:, :-2])) / 8
+    gy = ((p[..., 2:, :-2] + 2 * p[..., 2:, 1:-1] + p[..., 2:, 2:])
+          - (p[..., :-2, :-2] + 2 * p[..., :-2, 1:-1] + p[..., :-2, 2:])) / 8
+    torch.testing.assert_close(sobel(x), torch.sqrt(gx**2 + gy**2 + 1e-6))
+
+
+def test_bgmv2_losses_follow_their_formulas():
+    from binarize.matting import losses
+
+    g = torch.Generator().manual_seed(0)
+    true_pha = (torch.rand(2, 1, 16, 24, generator=g) - 0.3).clamp(0, 1)
+    true_fgr = torch.rand(2, 3, 16, 24, generator=g)
+    pha, fgr, err = (torch.rand(2, c, 16, 24, generator=g) for c in (1, 3, 1))
+    base = losses.bgmv2_base_loss(pha, fgr, err, true_pha, true_fgr)
+    mask = (true_pha > 0).float()
+    assert base["fgr_l1"].item() == pytest.approx(((fgr - true_fgr).abs() * mask).mean().item(), rel=1e-6)
+    assert base["err_mse"].item() == pytest.approx(((err - (pha - true_pha).abs()) ** 2).mean().item(), rel=1e-6)
+    assert base["total"].item() == pytest.approx(sum(v.item() for k, v in base.items() if k != "total"), rel=1e-6)
+    # perfect predictions: zero everywhere, and the error head must predict zero error
+    perfect = losses.bgmv2_base_loss(true_pha, true_fgr, torch.zeros_like(true_pha), true_pha, true_fgr)
+    assert perfect["total"].item() == pytest.approx(0.0, abs=1e-6)
+    pha_sm, fgr_sm, err_sm = (torch.rand(2, c, 4, 6, generator=g) for c in (1, 3, 1))
+    refine = losses.bgmv2_refine_loss(pha, fgr, pha_sm, fgr_sm, err_sm, true_pha, true_fgr)
+    up = lambda t: torch.nn.functional.interpolate(t, size=(16, 24), mode="bilinear", align_corners=False)  # noqa: E731
+    expected_err = ((up(err_sm) - (up(pha_sm) - true_pha).abs()) ** 2).mean()
+    assert refine["err_mse"].item() == pytest.approx(expected_err.item(), rel=1e-6)
+    assert refine["pha_l1"].item() == pytest.approx(base["pha_l1"].item(), rel=1e-6)
+    assert len(refine) == 8
+    with pytest.raises(ValueError, match="pred_fgr must have shape"):
+        losses.bgmv2_base_loss(pha, pha, err, true_pha, true_fgr)
+
+
+def test_synthetic_config_trains_and_the_loss_falls(tmp_path):
+    import csv
+
+    from binarize.matting import train as train_mod
+    from binarize.matting.train_config import load_config
+
+    cfg = load_config("synthetic/bgmv2.yaml", [
+        "data.synthetic.clips=1", "data.synthetic.size=[64,48]", "schedule.epoch_end=12", f"run.output_dir={tmp_path}",
+        "run.log_interval=1", "run.checkpoint_interval=1000", "run.progress=false"])
+    assert cfg["model"]["name"] == "bgmv2_mobilenetv2" and cfg["model"]["kwargs"]["refine_mode"] == "sampling"
+    out = train_mod.train(cfg)
+    rows = [r for r in csv.DictReader(open(out / "scalars.csv")) if r["name"] == "train_lr/total"]
+    totals = [float(r["value"]) for r in rows]
+    assert len(totals) == 12
+    names = {r["name"] for r in csv.DictReader(open(out / "scalars.csv"))}
+    assert {"train_lr/err_mse", "train_lr/pha_sm_sobel", "train_lr/fgr_l1"} <= names
+    assert sum(totals[-3:]) < 0.7 * sum(totals[:3]), totals
+    import binarize
+
+    model = binarize.load(out / "model.safetensors").eval()
+    assert model.model_name == "bgmv2_mobilenetv2" and model.refiner.sample_pixels == 2304

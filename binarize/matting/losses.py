@@ -1,5 +1,6 @@
 """Training losses for video matting: the official matting loss, BiMatting's auxiliary loss,
-segmentation BCE and feature mimicking (distillation) from a full-precision teacher.
+segmentation BCE, feature mimicking (distillation) from a full-precision teacher, and the
+Background Matting V2 losses (``bgmv2_base_loss``, ``bgmv2_refine_loss``).
 
 Definitions follow the official training code of RVM (Lin et al., "Robust High-Resolution Video
 Matting with Temporal Guidance", WACV 2022, PeterL1n/RobustVideoMatting ``train_loss.py``) and of
@@ -30,6 +31,9 @@ __all__ = [
     "normalized_feature_mse",
     "feature_mimic_loss",
     "FeatureRecorder",
+    "sobel",
+    "bgmv2_base_loss",
+    "bgmv2_refine_loss",
 ]
 
 #: Weight of the temporal coherence terms (RVM, Sec. 4.3: "x 5").
@@ -283,3 +287,89 @@ class FeatureRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Background Matting V2 (Lin et al., CVPR 2021; PeterL1n/BackgroundMattingV2 train_base.py and
+# train_refine.py, which use kornia 0.4.1's ``sobel`` and ``resize``). Images [B, C, H, W];
+# clips [B, T, C, H, W] are flattened to images.
+# ----------------------------------------------------------------------------------------------
+def _images(name: str, t: Tensor, channels: int) -> Tensor:
+    if t.ndim == 5:
+        t = t.flatten(0, 1)
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(f"{name} must have shape [B, {channels}, H, W] or [B, T, {channels}, H, W], got {tuple(t.shape)}")
+    return t
+
+
+def sobel(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Sobel gradient magnitude of ``[N, C, H, W]`` per channel, as kornia's ``filters.sobel``:
+    3x3 Sobel kernels normalised by their absolute sum (8), replicate padding,
+    ``sqrt(gx**2 + gy**2 + eps)``."""
+    if x.ndim != 4:
+        raise ValueError(f"sobel expects [N, C, H, W], got {tuple(x.shape)}")
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype) / 8.0
+    kernel = torch.stack([kx, kx.t()])[:, None]  # [2, 1, 3, 3]
+    n, c, h, w = x.shape
+    padded = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    grad = F.conv2d(padded, kernel).reshape(n, c, 2, h, w)
+    return torch.sqrt(grad[:, :, 0] ** 2 + grad[:, :, 1] ** 2 + eps)
+
+
+def _bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def bgmv2_base_loss(
+    pred_pha: Tensor, pred_fgr: Tensor, pred_err: Tensor, true_pha: Tensor, true_fgr: Tensor
+) -> Dict[str, Tensor]:
+    """The BGMv2 base-network loss (``train_base.py``); terms and their sum under ``"total"``:
+    alpha L1 + L1 of the Sobel magnitudes, foreground L1 where ``true_pha > 0``, and the MSE of the
+    predicted error against ``|pred_pha - true_pha|`` (prediction detached)."""
+    pred_pha, true_pha = _images("pred_pha", pred_pha, 1), _images("true_pha", true_pha, 1)
+    pred_fgr, true_fgr = _images("pred_fgr", pred_fgr, 3), _images("true_fgr", true_fgr, 3)
+    pred_err = _images("pred_err", pred_err, 1)
+    if pred_pha.shape != true_pha.shape or pred_fgr.shape != true_fgr.shape or pred_err.shape != pred_pha.shape:
+        raise ValueError(f"bgmv2_base_loss: shapes differ: pha {tuple(pred_pha.shape)} vs {tuple(true_pha.shape)}, "
+                         f"fgr {tuple(pred_fgr.shape)} vs {tuple(true_fgr.shape)}, err {tuple(pred_err.shape)}")
+    mask = (true_pha != 0).to(pred_fgr.dtype)
+    terms = {
+        "pha_l1": F.l1_loss(pred_pha, true_pha),
+        "pha_sobel": F.l1_loss(sobel(pred_pha), sobel(true_pha)),
+        "fgr_l1": F.l1_loss(pred_fgr * mask, true_fgr * mask),
+        "err_mse": F.mse_loss(pred_err, (pred_pha.detach() - true_pha).abs()),
+    }
+    terms["total"] = sum(terms.values())  # type: ignore[assignment]
+    return terms
+
+
+def bgmv2_refine_loss(
+    pred_pha: Tensor, pred_fgr: Tensor, pred_pha_sm: Tensor, pred_fgr_sm: Tensor, pred_err_sm: Tensor,
+    true_pha: Tensor, true_fgr: Tensor,
+) -> Dict[str, Tensor]:
+    """The BGMv2 refine-stage loss (``train_refine.py``); terms and their sum under ``"total"``:
+    alpha L1 and Sobel L1 at full and at the base's resolution (ground truth resized bilinearly),
+    foreground L1 where the (resized) true alpha is non-zero at both resolutions, and the MSE,
+    at full resolution, of the upsampled error map against ``|upsampled pred_pha_sm - true_pha|``
+    (not detached, as in the official code)."""
+    pred_pha, true_pha = _images("pred_pha", pred_pha, 1), _images("true_pha", true_pha, 1)
+    pred_fgr, true_fgr = _images("pred_fgr", pred_fgr, 3), _images("true_fgr", true_fgr, 3)
+    pred_pha_sm, pred_fgr_sm = _images("pred_pha_sm", pred_pha_sm, 1), _images("pred_fgr_sm", pred_fgr_sm, 3)
+    pred_err_sm = _images("pred_err_sm", pred_err_sm, 1)
+    if pred_pha.shape != true_pha.shape or pred_fgr.shape != true_fgr.shape:
+        raise ValueError(f"bgmv2_refine_loss: shapes differ: pha {tuple(pred_pha.shape)} vs {tuple(true_pha.shape)}, "
+                         f"fgr {tuple(pred_fgr.shape)} vs {tuple(true_fgr.shape)}")
+    size, size_sm = true_pha.shape[-2:], pred_pha_sm.shape[-2:]
+    true_pha_sm, true_fgr_sm = _bilinear(true_pha, size_sm), _bilinear(true_fgr, size_sm)
+    mask, mask_sm = (true_pha != 0).to(pred_fgr.dtype), (true_pha_sm != 0).to(pred_fgr.dtype)
+    terms = {
+        "pha_l1": F.l1_loss(pred_pha, true_pha),
+        "pha_sm_l1": F.l1_loss(pred_pha_sm, true_pha_sm),
+        "pha_sobel": F.l1_loss(sobel(pred_pha), sobel(true_pha)),
+        "pha_sm_sobel": F.l1_loss(sobel(pred_pha_sm), sobel(true_pha_sm)),
+        "fgr_l1": F.l1_loss(pred_fgr * mask, true_fgr * mask),
+        "fgr_sm_l1": F.l1_loss(pred_fgr_sm * mask_sm, true_fgr_sm * mask_sm),
+        "err_mse": F.mse_loss(_bilinear(pred_err_sm, size), (_bilinear(pred_pha_sm, size) - true_pha).abs()),
+    }
+    terms["total"] = sum(terms.values())  # type: ignore[assignment]
+    return terms

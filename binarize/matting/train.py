@@ -558,6 +558,8 @@ class Trainer:
         """One matting pass (forward, losses, optimizer step); returns the scalars to log."""
         true_fgr, true_pha, true_bgr = self._crop(*(t.to(self.device, non_blocking=True) for t in batch[:3]))
         true_src = true_fgr * true_pha + true_bgr * (1 - true_pha)
+        if getattr(self.model, "takes_background", False):  # BGMv2: (src, bgr) -> official losses
+            return self._train_background_matting(true_src, true_bgr, true_fgr, true_pha, tag)
         self._alpha_ste = ratio == 1.0
         with self._autocast():
             out = self._forward_matting(true_src, ratio)
@@ -574,6 +576,21 @@ class Trainer:
         self._alpha_ste = False
         terms["total"] = total
         self._backward(total)
+        return {f"train_{tag}/{name}": float(value.detach()) for name, value in terms.items()}
+
+    def _train_background_matting(self, src: Tensor, bgr: Tensor, true_fgr: Tensor, true_pha: Tensor,
+                                  tag: str) -> Dict[str, float]:
+        """One pass of a background-matting model (BGMv2): the frames of the clips as images, the
+        clean background as the captured one, ``bgmv2_refine_loss`` (or ``bgmv2_base_loss`` for
+        the base network alone)."""
+        src, bgr, true_fgr, true_pha = (t.flatten(0, 1) for t in (src, bgr, true_fgr, true_pha))
+        with self._autocast():
+            out = [o.float() for o in self.ddp_model(src, bgr)]
+            if len(out) == 6:
+                terms = losses.bgmv2_refine_loss(*out[:5], true_pha, true_fgr)
+            else:
+                terms = losses.bgmv2_base_loss(out[0], out[1], out[2], true_pha, true_fgr)
+        self._backward(terms["total"])
         return {f"train_{tag}/{name}": float(value.detach()) for name, value in terms.items()}
 
     def train_segmentation(self, batch: Sequence[Tensor], tag: str) -> Dict[str, float]:
