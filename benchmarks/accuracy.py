@@ -1,7 +1,7 @@
 """Proof that converted networks learn: every binarization method trained on scikit-learn's digits.
 
-A ResNet-18 (timm, adapted to 32x32 inputs: a 3x3 stride-1 stem conv instead of the 7x7 stride-2
-one, the max-pool kept, so the stages run at 16, 8, 4 and 2 pixels) is converted with
+A ResNet-18 (timm, adapted to 32x32 inputs: a 3x3 stride-2 stem conv instead of the 7x7 one, so
+the stages run at 8, 4, 2 and 1 pixels, like the 8x8 digits themselves) is converted with
 ``binarize.convert(model, method)`` (default options: the activation policy, first and last layer
 kept full precision) and trained, next to the float model, on the bundled digits (no download:
 1797 8x8 images upsampled to 32x32, 3 channels; a fixed split of 1400 train / 397 held out) under
@@ -58,7 +58,7 @@ def timm_resnet18() -> nn.Module:
     import timm
 
     model = timm.create_model("resnet18", num_classes=10)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)
     return model
 
 
@@ -106,7 +106,7 @@ def train_one(model_name: str, method: str, seed: int, epochs: int, data: Sequen
             schedule.step()
             if clip is not None:
                 clip(model)
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
     model.eval()
     with torch.no_grad():
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="timm-resnet18")
     parser.add_argument("--methods", nargs="+", default=None, help="default: float and every registered method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--activation", default="auto", help="convert's activation policy (auto, keep, ...)")
