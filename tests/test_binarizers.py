@@ -899,3 +899,31 @@ def test_new_methods_script_and_checkpoint_round_trip(method, tmp_path):
     binarize.save(model, tmp_path / "model.safetensors")
     restored = binarize.load(tmp_path / "model.safetensors", model=build())
     torch.testing.assert_close(restored(x), model(x))
+
+
+def _tiny_binary_matting():
+    from binarize.nn import BinaryConv2d
+    from tests.test_train import TinyMatting
+
+    model = TinyMatting()
+    model.aspp = BinaryConv2d(4, 4, 1, method="bnn")  # a BinaryNet layer (clip_weights=True)
+    return model
+
+
+def test_trainer_clips_latent_weights_after_each_step(tmp_path):
+    from binarize.matting import train as train_mod
+    from tests.test_train import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    cfg["model"]["name"] = "tests.test_binarizers:_tiny_binary_matting"
+    trainer = train_mod.Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.aspp.weight.mul_(10)
+        trainer.model.decoder["decode1"].weight.mul_(10)
+    assert trainer.model.aspp.weight.abs().max() > 1
+    float_before = trainer.model.decoder["decode1"].weight.detach().clone()
+    img, seg = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    trainer.train_segmentation((img, seg), "seg_image")
+    assert trainer.model.aspp.weight.abs().max() <= 1  # the binary layer's latent weights: clipped
+    float_after = trainer.model.decoder["decode1"].weight
+    assert float_after.abs().max() > 1 and not torch.equal(float_after, float_before)  # float layers: not
