@@ -395,3 +395,36 @@ def test_synthetic_config_trains_and_the_loss_falls(tmp_path):
 
     model = binarize.load(out / "model.safetensors").eval()
     assert model.model_name == "bgmv2_mobilenetv2" and model.refiner.sample_pixels == 2304
+
+
+# ------------------------------------------------------------------------------------------------
+# binarize profile
+# ------------------------------------------------------------------------------------------------
+def test_profile_cli_lists_bgmv2_after_the_other_matting_models_and_counts_it(capsys, monkeypatch):
+    import binarize.cli.profile as cli_profile
+    from binarize.cli.main import main
+
+    names = cli_profile.matting_model_names()
+    assert names[:2] == ["rvm_mobilenetv3", "bimatting"]
+    background = [n for n in names if n.startswith("bgmv2_")]
+    assert background[:3] == ["bgmv2_mobilenetv2", "bgmv2_resnet50", "bgmv2_resnet101"] and len(background) == 10
+    assert names[-len(background):] == background
+    monkeypatch.setattr(cli_profile, "matting_model_names", lambda: ["rvm_mobilenetv3", "bgmv2_mobilenetv2", "bgmv2_bnn"])
+    assert main(["profile", "--all-matting", "--resolution", "320x256", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rvm, fp, bnn = data["models"]
+    assert [m["model"] for m in data["models"]] == ["rvm_mobilenetv3", "bgmv2_mobilenetv2", "bgmv2_bnn"]
+    # speed-test convention: sampling refines exactly 80,000 // 16 = 5000 of the 80 x 64 cells
+    for report in (fp, bnn):
+        assert list(report["mask_densities"].values()) == [pytest.approx(5000 / 5120)]
+        assert report["sparse_ops"] < report["ops"]
+    assert bnn["flops"] + bnn["bops"] == fp["flops"] and bnn["bops"] > 0
+    assert fp["savings_vs_baseline"]["computation"] > 1  # the base runs at 1/4 scale
+    # --downsample-ratio is the backbone scale; > 0.5 is refused
+    assert main(["profile", "bgmv2_mobilenetv2", "--resolution", "64x64", "--downsample-ratio", "0.5", "--json"]) == 0
+    half = json.loads(capsys.readouterr().out)["models"][0]
+    assert half["flops"] > fp["flops"] * (64 * 64) / (320 * 256)
+    assert main(["profile", "bgmv2_mobilenetv2", "--resolution", "64x64", "--downsample-ratio", "0.75"]) == 2
+    assert "backbone_scale, at most 0.5" in capsys.readouterr().err
+    assert main(["profile", "bgmv2_mobilenetv2", "--resolution", "66x64"]) == 2
+    assert "divisible by 4" in capsys.readouterr().err

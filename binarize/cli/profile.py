@@ -5,11 +5,16 @@ Examples::
     binarize profile timm:resnet18 --method reactnet --resolution 224x224
     binarize profile bimatting --resolution 512x288 --vs rvm_mobilenetv3
     binarize profile --all-matting --resolution 512x288 --json
+    binarize profile --all-matting --resolution 1920x1080 --downsample-ratio 0.25
 
 A ``timm:``/``torchvision:`` model is profiled in full precision and after
 ``binarize.convert(model, method)``; a zoo model is profiled as built (optionally converted with
 ``--method``) and compared with ``--vs``. Matting models run on a deterministic synthetic
 person-like frame (or ``--input frame.png``) so that the decoder's mask densities are measured.
+Background-matting models (``bgmv2_*``) get that frame and its background (``--input``: the image
+is its own background); they are built as the official speed test builds them
+(``refine_prevent_oversampling=False``: sampling mode refines exactly ``refine_sample_pixels``), and
+``--downsample-ratio`` sets their ``backbone_scale`` (default 0.25).
 """
 from __future__ import annotations
 
@@ -77,10 +82,12 @@ def parse_resolution(text: str) -> Tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- model building
-def build_model(spec: str, *, resolution: Tuple[int, int], checkpoint: Optional[str] = None) -> nn.Module:
+def build_model(spec: str, *, resolution: Tuple[int, int], checkpoint: Optional[str] = None,
+                downsample_ratio: Optional[float] = None) -> nn.Module:
     """Build ``timm:NAME`` / ``torchvision:NAME`` (random weights, never downloaded) or a zoo model.
 
     The random initialisation is seeded so that reports (mask densities included) are reproducible.
+    A background-matting model is built for the official speed test (see the module docstring).
     """
     torch.manual_seed(0)
     if spec.startswith("timm:"):
@@ -93,6 +100,13 @@ def build_model(spec: str, *, resolution: Tuple[int, int], checkpoint: Optional[
         return _build_torchvision(spec[len("torchvision:"):])
     from binarize.models import create_model
 
+    if is_background_matting_name(spec):
+        kwargs: Dict[str, Any] = {"refine_prevent_oversampling": False}
+        if downsample_ratio is not None:
+            if downsample_ratio > 0.5:
+                raise CLIError(f"--downsample-ratio is {spec}'s backbone_scale, at most 0.5; got {downsample_ratio}")
+            kwargs["backbone_scale"] = downsample_ratio
+        return create_model(spec, checkpoint=checkpoint, **kwargs)
     return create_model(spec, checkpoint=checkpoint)
 
 
@@ -122,17 +136,32 @@ def is_matting_name(name: str) -> bool:
     return name == "bimatting" or name.startswith("rvm_")
 
 
+def is_background_matting_name(name: str) -> bool:
+    """Zoo background-matting models: BGMv2 (full precision and binarized baselines)."""
+    return name.startswith("bgmv2_")
+
+
+def is_background_matting_model(model: nn.Module) -> bool:
+    """Background-matting models take ``(src, bgr)`` (``takes_background``, e.g. BGMv2)."""
+    return bool(getattr(model, "takes_background", False))
+
+
 def is_matting_model(model: nn.Module) -> bool:
     """Zoo matting models follow ``fgr, pha, *rec = model(src, *rec, downsample_ratio=...)``."""
     return bool(getattr(model, "is_matting", False)) or is_matting_name(str(getattr(model, "model_name", "")))
 
 
 def matting_model_names() -> List[str]:
-    """Zoo matting models, the full-precision baseline first, then BiMatting, then the rest."""
+    """Zoo matting models, the full-precision baseline first, then BiMatting, then the rest; the
+    background-matting models (BGMv2, full precision first) last."""
     from binarize.models import list_models
 
     names = [name for name in list_models() if is_matting_name(name)]
-    return sorted(names, key=lambda n: (n != MATTING_BASELINE, n != "bimatting", n))
+    names = sorted(names, key=lambda n: (n != MATTING_BASELINE, n != "bimatting", n))
+    full_precision = [f"bgmv2_{backbone}" for backbone in ("mobilenetv2", "resnet50", "resnet101")]
+    background = [name for name in list_models() if is_background_matting_name(name)]
+    return names + sorted(background, key=lambda n: (n not in full_precision, full_precision.index(n)
+                                                     if n in full_precision else 0, n))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -150,11 +179,7 @@ def synthetic_person(width: int, height: int) -> Tuple[torch.Tensor, torch.Tenso
     """
     ys = torch.linspace(0.0, 1.0, height).view(height, 1).expand(height, width)
     xs = torch.linspace(0.0, 1.0, width).view(1, width).expand(height, width)
-    background = torch.stack([
-        0.55 + 0.25 * ys + 0.05 * torch.sin(18 * xs),
-        0.60 + 0.10 * ys + 0.05 * torch.sin(11 * xs + 3 * ys),
-        0.70 - 0.20 * ys + 0.05 * torch.cos(23 * xs),
-    ])
+    background = synthetic_background(width, height)[0]
     aspect = width / height
     cx = 0.5
     head = ((xs - cx) * aspect / 0.10) ** 2 + ((ys - 0.30) / 0.14) ** 2 <= 1.0
@@ -168,6 +193,18 @@ def synthetic_person(width: int, height: int) -> Tuple[torch.Tensor, torch.Tenso
     _paint(frame, hair, (0.15, 0.10, 0.08), xs, ys)
     person = (head | neck | torso).float()
     return frame.clamp(0.0, 1.0).unsqueeze(0), person.view(1, 1, height, width)
+
+
+def synthetic_background(width: int, height: int) -> torch.Tensor:
+    """The background of ``synthetic_person`` alone, [1, 3, H, W] (what a background-matting model
+    is given as the captured background)."""
+    ys = torch.linspace(0.0, 1.0, height).view(height, 1).expand(height, width)
+    xs = torch.linspace(0.0, 1.0, width).view(1, width).expand(height, width)
+    return torch.stack([
+        0.55 + 0.25 * ys + 0.05 * torch.sin(18 * xs),
+        0.60 + 0.10 * ys + 0.05 * torch.sin(11 * xs + 3 * ys),
+        0.70 - 0.20 * ys + 0.05 * torch.cos(23 * xs),
+    ]).unsqueeze(0)
 
 
 def _paint(frame: torch.Tensor, region: torch.Tensor, rgb: Sequence[float], xs: torch.Tensor, ys: torch.Tensor) -> None:
@@ -196,6 +233,14 @@ def load_frame(path: str, width: int, height: int) -> torch.Tensor:
 def example_call(model: nn.Module, args: argparse.Namespace, resolution: Tuple[int, int]) -> Tuple[tuple, dict]:
     """Positional inputs and keyword arguments for one forward of ``model``."""
     width, height = resolution
+    if is_background_matting_model(model):
+        if height % 4 or width % 4:
+            raise CLIError(f"{getattr(model, 'model_name', 'this model')} needs a width and height divisible by 4, "
+                           f"got {width}x{height}")
+        if args.input:
+            src = load_frame(args.input, width, height)
+            return (src, src.clone()), {}
+        return (synthetic_frame(width, height), synthetic_background(width, height)), {}
     if is_matting_model(model):
         src = load_frame(args.input, width, height) if args.input else synthetic_frame(width, height)
         ratio = 1.0 if args.downsample_ratio is None else args.downsample_ratio
@@ -246,17 +291,21 @@ def collect(args: argparse.Namespace) -> Tuple[List[Entry], Optional[str]]:
         from tqdm import tqdm
 
         names = matting_model_names()
-        entries = [profile_entry(build_model(n, resolution=resolution), n, args, resolution)
+        entries = [profile_entry(build_model(n, resolution=resolution, downsample_ratio=args.downsample_ratio),
+                                 n, args, resolution)
                    for n in tqdm(names, desc="profiling matting models", unit="model", disable=None)]
         return entries, MATTING_BASELINE if MATTING_BASELINE in names else None
     if not args.model:
         raise CLIError("give a MODEL (timm:NAME, torchvision:NAME or a zoo model) or --all-matting")
     spec = args.model
-    model = build_model(spec, resolution=args.resolution or (224, 224), checkpoint=args.checkpoint)
-    resolution = args.resolution or ((512, 288) if is_matting_model(model) else (224, 224))
+    model = build_model(spec, resolution=args.resolution or (224, 224), checkpoint=args.checkpoint,
+                        downsample_ratio=args.downsample_ratio)
+    matting = is_matting_model(model) or is_background_matting_model(model)
+    resolution = args.resolution or ((512, 288) if matting else (224, 224))
     external = spec.startswith(("timm:", "torchvision:"))
     method = args.method or ("reactnet" if external else None)
-    vs_model = build_model(args.vs, resolution=resolution) if args.vs else None  # fail fast on a bad name
+    vs_model = (build_model(args.vs, resolution=resolution, downsample_ratio=args.downsample_ratio)
+                if args.vs else None)  # fail fast on a bad name
     entries: List[Entry] = []
     baseline: Optional[str] = None
     if external and args.vs is None:
