@@ -428,3 +428,123 @@ def test_profile_cli_lists_bgmv2_after_the_other_matting_models_and_counts_it(ca
     assert "backbone_scale, at most 0.5" in capsys.readouterr().err
     assert main(["profile", "bgmv2_mobilenetv2", "--resolution", "66x64"]) == 2
     assert "divisible by 4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# the video tool: convert_video(..., background_frame=...) and binarize matte --background-frame
+# ------------------------------------------------------------------------------------------------
+def _write_pngs(folder, frames):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def _read_pngs(folder):
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.iterdir())])
+
+
+def _frames(n, w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def small_bgmv2():
+    torch.manual_seed(0)
+    model = create_model("bgmv2_mobilenetv2", refine_mode="thresholding", refine_threshold=0.05).eval()
+    with torch.no_grad():
+        model.decoder.conv4.bias[0] = 0.5
+    return model
+
+
+def _expected_alpha(model, src_frames, bgr_frames):
+    to = lambda f: torch.from_numpy(np.ascontiguousarray(f)).permute(0, 3, 1, 2).float().div(255)  # noqa: E731
+    with torch.no_grad():
+        pha = model(to(src_frames), to(bgr_frames))[0]
+    return pha.mul(255).round().to(torch.uint8)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_convert_video_with_a_background_frame_matches_the_model(tmp_path, small_bgmv2, kind):
+    from binarize.matting.inference import convert_video
+
+    src = _frames(3, 64, 48, 1)
+    source = _write_pngs(tmp_path / "src", src)
+    if kind == "image":
+        bgr = _frames(1, 64, 48, 2)
+        background = _write_pngs(tmp_path / "bg", bgr) / "0000.png"
+        bgr = np.repeat(bgr, 3, axis=0)
+    else:  # a background video (here a PNG sequence) is read frame by frame alongside the input
+        bgr = _frames(4, 64, 48, 3)
+        background = _write_pngs(tmp_path / "bg", bgr)
+        bgr = bgr[:3]
+    result = convert_video(small_bgmv2, source, output_alpha=tmp_path / "alpha", output_composition=tmp_path / "comp",
+                           output_type="png_sequence", background="green", background_frame=background,
+                           seq_chunk=2, progress=False)
+    assert result.frames == 3 and result.downsample_ratio == 0.25
+    got = _read_pngs(tmp_path / "alpha")
+    expected = _expected_alpha(small_bgmv2, src, bgr)
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
+    assert 0 < expected.mean() < 255 and (tmp_path / "comp" / "0002.png").exists()
+
+
+def test_convert_video_pads_sides_that_are_not_multiples_of_4(tmp_path, small_bgmv2):
+    from binarize.matting.inference import convert_video
+
+    source = _write_pngs(tmp_path / "src", _frames(1, 66, 50, 4))
+    background = _write_pngs(tmp_path / "bg", _frames(1, 66, 50, 5)) / "0000.png"
+    convert_video(small_bgmv2, source, output_alpha=tmp_path / "alpha", output_type="png_sequence",
+                  background_frame=background, progress=False)
+    assert _read_pngs(tmp_path / "alpha").shape == (1, 50, 66)
+
+
+def test_background_frame_errors_come_before_any_work(tmp_path, small_bgmv2):
+    from binarize.matting.inference import convert_video
+    from binarize.models import create_model as create
+
+    source = _write_pngs(tmp_path / "src", _frames(3, 64, 48, 1))
+    other_size = _write_pngs(tmp_path / "bg_small", _frames(1, 32, 48, 2)) / "0000.png"
+    short = _write_pngs(tmp_path / "bg_short", _frames(2, 64, 48, 3))
+    good = _write_pngs(tmp_path / "bg", _frames(1, 64, 48, 2)) / "0000.png"
+    out = dict(output_alpha=tmp_path / "alpha", output_type="png_sequence", progress=False)
+    cases = [
+        (small_bgmv2, None, {}, "mattes against a captured background"),
+        (create("rvm_mobilenetv3"), good, {}, "takes no background frame"),
+        (small_bgmv2, other_size, {}, "is 32x48 but the input is 64x48"),
+        (small_bgmv2, short, {}, "has 2 frames but the input has 3"),
+        (small_bgmv2, good, {"downsample_ratio": 0.75}, r"backbone_scale and must be in \(0, 0.5\]"),
+        (small_bgmv2, tmp_path / "missing.png", {}, "not found"),
+    ]
+    for model, background, extra, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+            convert_video(model, source, background_frame=background, **out, **extra)
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / "alpha").exists()
+
+
+def test_cli_matte_with_a_background_frame(tmp_path, capsys, monkeypatch):
+    from test_video import make_video
+
+    from binarize.cli.main import main
+
+    make_video(tmp_path / "clip.mp4", n=3, w=64, h=48)
+    _write_pngs(tmp_path / "bg", _frames(1, 64, 48, 2))
+    code = main(["matte", str(tmp_path / "clip.mp4"), "-m", "bgmv2_mobilenetv2", "--background-frame",
+                 str(tmp_path / "bg" / "0000.png"), "-o", str(tmp_path / "comp.mp4"), "--no-progress"])
+    assert code == 0 and (tmp_path / "comp.mp4").exists()
+    assert "matted 3 frames (64x48" in capsys.readouterr().out
+    # one-line errors before the model is built
+    import binarize.models
+
+    monkeypatch.setattr(binarize.models, "create_model", lambda *a, **k: pytest.fail("model built"))
+    for argv, message in (
+        (["-m", "bgmv2_mobilenetv2"], "mattes against a captured background"),
+        (["-m", "bimatting", "--background-frame", str(tmp_path / "bg" / "0000.png")], "takes no background frame"),
+    ):
+        code = main(["matte", str(tmp_path / "clip.mp4"), *argv, "-o", str(tmp_path / "x.mp4"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,8 @@
 Example::
 
     binarize matte input.mp4 -m bimatting --checkpoint bimatting.pth -o comp.mp4 --alpha alpha.mp4
+    binarize matte input.mp4 -m bgmv2_mobilenetv2 --checkpoint pytorch_mobilenetv2.pth \
+        --background-frame bg.png -o comp.mp4
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="composition background: green (default for video), a colour name, #RRGGBB, transparent "
         "(default for png_sequence; needs .mov/.webm for video), or an image or video file",
     )
+    parser.add_argument("--background-frame", default=None,
+                        help="background-matting models (bgmv2_*): the captured background, an image of the "
+                        "input's size or a video matched frame by frame")
     parser.add_argument("--downsample-ratio", type=float, default=None,
                         help="model's internal scale in (0, 1]; default min(512 / max(h, w), 1)")
     parser.add_argument("--seq-chunk", type=int, default=1, help="frames per model call (default 1)")
@@ -83,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         frame_rate=args.fps,
         output_video_mbps=args.mbps,
+        background_frame=getattr(args, "background_frame", None),
     )
     written = ", ".join(str(path) for path in result.outputs.values())
     print(
@@ -96,11 +102,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model, before the model is loaded: the model name, the checkpoint
     path, --fps, --mbps, --device, the input, the background and every output path (one-line
     errors). ``args.fps`` becomes the exact ``Fraction`` it names."""
+    from binarize.matting.background import check_background_use
     from binarize.matting.inference import check_conversion, parse_mbps
     from binarize.matting.video import parse_frame_rate
     from binarize.models.registry import model_factory
 
-    model_factory(args.model)  # unknown name -> ValueError listing the models
+    factory = model_factory(args.model)  # unknown name -> ValueError listing the models
+    check_background_use(factory, getattr(args, "background_frame", None), args.downsample_ratio)
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint!r}")
     for option, value, parse in (("--fps", args.fps, parse_frame_rate), ("--mbps", args.mbps, parse_mbps)):
@@ -115,7 +123,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         args.input, output_composition=args.composition, output_alpha=args.alpha,
         output_foreground=args.foreground, output_type=args.output_type, background=args.background,
         downsample_ratio=args.downsample_ratio, seq_chunk=args.seq_chunk, device=args.device,
-        frame_rate=args.fps, output_video_mbps=args.mbps,
+        frame_rate=args.fps, output_video_mbps=args.mbps, background_frame=getattr(args, "background_frame", None),
     )
 
 

@@ -26,6 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from binarize.matting.background import (
+    CapturedBackground,
+    check_background_frame,
+    check_background_use,
+    takes_background,
+)
 from binarize.matting.video import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -329,6 +335,7 @@ def convert_video(
     progress: bool = True,
     frame_rate: Optional[Union[str, float, Fraction]] = None,
     output_video_mbps: Optional[float] = None,
+    background_frame: Optional[PathLike] = None,
 ) -> ConversionResult:
     """Matte ``input_source`` (video file, image folder or single image) and write the requested outputs.
 
@@ -350,6 +357,10 @@ def convert_video(
         frame_rate: frame rate of image inputs (default 30): a ``Fraction``, ``"30000/1001"`` or a
             number (29.97 is taken as 30000/1001; see ``parse_frame_rate``); videos keep their own rate.
         output_video_mbps: target bit rate of video outputs (0.01 to 10000); default constant quality.
+        background_frame: for a background-matting model (BGMv2, ``model.takes_background``) the
+            captured background: an image of the input's size, or a video read frame by frame
+            (see :mod:`binarize.matting.background`); ``downsample_ratio`` is then the model's
+            ``backbone_scale`` (default: its own). Refused for other models.
 
     Returns:
         A :class:`ConversionResult`. On any error or interrupt no output exists under the requested
@@ -357,17 +368,18 @@ def convert_video(
         in the input (undecodable packets, fewer frames than declared, a size change) is issued as a
         ``UserWarning`` naming the counts and listed in ``result.problems``.
     """
+    check_background_use(model, background_frame, downsample_ratio)
     options = check_conversion(
         input_source, output_composition=output_composition, output_alpha=output_alpha,
         output_foreground=output_foreground, output_type=output_type, background=background,
         downsample_ratio=downsample_ratio, seq_chunk=seq_chunk, device=device, frame_rate=frame_rate,
-        output_video_mbps=output_video_mbps,
+        output_video_mbps=output_video_mbps, background_frame=background_frame,
     )
     source = open_source(input_source, options.frame_rate)
     try:
         return _run(
             model, source, options.outputs, options.background, downsample_ratio, int(seq_chunk),
-            options.device, dtype, progress, options.bit_rate,
+            options.device, dtype, progress, options.bit_rate, background_frame,
         )
     finally:
         source.close()
@@ -395,6 +407,7 @@ def check_conversion(
     device: Optional[Union[str, torch.device]] = None,
     frame_rate: Optional[Union[str, float, Fraction]] = None,
     output_video_mbps: Optional[float] = None,
+    background_frame: Optional[PathLike] = None,
 ) -> _Options:
     """Every check of :func:`convert_video` that needs no model and no decoding: arguments, the
     device, the input (exists, opens), the background and every output path. Raises
@@ -419,6 +432,8 @@ def check_conversion(
     check_source(input_source)
     if bg.path is not None:
         check_source(bg.path)  # an unreadable background fails now, before any output exists
+    if background_frame is not None:
+        check_background_frame(background_frame, input_source)  # size and length match the input
     single_image = Path(input_source).is_file() and Path(input_source).suffix.lower() in IMAGE_EXTENSIONS
     outputs = _plan_outputs(paths, output_type, bg, single_image, Path(input_source))
     return _Options(bg, outputs, rate, bit_rate, parsed_device)
@@ -464,25 +479,35 @@ def parse_device(device: Union[str, torch.device]) -> torch.device:
 def _run(
     model: torch.nn.Module, source: FrameSource, outputs: List[_Output], bg: Background,
     downsample_ratio: Optional[float], seq_chunk: int, device: Any, dtype: Optional[torch.dtype],
-    progress: bool, bit_rate: Optional[int],
+    progress: bool, bit_rate: Optional[int], background_frame: Optional[PathLike] = None,
 ) -> ConversionResult:
-    _check_matting_model(model)
+    if not takes_background(model):
+        _check_matting_model(model)
     if device is not None:
         model.to(device)
     model_device, model_dtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
+    captured = None
+    if background_frame is not None:  # background matting: downsample_ratio is the backbone scale
+        captured = CapturedBackground(background_frame, downsample_ratio, device, dtype or model_dtype)
+        downsample_ratio = downsample_ratio or getattr(model, "backbone_scale", 1.0)
     if downsample_ratio is None:
         downsample_ratio = auto_downsample_ratio(source.height, source.width)
     job = _MattingJob(model, source, outputs, bg, float(downsample_ratio), seq_chunk, device, dtype or model_dtype)
+    job.captured = captured
     was_training = model.training
     try:
         return job.run(progress, bit_rate)
     finally:
         model.train(was_training)
+        if captured is not None:
+            captured.close()
 
 
 class _MattingJob:
     """One conversion: a reader thread, the model on the calling thread, a writer thread."""
+
+    captured: Optional[CapturedBackground] = None  # the captured background of a background-matting model
 
     def __init__(
         self, model: torch.nn.Module, source: FrameSource, outputs: List[_Output], bg: Background,
@@ -575,7 +600,10 @@ class _MattingJob:
             while (item := self.pipeline.get(self.read_q)) is not _END:
                 chunk, bgr_chunk, times = item
                 src = _frames_to_tensor(chunk, self.device, self.dtype).unsqueeze(0)
-                fgr, pha, *rec = self.model(src, *rec, downsample_ratio=self.downsample_ratio)
+                if self.captured is not None:  # background matting (BGMv2): model(src, bgr) per frame
+                    fgr, pha = self.captured.matte(self.model, src)
+                else:
+                    fgr, pha, *rec = self.model(src, *rec, downsample_ratio=self.downsample_ratio)
                 _check_model_output(fgr, pha, src)
                 bgr = self.static_bgr if bgr_chunk is None else _frames_to_tensor(bgr_chunk, self.device, self.dtype)
                 if not self.pipeline.put(self.write_q, (fgr[0], pha[0], bgr, times)):

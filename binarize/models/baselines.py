@@ -112,6 +112,7 @@ def _register_bgmv2(method: str, paper: str) -> None:
 
     name = f"bgmv2_{method}"
     factory.__name__ = factory.__qualname__ = name
+    factory.takes_background = True  # type: ignore[attr-defined]  (a background-matting model)
     factory.__doc__ = (f"BGMv2 (MobileNetV2 unless ``backbone=``) binarized with {paper}; kwargs as "
                        "``bgmv2_mobilenetv2`` (refine_mode, backbone_scale, ...).")
     globals()[name] = register_model(factory)

@@ -427,3 +427,7 @@ def bgmv2_resnet50(refine: bool = True, **kwargs: Any) -> MattingBase:
 def bgmv2_resnet101(refine: bool = True, **kwargs: Any) -> MattingBase:
     """BGMv2 with a ResNet-101 backbone (``MattingRefine``; ``refine=False``: ``MattingBase``)."""
     return _build("resnet101", refine, kwargs)
+
+
+for _factory in (bgmv2_mobilenetv2, bgmv2_resnet50, bgmv2_resnet101):
+    _factory.takes_background = True  # type: ignore[attr-defined]  (the video tool checks the name before building)
