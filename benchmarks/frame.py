@@ -55,6 +55,7 @@ DEPLOYED = "bimatting (deployed)"
 EAGER = "rvm_mobilenetv3 (eager)"
 COMPILED = "rvm_mobilenetv3 (torch.compile)"
 ORT = "rvm_mobilenetv3 (onnxruntime)"
+NO_MODEL = "no model (decode + encode only)"
 
 
 class RVMStep(torch.nn.Module):
@@ -223,6 +224,14 @@ def write_clip(path: pathlib.Path, frames: int, width: int, height: int) -> None
         for array in src:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode(None))
+
+
+class PassThrough(torch.nn.Module):
+    """No model: alpha = the frame's mean colour, so the pipeline's decoding, compositing and encoding
+    alone set the frame rate (the floor under every model's end-to-end time)."""
+
+    def forward(self, src: torch.Tensor, *rec: Any, downsample_ratio: float = 1.0) -> List[Any]:
+        return [src, src.mean(dim=-3, keepdim=True), *rec]
 
 
 def bench_end_to_end(models: Dict[str, torch.nn.Module], clip: pathlib.Path, threads: int, rounds: int,
@@ -401,14 +410,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             width, height, _ = SIZES["512x288"]
             clip = workdir / "clip.mp4"
             write_clip(clip, args.e2e_frames, width, height)
-            results["end_to_end"] = bench_end_to_end({DEPLOYED: deployed, EAGER: rvm}, clip, args.e2e_threads,
-                                                     args.e2e_rounds, workdir)
+            models = {DEPLOYED: deployed, EAGER: rvm, NO_MODEL: PassThrough()}
+            results["end_to_end"] = bench_end_to_end(models, clip, args.e2e_threads, args.e2e_rounds, workdir)
             print(f"\n(b) end to end (convert_video = binarize matte: decode, inference, H.264 encode of composition "
                   f"and alpha), {args.e2e_frames} frames 512x288, {args.e2e_threads} thread(s), best / median of "
                   f"{args.e2e_rounds} rounds")
             base = next(r for r in results["end_to_end"] if r["model"] == DEPLOYED)
             for row in results["end_to_end"]:
-                lead = "" if row is base else f"  deployed: {base['median_fps'] / row['median_fps']:.2f}x"
+                lead = "" if row is base or row["model"] == NO_MODEL else \
+                    f"  deployed: {base['median_fps'] / row['median_fps']:.2f}x"
                 print(f"  {row['model']:<34} {row['best_fps']:>6.1f} / {row['median_fps']:>6.1f} fps{lead}")
     if "breakdown" not in args.skip:
         results["breakdown"] = [bench_breakdown(simulated, label, max(args.threads), args.breakdown_frames)
