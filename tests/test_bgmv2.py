@@ -374,6 +374,7 @@ def test_bgmv2_losses_follow_their_formulas():
         losses.bgmv2_base_loss(pha, pha, err, true_pha, true_fgr)
 
 
+@pytest.mark.slow
 def test_synthetic_config_trains_and_the_loss_falls(tmp_path):
     import csv
 
