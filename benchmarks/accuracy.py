@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the per-run results here")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
+    parser.add_argument("--resume", action="store_true", help="skip the (method, seed) runs already in --json")
     args = parser.parse_args(argv)
     methods = args.methods or ["float", *list_methods()]
     unknown = [m for m in methods if m != "float" and m not in list_methods()]
@@ -173,18 +175,32 @@ def main(argv: Sequence[str] = None) -> None:
     torch.set_num_threads(args.threads)
     data = digits()
     results: Dict[str, List[Dict[str, float]]] = {}
-    runs = [(m, s) for m in methods for s in args.seeds]
+    config = {"model": args.model, "epochs": args.epochs, "activation": args.activation, "batch": args.batch,
+              "lr": args.lr}
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as handle:
+            saved = json.load(handle)
+        if any(saved.get(k) != v for k, v in config.items()):
+            parser.error(f"--resume: {args.json} was written with other settings ({saved})")
+        results = {m: [r for r in runs if r.get("seed") in args.seeds] for m, runs in saved["results"].items()
+                   if m in methods}
+    done = {(m, r["seed"]) for m, runs in results.items() for r in runs}
+    # seed-major order: an interrupted run still has every method at the first seeds
+    runs = [(m, s) for s in args.seeds for m in methods if (m, s) not in done]
     for method, seed in tqdm(runs, desc=f"{args.model} on digits", unit="run"):
         result = train_one(args.model, method, seed, args.epochs, data, args.batch, args.lr, args.activation)
+        result["seed"] = seed
         results.setdefault(method, []).append(result)
         tqdm.write(f"{method:>12} seed {seed}: {100 * result['accuracy']:.1f}% "
                    f"(train loss {result['train_loss']:.3f}, {result['seconds']:.0f} s)")
         if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"model": args.model, "epochs": args.epochs, "activation": args.activation,
-                           "threads": args.threads, "results": results}, handle, indent=1)
+            partial = args.json + ".partial"
+            with open(partial, "w") as handle:
+                json.dump({**config, "threads": args.threads, "results": results}, handle, indent=1)
+            os.replace(partial, args.json)
     print(f"\n{args.model} on digits ({TRAIN_SIZE} train / 397 held out), {args.epochs} epochs, "
           f"batch {args.batch}, Adam one-cycle lr {args.lr}, {args.threads} threads, activation={args.activation}")
+    results = {m: results[m] for m in methods if m in results}
     print(summarise(results, args.epochs))
     if args.plot:
         plot(results, args.plot, f"{args.model} on digits, {args.epochs} epochs, {len(args.seeds)} seeds")
