@@ -380,3 +380,45 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
             process.kill()
     assert process.stderr.read().strip().splitlines()[-1] == "binarize matte: terminated"
     assert only_visible(tmp_path) == ["long.mp4"]  # temporaries and the folder the run created are gone
+
+
+# ----------------------------------------------------------------------------------------- other subcommands
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--config", "synthetic/bimatting.yaml", "--device", "bogus"], "--device / run.device: bad device"),
+        (["train", "--config", "synthetic/bimatting.yaml", "--set", "run.device=meta"], "device 'meta' holds no data"),
+        (["train", "--config", "synthetic/bimatting.yaml", "--set", "run.max_steps=-1"], "run.max_steps must be >= 0"),
+        (["evaluate", "--pred-dir", "{out}/clips", "--true-dir", "{out}/clips", "--output-dir", "{out}/file.txt/x"],
+         "file.txt' is a file, but a folder is needed there"),
+        (["data", "synth", "{out}/file.txt/sub", "--clips", "1", "--frames", "1", "--size", "16x16"],
+         "file.txt' is a file, but a folder is needed there"),
+        (["data", "synth", "{out}/big", "--size", "100000x100000"], "--size 100000x100000 is too large"),
+        (["data", "synth", "{out}/neg", "--seed", "-5"], "--seed must be >= 0"),
+    ],
+)
+def test_other_subcommands_refuse_hostile_input_in_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "clips" / "c" / "pha").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "clips" / "c" / "pha" / "0000.png")
+    code = main([arg.format(out=tmp_path) for arg in argv] + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert only_visible(tmp_path) == ["clips", "file.txt"]
+
+
+def test_profile_refuses_a_resolution_that_cannot_fit(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["profile", "bimatting", "--resolution", "100000x100000"])
+    assert info.value.code == 2 and "is too large: each side at most 8192" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import binarize.cli.data as data_module
+
+    def exhausted(args):
+        raise MemoryError("Unable to allocate 112. GiB")
+
+    monkeypatch.setattr(data_module, "run", exhausted)
+    assert main(["data", "synth", "x"]) == 1
+    assert capsys.readouterr().err == "binarize data: error: out of memory: Unable to allocate 112. GiB\n"

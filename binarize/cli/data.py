@@ -11,6 +11,10 @@ from typing import Any
 
 from binarize.cli.main import CLIError
 
+# frames are built as float32 arrays in memory: a 100000x100000 request would need ~112 GiB per
+# array and end in a MemoryError after minutes, so sides past 8K are refused up front
+MAX_SIDE = 8192
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``data`` subcommand and its actions."""
@@ -30,7 +34,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder (written to a temporary name, renamed at the end)")
     synth.add_argument("--clips", type=int, default=8, help="training clips (default 8)")
     synth.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
-    synth.add_argument("--size", default="512x288", help="frame size WIDTHxHEIGHT (default 512x288)")
+    synth.add_argument("--size", default="512x288",
+                       help="frame size WIDTHxHEIGHT, 8 to 8192 per side (default 512x288)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--eval-clips", type=int, default=None,
                        help="held-out clips with a still background (videomatte_static; default: --clips)")
@@ -53,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     width, height = parse_size(args.size)
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(f"--size {width}x{height} is too large: each side at most {MAX_SIDE} pixels")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     out = write_synthetic(
         args.out, clips=args.clips, frames=args.frames, size=(width, height), seed=args.seed,
         eval_clips=args.eval_clips, motion_clips=args.motion_clips, image_format=args.image_format,

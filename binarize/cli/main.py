@@ -14,6 +14,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 # subcommands, each a module of this package with the same name
@@ -43,7 +44,21 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         text = f"{exc.strerror}: {str(exc.filename)!r}"
+        blocker = _file_in_the_way(exc)
+        if blocker is not None:
+            text = f"{str(blocker)!r} is a file, but a folder is needed there ({exc.strerror}: {str(exc.filename)!r})"
     return " ".join(text.split()) or type(exc).__name__
+
+
+def _file_in_the_way(exc: OSError) -> Optional[Path]:
+    """For "File exists" / "Not a directory" while creating folders: the file that blocks the path."""
+    if not isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return None
+    path = Path(str(exc.filename))
+    for candidate in (path, *path.parents):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @contextmanager
@@ -88,6 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CLIError, ValueError, OSError) as exc:
         print(f"binarize {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(f"binarize {command}: error: out of memory{': ' + _one_line(exc) if str(exc) else ''}", file=sys.stderr)
+        return 1
     except Terminated:
         print(f"binarize {command}: terminated", file=sys.stderr)
         return 143

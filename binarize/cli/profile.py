@@ -30,6 +30,7 @@ import torch.nn as nn
 from binarize.cli.main import CLIError
 
 MATTING_BASELINE = "rvm_mobilenetv3"
+MAX_SIDE = 8192
 
 
 @dataclass
@@ -78,6 +79,8 @@ def parse_resolution(text: str) -> Tuple[int, int]:
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"resolution must look like WIDTHxHEIGHT (e.g. 224x224), got {text!r}")
+    if max(int(parts[0]), int(parts[1])) > MAX_SIDE:  # a float input past 8K alone is gigabytes
+        raise argparse.ArgumentTypeError(f"resolution {text!r} is too large: each side at most {MAX_SIDE} pixels")
     return int(parts[0]), int(parts[1])
 
 

@@ -6,7 +6,7 @@ Single process: ``binarize train --config bimatting/stage1.yaml``. Many GPUs or 
 from __future__ import annotations
 
 import argparse
-from typing import Any, List
+from typing import Any, Dict, List
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from binarize.matting.train_config import load_config
 
     config = load_config(args.config, _overrides(args))
+    check_run_options(config["run"])
     if args.teacher_checkpoint and not config["distill"]["teacher"]:
         raise ValueError("--teacher-checkpoint needs --distill-from (or distill.teacher in the config)")
     resume = None
@@ -69,3 +70,17 @@ def run(args: argparse.Namespace) -> int:
     out = train(config, resume=resume)
     print(f"training output: {out}")
     return 0
+
+
+def check_run_options(run: Dict[str, Any]) -> None:
+    """One-line errors, before any model or data is built, for a device that does not exist here
+    and a negative ``run.max_steps`` (which would train nothing and still exit 0)."""
+    if run.get("max_steps") is not None and int(run["max_steps"]) < 0:
+        raise ValueError(f"run.max_steps must be >= 0 (leave it unset for no limit), got {run['max_steps']}")
+    if run.get("device") not in (None, "", "auto"):
+        from binarize.matting.inference import parse_device
+
+        try:
+            parse_device(run["device"])
+        except ValueError as exc:
+            raise ValueError(f"--device / run.device: {exc}") from None
