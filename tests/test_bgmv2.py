@@ -125,6 +125,20 @@ def test_key_map_consumes_every_official_key(backbone):
         assert torch.equal(mapped[ours], official[theirs])
 
 
+def test_official_checkpoint_file_loads_through_create_model(tmp_path):
+    official = make_state_dict(_manifest("mobilenetv2"), seed=5)
+    torch.save(official, tmp_path / "pytorch_mobilenetv2.pth")
+    model = create_model("bgmv2_mobilenetv2", checkpoint=tmp_path / "pytorch_mobilenetv2.pth")
+    assert torch.equal(model.state_dict()["backbone.body.conv_stem.weight"], official["backbone.features.0.0.weight"])
+    torch.save({k: v for k, v in official.items() if not k.startswith("refiner.")}, tmp_path / "base.pth")
+    base = create_model("bgmv2_mobilenetv2", refine=False, checkpoint=tmp_path / "base.pth")
+    assert torch.equal(base.state_dict()["decoder.conv4.bias"], official["decoder.conv4.bias"])
+    with pytest.raises(ValueError, match="20 unexpected keys"):
+        create_model("bgmv2_mobilenetv2", refine=False, checkpoint=tmp_path / "pytorch_mobilenetv2.pth")
+    with pytest.raises(ValueError, match="missing keys"):
+        create_model("bgmv2_resnet50", checkpoint=tmp_path / "pytorch_mobilenetv2.pth")
+
+
 def test_backbone_matches_torchvision_mobilenetv2():
     tv = pytest.importorskip("torchvision.models")
     features = tv.MobileNetV2().features[:-1].eval()
