@@ -254,3 +254,54 @@ def test_ci_runs_hypothesis_derandomized():
     active = settings.default
     assert active.derandomize == ON_CI and active.deadline is None
     assert test_reconstruction_is_bit_exact._hypothesis_internal_use_settings.derandomize == ON_CI
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bimatting_saves_packed_and_reloads_exactly(tmp_path, dtype):
+    """In float16 / bfloat16 some weights equal their channel mean, so the BiMatting binarizer gives
+    exact zeros: those channels are stored as latent rows, the rest as bits (13-19 whole layers fell
+    back to full precision, silently: 5.1 / 5.5 MB instead of < 1 MB)."""
+    import warnings
+
+    from binarize.models.checkpoint import binary_weight_layers
+
+    model = create_model("bimatting").to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no full-precision fallback warning
+        path = binarize.save(model, tmp_path / "half.safetensors")
+    assert json.loads(_file_metadata(path)["full_precision_fallback"]) == []
+    assert path.stat().st_size < 1_000_000
+    reloaded = binarize.load(path, model=create_model("bimatting").to(dtype))
+    before, after = binary_weight_layers(model), binary_weight_layers(reloaded)
+    with torch.no_grad():
+        for key, layer in before.items():
+            assert torch.equal(layer.weight_binarizer(layer.weight), after[key].weight_binarizer(after[key].weight)), key
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        if name not in before and not name.endswith("channel_threshold"):
+            assert torch.equal(a, b), name
+
+
+def _file_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata())
+
+
+class _UnevenScale(nn.Module):
+    """A 1-bit weight binarizer whose scale varies inside a channel (not scale * sign)."""
+
+    bits = 1
+    kind = "weight"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.sign(w) * torch.linspace(1.0, 2.0, w.numel()).view_as(w)
+
+
+def test_full_precision_fallback_warns(tmp_path):
+    layer = BinaryConv2d(4, 4, 3)
+    layer.weight_binarizer = _UnevenScale()
+    model = nn.Sequential(BinaryConv2d(4, 4, 3), layer)
+    with pytest.warns(UserWarning, match=r"1 of 2 binary weights stored in full precision.*1\.weight"):
+        path = binarize.save(model, tmp_path / "fallback.safetensors")
+    assert json.loads(_file_metadata(path)["full_precision_fallback"]) == ["1.weight"]

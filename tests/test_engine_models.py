@@ -85,3 +85,22 @@ def test_deployed_model_is_inference_only():
     with torch.no_grad():
         torch.testing.assert_close(again(x), simulated(x), rtol=1e-4, atol=1e-4)
     simulated.train()  # the original model is untouched
+
+
+def test_deploy_half_precision_model():
+    """The folded full-precision stem conv held float32 parameters and failed on float16 inputs."""
+    torchvision = pytest.importorskip("torchvision")
+    simulated = binarize.convert(_trained_like(torchvision.models.resnet18(num_classes=10)), "reactnet").eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = simulated(x)
+        half = simulated.half()
+        deployed = deploy(half)
+        got, expected = deployed(x.half()), half(x.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    # float16 rounding flips activation signs near zero in both models (different ones), and a deep
+    # binary network amplifies each flip: the deployed model (float32 inside its kernels) is no
+    # further from the float32 model than the simulated float16 model is
+    sim_error = (expected.float() - reference).abs().mean()
+    assert (got.float() - reference).abs().mean() <= 2 * sim_error + 0.02 * reference.abs().mean()
+    assert sim_error < 0.3 * reference.abs().mean()

@@ -271,6 +271,10 @@ class FoldedConv2dForward:
     def __call__(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                  zero_rest: bool = True) -> torch.Tensor:
         refuse_tracing()
+        if x.dtype != torch.float32 and x.is_floating_point():
+            # a half / bfloat16 model: the folded parameters are float32, so compute there and round
+            # back (as the packed layers do)
+            return self(x.float(), positions, zero_rest).to(x.dtype)
         self._follow(x.device)
         if positions is not None and x.dim() == 4 and self.groups == 1 and self.stride == (1, 1):
             y = self._sparse_c(x, positions, zero_rest)

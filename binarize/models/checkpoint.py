@@ -354,10 +354,14 @@ def _encode_binary(layer: nn.Module) -> Optional[Dict[str, Tensor]]:
     effective = _effective(layer.weight_binarizer, weight)
     flat = effective.reshape(effective.shape[0], -1).abs()
     scale = flat.amax(dim=1)
-    if not bool((flat == scale[:, None]).all()) or not bool((scale > 0).all()):
-        return None  # zeros or a non per-channel scale: not representable as scale * sign
+    if not bool(((flat == scale[:, None]) | (flat == 0)).all()) or not bool((scale > 0).all()):
+        return None  # a non per-channel scale: not representable as scale * sign
+    # channels with exact zeros (torch.sign semantics: a weight equal to its channel mean, frequent
+    # in float16 / bfloat16) are not scale * sign: they are stored as latent rows like inexact ones
+    with_zeros = (flat == 0).any(dim=1)
     signs = torch.where(effective >= 0, 1.0, -1.0).to(weight.dtype)
     latent, exact = reconstruct_latent_weight(layer.weight_binarizer, signs, scale)
+    exact &= ~with_zeros
     rows = (~exact).nonzero().flatten()
     if rows.numel() > max(1, signs.shape[0] // 8):
         return None
@@ -434,6 +438,10 @@ def save(
     if any(t.device.type != "cpu" for t in model.state_dict().values()):
         model = copy.deepcopy(model).cpu()  # the exact reconstruction is checked on the CPU, where it loads
     tensors, binary, fallback = compact_state(model)
+    if fallback:
+        warnings.warn(f"binarize.save: {len(fallback)} of {len(binary) + len(fallback)} binary weights stored in full "
+                      f"precision (their binarized form is not one scale times +-1 per output channel, or "
+                      f"cannot be reloaded exactly): {_listing(fallback)}", stacklevel=2)
     metadata = {
         "format": FORMAT,
         "config": json.dumps(config, sort_keys=True),
