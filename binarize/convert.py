@@ -109,6 +109,9 @@ class ConversionReport:
     activations: List[ReplacedActivation] = field(default_factory=list)
     functional_activations: List[FunctionalActivation] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # the options convert ran with, JSON-ready (``binarize.save`` records them for models outside
+    # the registry, and loading into a model converted differently names the difference)
+    options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_replaced(self) -> int:
@@ -139,6 +142,7 @@ class ConversionReport:
                 {"site": f.site, "function": f.function, "feeds": list(f.feeds)} for f in self.functional_activations
             ],
             "notes": list(self.notes),
+            "options": dict(self.options),
         }
 
     def __str__(self) -> str:
@@ -287,6 +291,25 @@ def _report_unconsidered(report: ConversionReport, name: str, module: nn.Module,
         report.kept.append(KeptLayer(name, type(module).__name__, REASON_NO_COUNTERPART.format(kind=kind), aliases))
     elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         report.kept.append(KeptLayer(name, type(module).__name__, REASON_IN_PROJ, aliases))
+
+
+def _describe_callable(value: Any) -> str:
+    return f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
+
+
+def _options_record(method_name: str, *, keep_first: bool, keep_last: bool, keep_depthwise: bool,
+                    skip: SkipSpec, activation: Any) -> Dict[str, Any]:
+    """The convert options as plain data (a predicate or factory is named, not stored)."""
+    if skip is None or callable(skip):
+        skip_record: Any = None if skip is None else _describe_callable(skip)
+    else:
+        skip_record = [skip] if isinstance(skip, str) else [str(p) for p in skip]
+    if activation is None or isinstance(activation, str):
+        activation_record: Any = "keep" if activation is None else activation.lower()
+    else:
+        activation_record = _describe_callable(activation)
+    return {"method": method_name, "keep_first": bool(keep_first), "keep_last": bool(keep_last),
+            "keep_depthwise": bool(keep_depthwise), "skip": skip_record, "activation": activation_record}
 
 
 def _warn_unmatched_skip(skip: SkipSpec, layer_names: Sequence[str]) -> None:
@@ -453,7 +476,9 @@ def convert(
         first, last = _first_and_last(_call_order(model, example_inputs))
     functional = _functional_parents(model, example_inputs)
     matcher = _skip_matcher(skip)
-    report = ConversionReport(method=method_name)
+    report = ConversionReport(method=method_name, options=_options_record(
+        method_name, keep_first=keep_first, keep_last=keep_last, keep_depthwise=keep_depthwise, skip=skip,
+        activation=activation))
     replacements: Dict[int, nn.Module] = {}
     for name, module in modules:
         base = _base_kind(module)

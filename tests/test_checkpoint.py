@@ -305,3 +305,28 @@ def test_full_precision_fallback_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"1 of 2 binary weights stored in full precision.*1\.weight"):
         path = binarize.save(model, tmp_path / "fallback.safetensors")
     assert json.loads(_file_metadata(path)["full_precision_fallback"]) == ["1.weight"]
+
+
+def _user_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+
+def test_user_model_file_records_convert_options_and_names_a_mismatch(tmp_path):
+    """Loading into a model converted differently said only '8 unexpected keys' (or nothing at all
+    when the keys happened to match)."""
+    torch.manual_seed(0)
+    model = binarize.convert(_user_net(), "reactnet", skip=["3"]).eval()
+    path = binarize.save(model, tmp_path / "user.safetensors")
+    options = read_config(path)["convert"]
+    assert options["method"] == "reactnet" and options["skip"] == ["3"] and options["keep_first"] is True
+    with pytest.raises(ValueError, match=r"method='reactnet' in the file, 'bnn' in the model"):
+        binarize.load(path, model=binarize.convert(_user_net(), "bnn", skip=["3"]))
+    with pytest.raises(ValueError, match=r"skip=\['3'\] in the file, None in the model"):
+        binarize.load(path, model=binarize.convert(_user_net(), "reactnet"))
+    with pytest.raises(ValueError, match=r"keep_last=True in the file, False in the model"):
+        binarize.load(path, model=binarize.convert(_user_net(), "ReActNet", skip="3", keep_last=False))
+    reloaded = binarize.load(path, model=binarize.convert(_user_net(), "ReActNet", skip="3")).eval()
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(reloaded(x), model(x))

@@ -403,7 +403,8 @@ def compact_state(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Any], 
 def _model_config(model: nn.Module, name: Optional[str], kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     name = name or getattr(model, "model_name", None)
     if not name:  # a user's own model: the file holds its weights, binarize.load(path, model=...) fills it
-        return {"model": None, "kwargs": {}}
+        options = _convert_options(model)
+        return {"model": None, "kwargs": {}, **({"convert": options} if options else {})}
     kwargs = dict(getattr(model, "model_kwargs", {}) if kwargs is None else kwargs)
     try:
         json.dumps(kwargs)
@@ -651,8 +652,28 @@ def load_checkpoint_into(model: nn.Module, checkpoint: PathLike) -> nn.Module:
         name = getattr(model, "model_name", None)
         if name is not None and config["model"] is not None and config["model"] != name:
             raise ValueError(f"{path} holds model {config['model']!r}, not {name!r}")
+        _check_convert_options(path, config.get("convert"), model)
         return load_compact_into(model, path)
     return load_official(model, path)
+
+
+def _convert_options(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The options ``binarize.convert`` recorded on the model (None when it was not converted)."""
+    options = getattr(model.__dict__.get("binarize_report"), "options", None)
+    return dict(options) if isinstance(options, dict) and options else None
+
+
+def _check_convert_options(path: PathLike, saved: Any, model: nn.Module) -> None:
+    """A file saved from a converted model outside the registry loads only into a model converted
+    with the same options; the error names each difference."""
+    current = _convert_options(model)
+    if not isinstance(saved, dict) or current is None:
+        return
+    differences = [f"{key}={saved.get(key)!r} in the file, {current.get(key)!r} in the model"
+                   for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differences:
+        raise ValueError(f"{path} was saved from a model converted with other options: {'; '.join(differences)} "
+                         f"(convert the model with the file's options, then load)")
 
 
 def _listing(items: List[str]) -> str:
