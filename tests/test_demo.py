@@ -57,6 +57,12 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     pred = demo.predict_alpha(model, clip["src"], "cpu", 1.0)
     assert summary["pha_mad"] == pytest.approx(demo.score(pred, clip["pha"])["pha_mad"], rel=1e-6)
     assert summary["pha_mad"] == pytest.approx(np.abs(pred - clip["pha"]).mean() * 1e3, rel=1e-4)
+    # next to it, the all-background answer's score on the same clip: MAD of zeros = mean alpha
+    zero = summary["all_zero_alpha"]
+    assert zero["pha_mad"] == pytest.approx(clip["pha"].mean() * 1e3, rel=1e-4)
+    assert zero["pha_mse"] == pytest.approx((clip["pha"] ** 2).mean() * 1e3, rel=1e-4)
+    assert zero == demo.score(np.zeros_like(clip["pha"]), clip["pha"])
+    assert f"all-zero alpha (reference): MAD {zero['pha_mad']:.2f}" in printed
     # a binarized model is cheaper than 32-bit RVM in computation and storage
     assert summary["ops_saving"] > 1 and summary["storage_saving"] > 1
 

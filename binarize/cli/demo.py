@@ -274,12 +274,13 @@ def run(args: argparse.Namespace) -> int:
     pred = predict_alpha(runner, clip["src"], device, ratio)
     eval_fps = len(pred) / max(time.perf_counter() - start, 1e-9)
     scores = score(pred, clip["pha"])
+    zero_scores = score(np.zeros_like(clip["pha"]), clip["pha"])  # the all-background answer, for reference
     middle = len(pred) // 2
     side_by_side(clip["src"][middle], pred[middle], out / "side_by_side.png")
 
     summary: Dict[str, Any] = {
         "checkpoint": str(ckpt), "engine": engine, "frames": len(pred), "width": size[0], "height": size[1],
-        "fps": result.fps, "model_only_fps": eval_fps, **scores,
+        "fps": result.fps, "model_only_fps": eval_fps, **scores, "all_zero_alpha": zero_scores,
     }
     compare_note = ""
     if not getattr(args, "no_compare", False):
@@ -301,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"    ({compare_note})")
     print(f"  alpha vs ground truth: MAD {scores['pha_mad']:.2f}  MSE {scores['pha_mse']:.2f} (x1e3)  "
           f"dtSSD {scores['pha_dtssd']:.2f} (x1e2)")
+    print(f"  all-zero alpha (reference): MAD {zero_scores['pha_mad']:.2f}  MSE {zero_scores['pha_mse']:.2f}  "
+          f"dtSSD {zero_scores['pha_dtssd']:.2f}")
     if not args.no_profile:
         print(f"  vs {BASELINE} (32-bit): {summary['ops_saving']:.1f}x fewer OPs dense, "
               f"{summary['sparse_ops_saving']:.1f}x sparse; {summary['storage_saving']:.1f}x less storage")
