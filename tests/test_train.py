@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 import pathlib
 import signal
@@ -414,3 +415,42 @@ def test_distillation_needs_a_teacher_checkpoint(tmp_path):
     cfg["distill"] = {**cfg["distill"], "teacher": "rvm_mobilenetv3", "teacher_checkpoint": None}
     with pytest.raises(ValueError, match="distillation needs a trained teacher"):
         train_mod.train(validate_config(cfg))
+
+
+# ------------------------------------------------------------------ recipe options (issue 18)
+
+
+def test_warmup_scales_the_learning_rate_linearly(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["optim"] = {**cfg["optim"], "scheduler": "constant", "warmup_steps": 4}
+    trainer = train_mod.Trainer(validate_config(cfg))
+    assert [trainer._lr_factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)  # step 0 already warms up
+    cfg["optim"]["scheduler"] = "cosine"  # warm-up times the cosine decay over the 4-step stage
+    trainer = train_mod.Trainer(validate_config(cfg))
+    assert trainer._lr_factor(1) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ValueError, match="optim.warmup_steps must be an integer >= 0"):
+        validate_config({**cfg, "optim": {**cfg["optim"], "warmup_steps": -1}})
+
+
+@pytest.mark.parametrize("precision", ["float", "latent_weights"])
+def test_precision_turns_binarizers_into_identities_and_keeps_names(precision):
+    from binarize.nn import BinaryConv2d
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(BinaryConv2d(4, 3, 3, padding=1, method="bimatting"))
+    names = set(layer.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    assert train_mod.set_precision(layer, precision) == 1
+    assert set(layer.state_dict()) == names  # so these weights initialise the binary model
+    conv = layer[0]
+    xb = x if precision == "float" else torch.sign(x)
+    expected = nn.functional.conv2d(xb, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(layer(x), expected)
+    assert train_mod.set_precision(layer, "binary") == 0
+    with pytest.raises(ValueError, match="precision must be binary, latent_weights or float"):
+        train_mod.set_precision(layer, "half")
+    with pytest.raises(ValueError, match="model.precision must be one of"):
+        validate_config({"model": {"name": "x", "precision": "fp"}, "data": {"dataset": "synthetic"},
+                         "optim": {"lr": {"backbone": 1, "aspp": 1, "decoder": 1, "refiner": 0}},
+                         "schedule": {"epoch_end": 1}})

@@ -47,6 +47,7 @@ from binarize.ops import clip_latent_weights
 
 __all__ = [
     "Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop", "random_window",
+    "set_precision",
 ]
 
 CHECKPOINT_FORMAT = "binarize-train-v1"
@@ -76,6 +77,30 @@ def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: 
     if checkpoint is not None:
         _load_weights(model, checkpoint)
     return model
+
+
+def set_precision(model: nn.Module, precision: str) -> int:
+    """Train the binary layers of ``model`` at a lower level of binarization (in place).
+
+    ``"binary"`` leaves the model as it is; ``"latent_weights"`` replaces each binary layer's weight
+    binarizer by the identity (binary activations, float weights: step 1 of ReActNet's two-step
+    training, Liu et al., ECCV 2020); ``"float"`` replaces both binarizers (a float network of the
+    same architecture). Parameter names do not change, so the weights of one precision initialise
+    another (``model.init``). Returns the number of layers changed."""
+    if precision not in ("binary", "latent_weights", "float"):
+        raise ValueError(f"precision must be binary, latent_weights or float, got {precision!r}")
+    if precision == "binary":
+        return 0
+    from binarize.ops.binarizers import Identity
+
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "weight_binarizer") and hasattr(module, "input_binarizer"):
+            module.weight_binarizer = Identity()
+            if precision == "float":
+                module.input_binarizer = Identity()
+            changed += 1
+    return changed
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
@@ -280,6 +305,7 @@ class Trainer:
         self.model = model if model is not None else build_model(
             config["model"]["name"], config["model"]["kwargs"], None if resume_state else config["model"]["init"]
         )
+        set_precision(self.model, config["model"]["precision"])
         self.model.to(self.device).train()
         # BiMatting returns its 1/16 outputs with return_aux=True: [fgr, pha, fgr_s, pha_s, *rec]
         self.use_aux = bool(config["loss"]["aux"]) and "return_aux" in inspect.signature(self.model.forward).parameters
@@ -438,11 +464,15 @@ class Trainer:
         return DDP(self.model, **kwargs)
 
     def _lr_factor(self, step: int) -> float:
+        """Learning-rate factor ``step`` steps into the stage: a linear warm-up over
+        ``optim.warmup_steps`` (``(step + 1) / warmup_steps``), times 1 (constant) or the cosine decay."""
+        warmup = int(self.cfg["optim"]["warmup_steps"])
+        factor = min((step + 1) / warmup, 1.0) if warmup > 0 else 1.0
         if self.cfg["optim"]["scheduler"] == "constant":
-            return 1.0
+            return factor
         span = max(self.end_step - self.start_step, 1)
         done = min(max(step, 0), span)
-        return 0.5 * (1.0 + math.cos(math.pi * done / span))
+        return factor * 0.5 * (1.0 + math.cos(math.pi * done / span))
 
     # ------------------------------------------------------------------ state
 

@@ -32,6 +32,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 #: Matting datasets the trainer can build by name.
 MATTING_DATASETS = ("videomatte", "imagematte", "synthetic")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+PRECISIONS = ("binary", "latent_weights", "float")
 SCHEDULERS = ("constant", "cosine")
 
 # ``None`` as a default means "optional, no value"; ``REQUIRED`` must be given by the config.
@@ -42,6 +43,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "name": REQUIRED,  # registry name (create_model) or "package.module:factory"
         "kwargs": {},
         "init": None,  # weights to start from: previous stage's training checkpoint, compact or official file
+        # binary | latent_weights (binary activations, float weights: step 1 of ReActNet's two-step
+        # training) | float (no binarization): the binary layers' binarizers become identities
+        "precision": "binary",
     },
     "data": {
         "dataset": REQUIRED,  # videomatte | imagematte | synthetic
@@ -72,6 +76,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
             "refiner": ["refiner"],
         },
         "scheduler": "constant",  # constant (official) | cosine (to zero at schedule.epoch_end)
+        "warmup_steps": 0,  # linear learning-rate warm-up from lr / warmup_steps over the first steps
         "grad_clip": None,
     },
     "loss": {
@@ -237,6 +242,10 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
     _check(run["max_steps"] is None or _is_int(run["max_steps"]), source, "run.max_steps must be an integer")
     _check(run["amp"] in AMP_MODES, source, f"run.amp must be one of {', '.join(AMP_MODES)}")
     _check(optim["scheduler"] in SCHEDULERS, source, f"optim.scheduler must be one of {', '.join(SCHEDULERS)}")
+    _check(_is_int(optim["warmup_steps"]) and optim["warmup_steps"] >= 0, source,
+           "optim.warmup_steps must be an integer >= 0")
+    _check(cfg["model"]["precision"] in PRECISIONS, source,
+           f"model.precision must be one of {', '.join(PRECISIONS)}, got {cfg['model']['precision']!r}")
     _check(isinstance(optim["groups"], dict), source, "optim.groups must map group names to module lists")
     _check(isinstance(optim["lr"], dict), source, "optim.lr must map parameter groups to learning rates")
     missing_lr = sorted(set(optim["groups"]) - set(optim["lr"]))
