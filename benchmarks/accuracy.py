@@ -27,13 +27,17 @@ import sys
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
+# Threads that spin while waiting (libgomp's default) steal the CPU from the thread they wait for
+# whenever other processes share the cores (as in benchmarks/engine.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import binarize
-from binarize.ops import list_methods, step_binarizers
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import binarize  # noqa: E402
+from binarize.ops import list_methods, step_binarizers  # noqa: E402
 
 TRAIN_SIZE = 1400
 
