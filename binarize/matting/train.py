@@ -357,27 +357,43 @@ class Trainer:
 
         RVM-style heads clamp alpha to [0, 1], whose gradient is zero outside; from random weights a
         model can push every pixel below 0 and stop learning (all-background). A forward hook on
-        ``project_mat`` clamps the alpha channel itself, just inside (0, 1), and lets the gradient
-        through unchanged, so the model's own clamp becomes a no-op: outputs move by at most one
-        float ulp at 0 and 1, and pixels stuck outside [0, 1] get gradient again.
-        Active only in low-resolution passes (with a refiner, the raw alpha feeds the refiner)."""
+        ``project_mat`` records its raw (unclamped) outputs without changing them, and the losses see
+        ``alpha + (raw - raw.detach())``: the model's own alpha as the value, the identity as the
+        gradient, so pixels stuck outside [0, 1] get gradient again while the forward pass, and
+        with it BiMatting's incoherent mask (``alpha > 0`` of the coarse alpha), stays exactly the
+        one inference computes. (An earlier version clamped inside the hook to the open interval
+        (0, 1), which made every coarse alpha > 0 and so emptied the mask: the sparse branches never
+        ran in training.) Active only in low-resolution passes (with a refiner, the raw alpha feeds
+        the refiner)."""
+        self._raw_outputs: List[Tensor] = []
         if not self.cfg["loss"]["alpha_ste"]:
             return
         head = getattr(self.model, "project_mat", None)
         if not isinstance(head, nn.Module):
             raise ValueError("loss.alpha_ste needs a model with a project_mat head (RVM / BiMatting)")
 
-        def straight_through(_module: nn.Module, _inputs: Any, out: Tensor) -> Optional[Tensor]:
-            if not self._alpha_ste or not isinstance(out, Tensor) or out.shape[-3] != 4:
-                return None
-            fgr, pha = out.split([3, 1], dim=-3)
-            # the open interval (tiny, 1 - ulp): clamp's gradient is zero exactly at its bounds
-            low = torch.finfo(pha.dtype).tiny
-            high = 1.0 - torch.finfo(pha.dtype).eps / 2
-            pha = pha.clamp(low, high).detach() + (pha - pha.detach())  # value: clamped; gradient: identity
-            return torch.cat([fgr, pha], dim=-3)
+        def record(_module: nn.Module, _inputs: Any, out: Tensor) -> None:
+            if self._alpha_ste and isinstance(out, Tensor) and out.ndim >= 4 and out.shape[-3] == 4:
+                self._raw_outputs.append(out)
 
-        head.register_forward_hook(straight_through)
+        head.register_forward_hook(record)
+
+    def _straight_through(self, pha: Tensor) -> Tensor:
+        """``pha`` (the model's clamped alpha, ``[B, T, 1, H, W]``) with the gradient of the raw alpha
+        recorded by the ``project_mat`` hook: the smallest output that covers ``pha`` (BiMatting calls
+        the head on its 1/16 map, then at full size; a padded input's extra rows are cropped)."""
+        height, width = pha.shape[-2:]
+        fits = [raw for raw in self._raw_outputs if raw.shape[-2] >= height and raw.shape[-1] >= width]
+        if not fits:
+            return pha
+        raw = min(fits, key=lambda r: r.shape[-2] * r.shape[-1])
+        if raw.ndim == 4:  # heads applied to [B * T, C, H, W]
+            raw = raw.unflatten(0, pha.shape[:2])
+        raw = raw[..., 3:4, :height, :width]
+        if raw.shape != pha.shape:
+            return pha
+        raw = raw.to(pha.dtype)
+        return pha.detach() + (raw - raw.detach())
 
     def _init_amp(self) -> None:
         mode = self.cfg["run"]["amp"]
@@ -592,7 +608,12 @@ class Trainer:
             return self._train_background_matting(true_src, true_bgr, true_fgr, true_pha, tag)
         self._alpha_ste = ratio == 1.0
         with self._autocast():
+            self._raw_outputs.clear()
             out = self._forward_matting(true_src, ratio)
+            if self._alpha_ste and self._raw_outputs:
+                out[1] = self._straight_through(out[1])
+                if self.use_aux:
+                    out[3] = self._straight_through(out[3])
             terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha)
             total = terms["total"]
             if self.use_aux:
@@ -604,6 +625,7 @@ class Trainer:
                 terms["distill"] = self._distill_loss(true_src, ratio, true_pha)
                 total = total + terms["distill"]
         self._alpha_ste = False
+        self._raw_outputs.clear()
         terms["total"] = total
         self._backward(total)
         return {f"train_{tag}/{name}": float(value.detach()) for name, value in terms.items()}
