@@ -1,9 +1,10 @@
 """A procedural matting dataset: known alpha and foreground, generated on the fly with no download.
 
 Each clip is a "person-like" foreground (head, torso and two thin swinging arms with soft edges of
-a per-clip width, hair strands one to two pixels wide, sometimes a semi-transparent veil) that moves,
-turns and scales smoothly over time, composited on a textured background (smooth colour noise plus
-gratings) that is either static or panning with a moving blurry distractor. Everything is evaluated
+a per-clip width, hair strands one to two pixels wide, sometimes a semi-transparent veil; painted in
+skin tones, a hair cap and a plain or striped shirt, shaded and finely textured, as a subject in
+focus) that moves, turns and scales smoothly over time, composited on a defocused textured background
+(smooth colour noise plus gratings) that is either static or panning with a moving blurry distractor. Everything is evaluated
 with vectorised numpy on pixel grids, so a 64-frame 512x288 clip takes about a second.
 
 Samples have the VideoMatte format: ``(fgr [T, 3, H, W], pha [T, 1, H, W], bgr [T, 3, H, W])``, float32
@@ -88,12 +89,13 @@ class _Texture:
     tint: np.ndarray  # [3]
 
     @classmethod
-    def random(cls, rng: np.random.Generator, scale: float, palette: np.ndarray) -> _Texture:
+    def random(cls, rng: np.random.Generator, scale: float, palette: np.ndarray, coarse_std: float = 0.18,
+               fine_std: float = 0.08) -> _Texture:
         angle = rng.uniform(0, np.pi)
         freq = rng.uniform(0.05, 0.4)
         return cls(
-            coarse=(palette[:, None, None] + rng.normal(0, 0.18, (3, 8, 8))).astype(np.float32),
-            fine=rng.normal(0, 0.08, (3, 16, 16)).astype(np.float32),
+            coarse=(palette[:, None, None] + rng.normal(0, coarse_std, (3, 8, 8))).astype(np.float32),
+            fine=rng.normal(0, fine_std, (3, 16, 16)).astype(np.float32),
             cell=float(scale / 4),
             wave=(float(freq * np.sin(angle)), float(freq * np.cos(angle))),
             grating_amp=float(rng.uniform(0.0, 0.12)),
@@ -167,6 +169,13 @@ def _splat(points_y: np.ndarray, points_x: np.ndarray, shape: Tuple[int, int]) -
     return acc.reshape(h, w).astype(np.float32)
 
 
+# Natural hair and skin tones (RGB in [0, 1]); clothing takes any colour.
+_SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.90, 0.70, 0.55], [0.78, 0.57, 0.42], [0.62, 0.43, 0.30],
+                        [0.45, 0.30, 0.20], [0.30, 0.20, 0.14]], np.float32)
+_HAIR_TONES = np.array([[0.06, 0.05, 0.04], [0.20, 0.12, 0.07], [0.40, 0.25, 0.12], [0.75, 0.60, 0.35],
+                        [0.55, 0.22, 0.08], [0.70, 0.70, 0.70]], np.float32)
+
+
 @dataclass
 class _Actor:
     """Per-clip parameters of the moving foreground."""
@@ -178,7 +187,12 @@ class _Actor:
     phase: np.ndarray  # [2]
     turn: float  # max rotation (radians)
     edge: float  # soft edge width (pixels)
-    texture: _Texture
+    texture: _Texture  # zero-mean fabric / skin detail, added to the part colours
+    skin: np.ndarray  # [3] head, neck (and bare arms)
+    shirt: np.ndarray  # [3]
+    stripe: np.ndarray  # [3] second shirt colour (stripes)
+    stripe_freq: float  # radians per pixel of object height; 0: a plain shirt
+    sleeves: bool  # arms in the shirt's colour, else bare skin
     hair_colour: np.ndarray
     hair_angles: np.ndarray
     hair_lengths: np.ndarray
@@ -192,6 +206,8 @@ class _Actor:
 def _random_actor(rng: np.random.Generator, width: int, height: int) -> _Actor:
     scale = min(width, height) * rng.uniform(0.4, 0.52)
     strands = int(rng.integers(12, 40))
+    skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.9, 1.08, 3)
+    hair = _HAIR_TONES[rng.integers(len(_HAIR_TONES))] * rng.uniform(0.85, 1.15, 3)
     return _Actor(
         scale=scale,
         center=np.array([height * rng.uniform(0.6, 0.72), width * rng.uniform(0.35, 0.65)]),
@@ -200,8 +216,13 @@ def _random_actor(rng: np.random.Generator, width: int, height: int) -> _Actor:
         phase=rng.uniform(0, 2 * np.pi, 2),
         turn=float(rng.uniform(0.0, 0.25)),
         edge=float(rng.uniform(1.0, 5.0)),
-        texture=_Texture.random(rng, scale, rng.uniform(0.2, 0.8, 3).astype(np.float32)),
-        hair_colour=rng.uniform(0.05, 0.9, 3).astype(np.float32),
+        texture=_Texture.random(rng, scale / 2, np.zeros(3, np.float32), coarse_std=0.05, fine_std=0.06),
+        skin=np.clip(skin, 0, 1).astype(np.float32),
+        shirt=rng.uniform(0.05, 0.95, 3).astype(np.float32),
+        stripe=rng.uniform(0.05, 0.95, 3).astype(np.float32),
+        stripe_freq=float(rng.uniform(0.4, 1.2) if rng.random() < 0.4 else 0.0),
+        sleeves=bool(rng.random() < 0.6),
+        hair_colour=np.clip(hair, 0, 1).astype(np.float32),
         hair_angles=rng.uniform(-2.6, -0.5, strands),  # upper half of the head (y grows downwards)
         hair_lengths=rng.uniform(0.15, 0.45, strands) * scale,
         hair_bends=rng.uniform(-0.6, 0.6, strands),
@@ -217,7 +238,12 @@ def _actor_center(actor: _Actor, t: int) -> np.ndarray:
 
 
 def _actor_layers(actor: _Actor, t: int, ys: np.ndarray, xs: np.ndarray, texture: _Canvas):
-    """Colour and alpha layers (back to front) of the actor at frame ``t`` on the pixel lattice ``ys x xs``."""
+    """Colour and alpha layers (back to front) of the actor at frame ``t`` on the pixel lattice ``ys x xs``.
+
+    The body is one opaque layer (the union of head, neck, torso and arms, with one soft edge); its
+    colour is painted per part, as a person looks: skin-toned head and neck with a hair cap, a plain
+    or striped shirt, arms in sleeves or bare, all shaded darker towards the outline (a rounded body
+    lit from the front) and carrying a fine zero-mean texture that follows the subject."""
     r = actor.scale
     center = _actor_center(actor, t)
     angle = float(actor.turn * np.sin(0.11 * t + actor.phase[0]))
@@ -228,16 +254,28 @@ def _actor_layers(actor: _Actor, t: int, ys: np.ndarray, xs: np.ndarray, texture
     u, v = c * dy + s * dx, -s * dy + c * dx  # rotated object coordinates (pixels)
 
     swing = actor.arm_swing * np.sin(0.2 * t + actor.phase[1])
-    distance = np.minimum.reduce([
-        _ellipse_distance(u, v, -0.55 * r, 0.0, 0.24 * r, 0.2 * r),  # head
-        _ellipse_distance(u, v, -0.3 * r, 0.0, 0.12 * r, 0.08 * r),  # neck
-        _ellipse_distance(u, v, 0.35 * r, 0.0, 0.55 * r, 0.38 * r),  # torso
-        _ellipse_distance(u, v, 0.2 * r, -0.55 * r, 0.5 * r, 0.05 * r, 0.5 + swing),  # thin arms
-        _ellipse_distance(u, v, 0.2 * r, 0.55 * r, 0.5 * r, 0.05 * r, -0.5 - swing),
-    ])
+    head = _ellipse_distance(u, v, -0.55 * r, 0.0, 0.24 * r, 0.2 * r)
+    neck = _ellipse_distance(u, v, -0.3 * r, 0.0, 0.12 * r, 0.08 * r)
+    torso = _ellipse_distance(u, v, 0.35 * r, 0.0, 0.55 * r, 0.38 * r)
+    arms = np.minimum(_ellipse_distance(u, v, 0.2 * r, -0.55 * r, 0.5 * r, 0.05 * r, 0.5 + swing),
+                      _ellipse_distance(u, v, 0.2 * r, 0.55 * r, 0.5 * r, 0.05 * r, -0.5 - swing))
+    distance = np.minimum.reduce([head, neck, torso, arms])
     body_alpha = _soft_edge(distance * zoom, actor.edge)
+
+    # part colours: the shirt (plain or striped in object coordinates), arms, skin, a hair cap
+    shirt = actor.shirt[:, None, None]
+    if actor.stripe_freq > 0:
+        band = _soft_edge(-3.0 * np.sin(u * (12.0 * actor.stripe_freq / r)), 1.0)  # 2-4 stripes on the torso
+        shirt = shirt + (actor.stripe[:, None, None] - shirt) * band[None]
+    arm_colour = actor.shirt if actor.sleeves else actor.skin
+    colour = np.where((arms < torso)[None], arm_colour[:, None, None], shirt)
+    skin_part = (np.minimum(head, neck) < np.minimum(torso, arms))[None]
+    colour = np.where(skin_part, actor.skin[:, None, None], colour)
+    cap = (head < 0) & (u < -0.6 * r - 0.08 * r * np.cos(3.0 * v / r))  # hair on top of the head
+    colour = np.where(cap[None], actor.hair_colour[:, None, None], colour)
+    shade = 0.7 + 0.3 * np.clip(-distance / (0.15 * r), 0.0, 1.0)  # darker towards the outline
     # the texture follows the object's translation (to the pixel), not its small turn and zoom
-    body_colour = np.clip(texture.crop(*np.round(center)), 0, 1)
+    body_colour = np.clip(colour * shade[None] + texture.crop(*np.round(center)), 0, 1).astype(np.float32)
     layers = [(body_colour, body_alpha)]
 
     if actor.veil_alpha > 0:
@@ -304,7 +342,9 @@ def _random_scene(rng: np.random.Generator, width: int, height: int, moving: boo
     speed = rng.uniform(0.5, 3.0) if moving else 0.0
     direction = rng.uniform(0, 2 * np.pi)
     return _Scene(
-        texture=_Texture.random(rng, scale, rng.uniform(0.15, 0.85, 3).astype(np.float32)),
+        # a defocused backdrop: the fine octave is weaker than on the subject, as behind a person in focus
+        texture=_Texture.random(rng, scale, rng.uniform(0.15, 0.85, 3).astype(np.float32),
+                                fine_std=float(rng.uniform(0.01, 0.06))),
         velocity=speed * np.array([np.sin(direction), np.cos(direction)]),
         blob_colour=rng.uniform(0, 1, 3).astype(np.float32),
         blob_start=np.array([rng.uniform(0, height), rng.uniform(0, width)]),
