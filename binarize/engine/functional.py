@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from binarize.engine import _lib
 
-OUT_BLOCK = 8  # output channels interleaved in the packed weights (OB in bitconv.c)
+OUT_BLOCK = 8  # output channels interleaved in the packed weights (OB in csrc/bitconv.h)
 PAD_MODES = {0.0: 0, 1.0: 1, -1.0: -1}
 OP_CODES = {"add": 1, "mul": 2, "prelu": 3, "relu": 4, "residual": 5, "sigmoid": 6, "tanh": 7}
 MAX_OPS = 8
