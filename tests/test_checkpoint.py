@@ -330,3 +330,17 @@ def test_user_model_file_records_convert_options_and_names_a_mismatch(tmp_path):
     reloaded = binarize.load(path, model=binarize.convert(_user_net(), "ReActNet", skip="3")).eval()
     x = torch.randn(2, 3, 12, 12)
     assert torch.equal(reloaded(x), model(x))
+
+
+def test_module_versions_reach_loaders_that_need_them(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its version metadata: the compact loader
+    passed a plain dict ('version should be set to 1 or 2 instead of None')."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = binarize.convert(torchvision.models.mnasnet0_5(num_classes=4), "reactnet").eval()
+    path = binarize.save(model, tmp_path / "mnasnet.safetensors")
+    reloaded = binarize.load(path, model=binarize.convert(torchvision.models.mnasnet0_5(num_classes=4),
+                                                          "reactnet")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))

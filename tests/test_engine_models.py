@@ -104,3 +104,22 @@ def test_deploy_half_precision_model():
     sim_error = (expected.float() - reference).abs().mean()
     assert (got.float() - reference).abs().mean() <= 2 * sim_error + 0.02 * reference.abs().mean()
     assert sim_error < 0.3 * reference.abs().mean()
+
+
+@pytest.mark.parametrize("name", ["regnet_x_400mf", "shufflenet_v2_x0_5", "mnasnet0_5"])
+def test_deployed_equals_simulated_on_torchvision_models(name):
+    """Grouped convs, channel shuffles / chunks, inverted residuals: with trained-like statistics the
+    deployed model matches the simulated one to float rounding (also in every traced block)."""
+    torchvision = pytest.importorskip("torchvision")
+    from engine_helpers import randomize_stats
+
+    torch.manual_seed(0)
+    float_model = getattr(torchvision.models, name)(num_classes=10)
+    model = randomize_stats(_trained_like(binarize.convert(float_model, "reactnet")))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    deployed = deploy(model)
+    assert not deploy_report(deployed).simulated
+    with torch.no_grad():
+        expected, got = model(x), deployed(x)
+    assert not torch.equal(expected[0], expected[1])  # the output depends on the input
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

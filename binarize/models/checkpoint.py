@@ -582,6 +582,8 @@ def load_compact_into(model: nn.Module, path: PathLike) -> nn.Module:
     for key, info in binary.items():
         if tuple(info["shape"]) != tuple(current[key].shape):
             raise ValueError(f"{weights}: binary weight {key} has shape {info['shape']}, model {tuple(current[key].shape)}")
+    # the model's own per-module metadata (versions): some modules' loaders require it (torchvision MNASNet)
+    state = _with_metadata(state, current)
     model.load_state_dict(state, strict=True)
     inexact = []
     for key in binary:
@@ -655,6 +657,18 @@ def load_checkpoint_into(model: nn.Module, checkpoint: PathLike) -> nn.Module:
         _check_convert_options(path, config.get("convert"), model)
         return load_compact_into(model, path)
     return load_official(model, path)
+
+
+def _with_metadata(state: Dict[str, Tensor], like: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``state`` carrying ``like``'s ``_metadata`` (module versions), as ``nn.Module.state_dict`` gives."""
+    metadata = getattr(like, "_metadata", None)
+    if metadata is None:
+        return state
+    from collections import OrderedDict
+
+    state = OrderedDict(state)
+    state._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return state
 
 
 def _convert_options(model: nn.Module) -> Optional[Dict[str, Any]]:
