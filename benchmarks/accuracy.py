@@ -84,7 +84,7 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
 
 
 def train_one(model_name: str, method: str, seed: int, epochs: int, data: Sequence[torch.Tensor],
-              batch: int = 64, lr: float = 2e-3, activation: str = "auto") -> Dict[str, float]:
+              batch: int = 32, lr: float = 3e-3, activation: str = "auto") -> Dict[str, float]:
     """Train one (model, method, seed) and return held-out accuracy, final train loss and seconds."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
@@ -156,19 +156,50 @@ def plot(results: Dict[str, List[Dict[str, float]]], path: str, title: str) -> N
     fig.savefig(path, dpi=110)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """Combine result files written with the same settings into one table (and --json / --plot)."""
+    merged: Dict[str, List[Dict[str, float]]] = {}
+    settings = None
+    for path in args.merge:
+        with open(path) as handle:
+            saved = json.load(handle)
+        these = {k: saved.get(k) for k in ("model", "epochs", "activation", "batch", "lr")}
+        if settings is not None and these != settings:
+            sys.exit(f"--merge: {path} was written with other settings ({these} vs {settings})")
+        settings = these
+        for method, runs in saved["results"].items():
+            merged.setdefault(method, []).extend(runs)
+    order = [m for m in ["float", *list_methods()] if m in merged]
+    merged = {m: sorted(merged[m], key=lambda r: r.get("seed", 0)) for m in order}
+    epochs = settings["epochs"]
+    print(f"{settings['model']} on digits, {epochs} epochs, batch {settings['batch']}, lr {settings['lr']}, "
+          f"activation={settings['activation']} (merged from {len(args.merge)} files)")
+    print(summarise(merged, epochs))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**settings, "results": merged}, handle, indent=1)
+    if args.plot:
+        seeds = max(len(runs) for runs in merged.values())
+        plot(merged, args.plot, f"{settings['model']} on digits, {epochs} epochs, {seeds} seeds")
+        print(f"plot: {args.plot}")
+
+
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="timm-resnet18")
     parser.add_argument("--methods", nargs="+", default=None, help="default: float and every registered method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--activation", default="auto", help="convert's activation policy (auto, keep, ...)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the per-run results here")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
     parser.add_argument("--resume", action="store_true", help="skip the (method, seed) runs already in --json")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="train nothing: combine result files of one setting (e.g. seeds run in parallel "
+                             "processes) into one table, --json and --plot")
     args = parser.parse_args(argv)
     methods = args.methods or ["float", *list_methods()]
     unknown = [m for m in methods if m != "float" and m not in list_methods()]
@@ -176,6 +207,9 @@ def main(argv: Sequence[str] = None) -> None:
         parser.error(f"unknown method(s) {', '.join(unknown)}; available: float, {', '.join(list_methods())}")
     if args.epochs < 1 or args.batch < 1 or not args.lr > 0:
         parser.error("--epochs and --batch must be positive, --lr > 0")
+    if args.merge:
+        merge(args)
+        return
     torch.set_num_threads(args.threads)
     data = digits()
     results: Dict[str, List[Dict[str, float]]] = {}
