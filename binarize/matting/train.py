@@ -726,7 +726,12 @@ class Trainer:
         return self.output_dir
 
     def _export_compact(self) -> None:
-        """The final weights as a compact ``model.safetensors`` (``binarize.load`` rebuilds it)."""
+        """The final weights as a compact ``model.safetensors`` (``binarize.load`` rebuilds it).
+
+        Not for ``model.precision`` other than ``binary``: the file would rebuild the binary model,
+        which is not what was trained (the next step starts from ``last.pt`` instead)."""
+        if self.cfg["model"]["precision"] != "binary":
+            return
         try:
             from binarize.models.checkpoint import save as save_compact
         except ImportError:
