@@ -64,6 +64,10 @@ def test_tracing_a_deployed_model_raises_instead_of_recording_wrong_outputs():
         torch.jit.trace(deployed[3], torch.randn(1, 16, 8, 8))  # a layer on its own, too
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), simulated(x), rtol=1e-4, atol=1e-4)  # still runs afterwards
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(deployed)
+    with pytest.raises(RuntimeError, match="cannot be traced, compiled or exported"):
+        torch.export.export(deployed, (x,))  # was: "Cannot access data pointer of Tensor (FakeTensor)"
     traced = torch.jit.trace(simulated, x)  # the simulated model traces as before
     torch.testing.assert_close(traced(x + 1), simulated(x + 1))
 

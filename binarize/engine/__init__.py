@@ -87,8 +87,20 @@ def deploy(
     target.register_forward_pre_hook(_refuse_tracing_hook)
     for module in target.modules():
         module.register_load_state_dict_pre_hook(_refuse_load)
-        module.train = _InferenceOnly(module)
+        try:
+            module.train = _InferenceOnly(module)
+            module.__prepare_scriptable__ = _RefuseScript()  # torch.jit.script calls it first
+        except (AttributeError, RuntimeError, TypeError):  # e.g. a ScriptModule inside the model
+            pass
     return target
+
+
+class _RefuseScript:
+    """``__prepare_scriptable__`` of a deployed module: ``torch.jit.script`` gets a clear error."""
+
+    def __call__(self) -> nn.Module:
+        raise RuntimeError("a deployed model cannot be scripted (torch.jit.script): its packed kernels are "
+                           "Python callables around C code; script the simulated model (before binarize.deploy)")
 
 
 class _InferenceOnly:

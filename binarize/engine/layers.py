@@ -43,14 +43,15 @@ class UnsupportedLayer(ValueError):
     """The layer computes something the packed engine cannot reproduce exactly (reason in the message)."""
 
 
-TRACING_MESSAGE = ("a deployed model cannot be traced or exported (torch.jit.trace, torch.onnx): its packed "
+TRACING_MESSAGE = ("a deployed model cannot be traced, compiled or exported (torch.jit.trace, torch.compile, "
+                   "torch.export, torch.onnx): its packed "
                    "kernels run in C outside the tracer, so the trace would replay stale buffers; trace or "
                    "export the simulated model (before binarize.deploy) instead")
 
 
 def refuse_tracing() -> None:
     """Raise a clear error under ``torch.jit.trace`` (the packed kernels are invisible to the tracer)."""
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         raise RuntimeError(TRACING_MESSAGE)
 
 
