@@ -572,3 +572,10 @@ def test_dataset_image_reader_scales_sixteen_bit_colour_reads(tmp_path):
     Image.fromarray(values).save(tmp_path / "deep.png")
     assert np.allclose(read_gray(tmp_path / "deep.png"), values / 65535)
     assert np.allclose(read_rgb(tmp_path / "deep.png"), np.repeat((values / 65535)[..., None], 3, -1))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_folder_that_refuses_files_is_caught_before_any_work():
+    # /proc accepts no new files, although access() says it is writable when running as root
+    with pytest.raises(ValueError, match=r"cannot create output '/proc/x.mp4': cannot write in '/proc'"):
+        check_output_path(Path("/proc/x.mp4"))

@@ -453,6 +453,14 @@ def check_output_path(path: PathLike, folder: bool = False) -> None:
         raise ValueError(f"cannot create output {str(path)!r}: {str(parent)!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot create output {str(path)!r}: no permission to write in {str(parent)!r}")
+    if parent == path.parent:  # the folder exists: try it (access() says yes to root, e.g. on /proc)
+        try:
+            with tempfile.TemporaryFile(dir=parent, prefix=f".{path.name}.probe."):
+                pass
+        except OSError as exc:
+            raise ValueError(
+                f"cannot create output {str(path)!r}: cannot write in {str(parent)!r} ({exc.strerror or exc})"
+            ) from None
 
 
 def make_parents(path: Path) -> List[Path]:
@@ -497,9 +505,11 @@ class FrameWriter:
         self.created_dirs = make_parents(self.path)
         try:
             self.temp_path = make_temp(self.path, self._folder)
-        except OSError:
+        except OSError as exc:
             remove_empty_dirs(self.created_dirs)
-            raise
+            if exc.errno is None:
+                raise
+            raise type(exc)(exc.errno, exc.strerror, str(self.path)) from None  # name the output, not the temp
 
     def write(self, frames: np.ndarray, times: Optional[Sequence[Optional[Fraction]]] = None) -> None:
         """Append ``[T, H, W, C]`` frames; ``times`` (seconds from the first frame) are used by
