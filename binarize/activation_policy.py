@@ -33,6 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from binarize._surgery import module_names, replace_modules
+
 __all__ = [
     "ACTIVATION_REPLACEMENTS",
     "DEFAULT_REPLACEMENT",
@@ -244,13 +246,6 @@ def _binary(module: nn.Module) -> bool:
     return hasattr(module, "input_bits") and hasattr(module, "weight_bits") and int(module.input_bits) < 32
 
 
-def _all_names(model: nn.Module) -> Dict[int, List[str]]:
-    names: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
-
-
 def _trace(model: nn.Module) -> Tuple[Optional[torch.fx.Graph], str]:
     try:
         with warnings.catch_warnings():
@@ -258,13 +253,6 @@ def _trace(model: nn.Module) -> Tuple[Optional[torch.fx.Graph], str]:
             return _BinaryLeafTracer().trace(model), ""
     except Exception as exc:  # noqa: BLE001 - any tracing failure sends us to the fallback
         return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _swap(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[key] = replacements[id(child)]
 
 
 def apply_policy(
@@ -280,7 +268,7 @@ def apply_policy(
     factory = _factory(activation)
     if factory is None or not any(_binary(m) for m in model.modules()):
         return [], [], ""
-    names = _all_names(model)
+    names = module_names(model)
     graph, error = _trace(model)
     targets: Dict[int, Tuple[nn.Module, str]] = {}
     functional: List[FunctionalActivation] = []
@@ -326,7 +314,7 @@ def apply_policy(
         all_names = names.get(key, [""])
         replaced.append(ReplacedActivation(all_names[0], type(module).__name__, type(new).__name__, reason,
                                            tuple(all_names[1:])))
-    _swap(model, replacements)
+    replace_modules(model, replacements)
     if functional:
         sites = ", ".join(f"{f.function} at {f.site} -> {f.feeds[0]}" for f in functional[:3])
         warnings.warn(
@@ -351,5 +339,4 @@ def restore_activations(model: nn.Module) -> nn.Module:
         if original is not None:
             original.train(module.training)
             replacements[id(module)] = original
-    _swap(model, replacements)
-    return replacements.get(id(model), model)
+    return replace_modules(model, replacements)

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 
 from binarize._callable import make_module_callable
+from binarize._surgery import module_names as _all_names
+from binarize._surgery import replace_modules as _replace_modules
 from binarize.activation_policy import (
     ActivationSpec,
     FunctionalActivation,
@@ -178,14 +180,6 @@ def _base_kind(module: nn.Module) -> Optional[type]:
         if isinstance(module, base):
             return base
     return None
-
-
-def _all_names(model: nn.Module) -> Dict[int, List[str]]:
-    """Every name under which each module object appears (shared modules have several)."""
-    names: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
 
 
 @functools.cache
@@ -413,15 +407,6 @@ def _check_method(method: object) -> str:
     if not isinstance(name, str):
         raise ValueError(f"method must be a method name or a binarize.ops.Method; got {method!r}")
     return name
-
-
-def _replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
-    """Swap module objects in every parent slot (shared modules stay shared); returns the new root."""
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[key] = replacements[id(child)]
-    return replacements.get(id(model), model)
 
 
 def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
