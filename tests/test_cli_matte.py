@@ -79,6 +79,22 @@ def test_matte_options_reach_convert_video(tmp_path, clip, capsys):
     assert comp.shape == (8, 48, 64, 3)  # a colour background gives RGB, not RGBA
 
 
+def test_threads_option_sets_the_model_threads_and_restores_them(tmp_path, clip, capsys, monkeypatch):
+    seen = []
+    original = _RecordingMatting.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_RecordingMatting, "forward", forward)
+    before = torch.get_num_threads()
+    target = 1 if before > 1 else 2
+    assert matte(clip, "-m", "_test_cli_matting", "-o", tmp_path / "c.mp4", "--threads", target, "--no-progress") == 0
+    assert seen and set(seen) == {target}
+    assert torch.get_num_threads() == before
+
+
 def test_matte_image_folder_with_fps(tmp_path, capsys):
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -262,6 +278,7 @@ def no_model(monkeypatch):
         (["-m", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["--downsample-ratio", "nan"], "downsample_ratio must be in (0, 1]"),
         (["--seq-chunk", "0"], "seq_chunk must be a positive integer"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(tmp_path, clip, capsys, no_model, args, message):

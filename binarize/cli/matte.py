@@ -9,9 +9,10 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 from binarize.cli.main import CLIError
 
@@ -52,6 +53,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="auto (default: packed XNOR-popcount kernels on CPU when the compiled library "
                         "loads, simulated float layers otherwise), simulated or packed")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the model (PyTorch and the packed kernels; default: PyTorch's, one "
+                        "per core). Decoding and encoding run beside the model: on a machine with few cores, "
+                        "one thread fewer than cores can be faster end to end (docs/performance.md)")
     parser.add_argument("--fps", default=None,
                         help="frame rate of image inputs (default 30): 25, 29.97 (= 30000/1001) or 30000/1001")
     parser.add_argument("--mbps", type=float, default=None, help="video bit rate (default: constant quality)")
@@ -66,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.input).exists():
         raise FileNotFoundError(f"input not found: {args.input!r}")
     check_arguments(args)
+    with model_threads(getattr(args, "threads", None)):
+        return _run_checked(args)
+
+
+def _run_checked(args: argparse.Namespace) -> int:
+    """``run`` once the arguments are checked and the thread count is set."""
     model = build_model(args.model, args.checkpoint)
     engine, reason = select_engine(args.engine, args.device, model)
     print(f"binarize matte: {args.model} on the {engine} engine ({reason})", flush=True)
@@ -98,6 +109,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def model_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (the packed kernels follow it), restoring
+    the previous count after; ``None`` leaves PyTorch's count as it is."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model, before the model is loaded: the model name, the checkpoint
     path, --fps, --mbps, --device, the input, the background and every output path (one-line
@@ -107,6 +135,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     from binarize.matting.video import parse_frame_rate
     from binarize.models.registry import model_factory
 
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
     factory = model_factory(args.model)  # unknown name -> ValueError listing the models
     check_background_use(factory, getattr(args, "background_frame", None), args.downsample_ratio)
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
