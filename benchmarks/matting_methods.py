@@ -1,0 +1,340 @@
+"""The BiMatting paper's comparison in miniature: every matting model trained under one budget.
+
+BiMatting (Qin et al., NeurIPS 2023, Table 1) compares full-precision RVM-MobileNetV3 with BiMatting
+and RVM binarized by classic BNN methods. This benchmark repeats that comparison on a budget a CPU
+can afford: every model is trained by the same ``binarize.matting.train.Trainer`` on the same
+procedural ``SyntheticMatting`` clips (no download), with the same steps, batch, resolution, seeds,
+losses and learning-rate schedule, then scored on held-out clips (split ``"eval"``) with the
+official metrics (MAD, MSE, Grad, Conn, dtSSD; ``binarize.matting.metrics``) next to its OPs and
+storage from ``binarize.profile``.
+
+The budget is ReActNet's two-step recipe (Liu et al., ECCV 2020), which
+``binarize/matting/configs/synthetic/bimatting_step1.yaml`` / ``bimatting_step2.yaml`` use for
+BiMatting: phase 1 trains binary activations with float weights (``model.precision:
+latent_weights``) on the clips of seed 0 at lr 1e-3 with a cosine decay; phase 2 binarizes the
+weights too and continues from phase 1's weights on the clips of seed 1 at half the learning rate,
+with a warm-up. The full-precision model runs the very same two phases (its precision has nothing
+to change), so every model sees the same data for the same number of steps.
+
+Each model's result is written to ``OUT/<model>.json`` as soon as it is known, and its training
+checkpoints to ``OUT/runs/<model>/``, so a budget can span several runs: ``--resume`` skips the
+models already scored and continues an interrupted training exactly (the trainer's ``--resume``).
+
+    python benchmarks/matting_methods.py --steps 300 --json matting_methods.json --plot docs/img/matting_methods.png
+    python benchmarks/matting_methods.py --resume            # after an interruption
+    python benchmarks/matting_methods.py --models bimatting rvm_reactnet --steps 40   # a quick look
+
+One thread by default (``--threads``): the timings in the table are those of one CPU thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# Threads that spin while waiting (libgomp's default) steal the CPU from the thread they wait for
+# whenever other processes share the cores (as in benchmarks/accuracy.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from binarize.matting import metrics  # noqa: E402
+from binarize.matting.data import SyntheticMatting  # noqa: E402
+from binarize.matting.train import Trainer, build_model  # noqa: E402
+from binarize.matting.train_config import load_config  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the comparison: the trainer's ``model.name`` / ``model.kwargs`` and whether it
+    has binary layers (and so trains phase 1 at ``latent_weights``)."""
+
+    name: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    binary: bool = True
+    label: str = ""
+
+
+#: The paper's models (Table 1), in its order; ``rvm_fda`` is RVM converted with FDA (Xu et al.,
+#: NeurIPS 2021) by ``binarize.models.baselines.binarized_rvm``, like the registered baselines.
+MODELS: Dict[str, ModelSpec] = {
+    "rvm_mobilenetv3": ModelSpec("rvm_mobilenetv3", binary=False, label="RVM (32-bit)"),
+    "bimatting": ModelSpec("bimatting", label="BiMatting"),
+    "rvm_bnn": ModelSpec("rvm_bnn", label="BNN"),
+    "rvm_xnor": ModelSpec("rvm_xnor", label="XNOR-Net"),
+    "rvm_dorefa": ModelSpec("rvm_dorefa", label="DoReFa"),
+    "rvm_bireal": ModelSpec("rvm_bireal", label="Bi-Real"),
+    "rvm_reactnet": ModelSpec("rvm_reactnet", label="ReActNet"),
+    "rvm_irnet": ModelSpec("rvm_irnet", label="IR-Net"),
+    "rvm_recu": ModelSpec("rvm_recu", label="ReCU"),
+    "rvm_fda": ModelSpec("binarize.models.baselines:binarized_rvm", {"method": "fda"}, label="FDA"),
+}
+
+#: The metrics of the table, with the official units (see ``binarize.matting.metrics``).
+METRIC_NAMES = ("pha_mad", "pha_mse", "pha_grad", "pha_conn", "pha_dtssd")
+BASE_CONFIG = "synthetic/bimatting.yaml"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every model gets: ``steps`` optimiser steps in all (``steps // 2`` per phase) of
+    ``clips_per_step`` clips x ``frames`` frames at ``size`` (W, H)."""
+
+    steps: int = 300
+    size: Tuple[int, int] = (128, 72)
+    frames: int = 2
+    clips_per_step: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+
+    @property
+    def phase_steps(self) -> Tuple[int, int]:
+        first = self.steps // 2
+        return first, self.steps - first
+
+
+def phase_config(spec: ModelSpec, budget: Budget, phase: int, output_dir: pathlib.Path,
+                 init: Optional[pathlib.Path]) -> Dict[str, Any]:
+    """The trainer config of one phase (1 or 2) of ``spec`` under ``budget``: the synthetic BiMatting
+    recipe (``synthetic/bimatting.yaml``: losses, ``loss.alpha_ste``, cosine decay) with the model,
+    precision, data seed, steps and learning rate of the phase."""
+    steps = budget.phase_steps[phase - 1]
+    lr = budget.lr if phase == 1 else budget.lr / 2
+    width, height = budget.size
+    precision = "latent_weights" if (phase == 1 and spec.binary) else "binary"
+    overrides = [
+        f"model.name={spec.name}",
+        f"model.kwargs={json.dumps(spec.kwargs)}",
+        f"model.precision={precision}",
+        f"model.init={json.dumps(str(init)) if init is not None else 'null'}",
+        "data.synthetic={" + f"clips: {steps * budget.clips_per_step}, frames: {budget.frames}, "
+        f"size: [{width}, {height}], seed: {budget.seed + phase - 1}" + "}",
+        f"data.batch_size_per_gpu={budget.clips_per_step}",
+        f"optim.lr={{backbone: {lr}, aspp: {lr}, decoder: {lr}, refiner: 0.0}}",
+        f"optim.warmup_steps={0 if phase == 1 else max(steps // 10, 1)}",
+        f"run.output_dir={json.dumps(str(output_dir))}",
+        f"run.seed={budget.seed}",
+        "run.log_interval=10",
+        f"run.checkpoint_interval={max(min(steps, 50), 1)}",
+        "run.progress=true",
+        "run.device=cpu",
+    ]
+    return load_config(BASE_CONFIG, overrides)
+
+
+def train_model(spec: ModelSpec, budget: Budget, run_dir: pathlib.Path, resume: bool) -> Tuple[nn.Module, float]:
+    """Both phases of ``spec`` (continuing an interrupted phase exactly when ``resume``); returns the
+    trained model (in its final, binary precision) and the training wall time in seconds (this
+    run's part only when resumed)."""
+    seconds = 0.0
+    init: Optional[pathlib.Path] = None
+    trainer: Optional[Trainer] = None
+    for phase in (1, 2):
+        out = run_dir / f"phase{phase}"
+        done = out / "done"
+        if resume and done.is_file():
+            seconds += float(done.read_text() or 0)
+        else:
+            last = out / "last.pt"
+            cfg = phase_config(spec, budget, phase, out, init)
+            start = time.perf_counter()
+            trainer = Trainer(cfg, resume=str(last) if resume and last.is_file() else None)
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
+            done.write_text(f"{elapsed:.1f}")
+        init = out / "last.pt"
+    model = build_model(spec.name, spec.kwargs, str(init))
+    return model.eval(), seconds
+
+
+def eval_clips(budget: Budget, clips: int, frames: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Held-out clips (split ``"eval"``, never trained on) as ``(src uint8 T x H x W x 3, true alpha
+    float T x H x W)``; the source is quantised to 8 bits, as a video file would be."""
+    data = SyntheticMatting(clips=clips, frames=frames, size=budget.size, seed=seed, split="eval")
+    out = []
+    for fgr, pha, bgr in data:
+        src = (fgr * pha + bgr * (1 - pha)).permute(0, 2, 3, 1).numpy()
+        out.append((np.round(np.clip(src, 0, 1) * 255).astype(np.uint8), pha[:, 0].numpy()))
+    return out
+
+
+def predict(model: nn.Module, src: np.ndarray) -> np.ndarray:
+    """The model's alpha of one clip, frame by frame with its recurrent state (``downsample_ratio=1``,
+    as ``binarize demo``), in ``eval()``."""
+    rec: List[Any] = [None] * 4
+    frames = []
+    with torch.no_grad():
+        for frame in src:
+            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+            _, pha, *rec = model(x, *rec, downsample_ratio=1.0)
+            frames.append(pha[0, 0].float().numpy())
+    return np.stack(frames)
+
+
+def score_clips(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, float]:
+    """The official metrics (MAD/MSE x1e3, Grad/Conn /1e3, dtSSD x1e2), averaged over every frame of
+    every clip like the official evaluator (dtSSD 0 on a clip's first frame)."""
+    totals = {name: [] for name in METRIC_NAMES}
+    for pred, (_, true) in zip(preds, clips):
+        prev = None
+        for p, t in zip(pred, true):
+            for name, value in metrics.frame_metrics(METRIC_NAMES, p, t, prev).items():
+                totals[name].append(value)
+            prev = (p, t)
+    return {name: float(np.mean(values)) for name, values in totals.items()}
+
+
+def costs(model: nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
+    """OPs (dense and with measured mask sparsity, one frame at ``size``) and storage (bytes, 1 bit
+    per binary weight) from ``binarize.profile``."""
+    from binarize import profile
+
+    width, height = size
+    report = profile(model, torch.rand(1, 3, height, width))
+    return {"ops": report.ops, "sparse_ops": report.sparse_ops, "storage_bytes": report.storage_bytes,
+            "binary_params": report.binary_params, "fp_params": report.fp_params}
+
+
+def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.ndarray]], out: pathlib.Path,
+              resume: bool) -> Dict[str, Any]:
+    """Train, score and profile one model; the result is also written to ``OUT/<key>.json``."""
+    spec = MODELS[key]
+    run_dir = out / "runs" / key
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(budget.seed)
+    model, seconds = train_model(spec, budget, run_dir, resume)
+    start = time.perf_counter()
+    scores = score_clips([predict(model, src) for src, _ in clips], clips)
+    result = {"model": key, "label": spec.label or key, "binary": spec.binary, **scores,
+              **costs(model, budget.size), "train_s": seconds, "eval_s": time.perf_counter() - start,
+              "steps": budget.steps}
+    (out / f"{key}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def zero_reference(clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
+    """The all-zero (all-background) alpha's scores: the number a model must beat to have learned
+    anything beyond 'nothing is foreground'."""
+    scores = score_clips([np.zeros_like(true) for _, true in clips], clips)
+    return {"model": "all_zero", "label": "all-zero alpha", **scores}
+
+
+def format_table(results: Sequence[Dict[str, Any]]) -> str:
+    """A Markdown table: metrics, OPs (G), storage (MB), training time."""
+    head = ("| model | MAD | MSE | Grad | Conn | dtSSD | OPs (G) | sparse OPs (G) | storage (MB) | train (min) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = [head]
+    for r in results:
+        cost = ("| {:.3f} | {:.3f} | {:.3f} | {:.1f} |".format(r["ops"] / 1e9, r["sparse_ops"] / 1e9,
+                                                              r["storage_bytes"] / 1e6, r["train_s"] / 60)
+                if "ops" in r else "| - | - | - | - |")
+        rows.append("| {} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.2f} ".format(
+            r["model"], r["pha_mad"], r["pha_mse"], r["pha_grad"], r["pha_conn"], r["pha_dtssd"]) + cost)
+    return "\n".join(rows)
+
+
+def plot(results: Sequence[Dict[str, Any]], zero: Dict[str, Any], path: pathlib.Path, title: str) -> None:
+    """MAD against OPs (log scale), one point per model, the all-zero alpha as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in results:
+        colour = "tab:red" if r["model"] == "bimatting" else ("tab:green" if not r["binary"] else "tab:blue")
+        ax.scatter(r["ops"] / 1e9, r["pha_mad"], color=colour, zorder=3)
+        ax.annotate(r["label"], (r["ops"] / 1e9, r["pha_mad"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.axhline(zero["pha_mad"], color="grey", linestyle="--", linewidth=1, label="all-zero alpha")
+    ax.set_xscale("log")
+    ax.set_xlabel("OPs per frame (G, dense; FLOPs + BOPs/64)")
+    ax.set_ylabel("MAD (x1e3, lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per model, both phases together")
+    parser.add_argument("--size", default="128x72", help="training and evaluation resolution WxH")
+    parser.add_argument("--eval-clips", type=int, default=4)
+    parser.add_argument("--eval-frames", type=int, default=12)
+    parser.add_argument("--eval-seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="data seed of phase 1 (phase 2: +1) and run seed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="matting_methods_runs", help="folder of per-model results and checkpoints")
+    parser.add_argument("--resume", action="store_true", help="keep finished models, continue interrupted training")
+    parser.add_argument("--json", help="write all results (and the budget, machine) to this file")
+    parser.add_argument("--plot", help="write the MAD-vs-OPs plot (PNG) to this file")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    args.budget = Budget(steps=args.steps, size=(width, height), seed=args.seed)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget_file = out / "budget.json"
+    budget = {"steps": args.budget.steps, "size": list(args.budget.size), "frames": args.budget.frames,
+              "clips_per_step": args.budget.clips_per_step, "lr": args.budget.lr, "seed": args.budget.seed,
+              "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed}}
+    if args.resume and budget_file.is_file() and json.loads(budget_file.read_text()) != budget:
+        sys.exit(f"--resume: {budget_file} holds another budget ({budget_file.read_text().strip()}); "
+                 "use the same options or another --out")
+    budget_file.write_text(json.dumps(budget))
+    clips = eval_clips(args.budget, args.eval_clips, args.eval_frames, args.eval_seed)
+    zero = zero_reference(clips)
+    results: List[Dict[str, Any]] = []
+    bar = tqdm(args.models, unit="model", dynamic_ncols=True)
+    for key in bar:
+        bar.set_postfix_str(key)
+        done = out / f"{key}.json"
+        if args.resume and done.is_file():
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(run_model(key, args.budget, clips, out, args.resume))
+        tqdm.write(f"{key}: MAD {results[-1]['pha_mad']:.1f} dtSSD {results[-1]['pha_dtssd']:.2f} "
+                   f"({results[-1]['train_s'] / 60:.1f} min)")
+    bar.close()
+    print(f"{args.budget.steps} steps of {args.budget.clips_per_step} clips x {args.budget.frames} frames at "
+          f"{args.budget.size[0]}x{args.budget.size[1]}; held out: {args.eval_clips} clips x {args.eval_frames} "
+          f"frames (split 'eval', seed {args.eval_seed}); {args.threads} thread(s), {platform.processor() or platform.machine()}")
+    print(format_table(results + [zero]))
+    if args.json:
+        payload = {"budget": budget, "threads": args.threads, "machine": platform.platform(),
+                   "torch": torch.__version__, "results": results, "all_zero": zero}
+        pathlib.Path(args.json).write_text(json.dumps(payload, indent=1))
+    if args.plot:
+        title = (f"{args.budget.steps} steps, {args.budget.size[0]}x{args.budget.size[1]}, "
+                 f"held-out SyntheticMatting ({args.eval_clips} clips)")
+        plot(results, zero, pathlib.Path(args.plot), title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
