@@ -1,0 +1,68 @@
+"""benchmarks/matting_methods.py: the budget's configs, the scoring, the table and a tiny run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("matting_methods", ROOT / "benchmarks" / "matting_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_every_model_gets_the_same_two_phases(bench, tmp_path):
+    """Same steps, data, seed and schedule for all: only the model (and phase 1's precision of the
+    binary models, ReActNet's step 1) differs."""
+    budget = bench.Budget(steps=10, size=(64, 64))
+    configs = {key: [bench.phase_config(bench.MODELS[key], budget, phase, tmp_path / key, None) for phase in (1, 2)]
+               for key in ("rvm_mobilenetv3", "bimatting", "rvm_fda")}
+    for key, (first, second) in configs.items():
+        assert first["data"]["synthetic"] == {"clips": 20, "frames": 2, "size": [64, 64], "seed": 0}
+        assert second["data"]["synthetic"]["seed"] == 1
+        assert first["optim"]["lr"]["backbone"] == 2 * second["optim"]["lr"]["backbone"]
+        assert second["optim"]["warmup_steps"] == 1 and first["optim"]["warmup_steps"] == 0
+        assert second["model"]["precision"] == "binary"
+        assert first["model"]["precision"] == ("binary" if key == "rvm_mobilenetv3" else "latent_weights")
+    assert configs["rvm_fda"][0]["model"]["kwargs"] == {"method": "fda"}
+
+
+def test_scores_and_table(bench):
+    """A perfect alpha scores 0 everywhere; the all-zero alpha scores its MAD = 1e3 * mean alpha;
+    the table has a row per result."""
+    budget = bench.Budget(size=(64, 64))
+    clips = bench.eval_clips(budget, clips=1, frames=3, seed=1)
+    (src, true), = clips
+    assert src.shape == (3, 64, 64, 3) and src.dtype == np.uint8 and true.shape == (3, 64, 64)
+    perfect = bench.score_clips([true], clips)
+    assert all(value == pytest.approx(0.0, abs=1e-6) for value in perfect.values())
+    zero = bench.zero_reference(clips)
+    assert zero["pha_mad"] == pytest.approx(1e3 * float(true.mean()), rel=1e-4)
+    table = bench.format_table([zero])
+    assert table.count("\n") == 2 and "all_zero" in table
+
+
+def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
+    """Two steps of BiMatting at 64x64: the result file carries the metrics and costs, and --resume
+    reads it back instead of training again."""
+    out = tmp_path / "out"
+    argv = ["--models", "bimatting", "--steps", "2", "--size", "64x64", "--eval-clips", "1",
+            "--eval-frames", "2", "--out", str(out), "--json", str(tmp_path / "all.json")]
+    assert bench.main(argv) == 0
+    result = json.loads((out / "bimatting.json").read_text())
+    assert set(bench.METRIC_NAMES) <= set(result) and result["ops"] > 0 and 0 < result["storage_bytes"] < 1e6
+    assert (out / "runs" / "bimatting" / "phase2" / "last.pt").is_file()
+    (out / "bimatting.json").write_text(json.dumps({**result, "pha_mad": -1.0}))
+    assert bench.main(argv + ["--resume"]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["results"][0]["pha_mad"] == -1.0
