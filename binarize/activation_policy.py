@@ -74,11 +74,15 @@ ActivationSpec = Union[str, Callable[[nn.Module], nn.Module], None]
 
 # activations whose output is >= 0; only the rectifiers are replaced, gates are left alone
 _RECTIFIER_MODULES = (nn.ReLU, nn.ReLU6)
-_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.Softmax)
 _RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6, getattr(torch, "relu_", None), getattr(F, "relu_", None)}
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.softmax, torch.softmax}
 _RECTIFIER_METHODS = {"relu", "relu_"}
-_GATE_METHODS = {"sigmoid", "sigmoid_"}
+_GATE_METHODS = {"sigmoid", "sigmoid_", "softmax"}
+# smooth activations whose output is >= -0.28 (SiLU), -0.17 (GELU), -0.38 (Hardswish), -0.31 (Mish):
+# both signs pixel by pixel, but their spatial mean (a squeeze-excite input) is almost always > 0
+_SOFT_MODULES = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
+_SOFT_FUNCTIONS = {F.silu, F.gelu, F.hardswish, F.mish}
 
 # ops whose output is non-negative when their tensor inputs are (through the first tensor argument
 # for the single-input ones; through every tensor argument for the combining ones)
@@ -91,9 +95,10 @@ _PASS_MODULES = (
 _PASS_FUNCTIONS = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
     torch.flatten, torch.reshape, operator.getitem, F.pad, torch.mean, torch.permute, torch.transpose,
+    torch.sum,
 }
-_PASS_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "mean", "squeeze",
-                 "unsqueeze", "expand", "chunk", "split", "float", "to"}
+_PASS_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "mean", "sum", "squeeze",
+                 "unsqueeze", "expand", "expand_as", "repeat", "chunk", "split", "float", "to"}
 _COMBINE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, operator.mul, torch.mul}
 _COMBINE_METHODS = {"add", "add_", "mul", "mul_"}
 
@@ -162,8 +167,11 @@ class _Graph:
         self.model = model
         self.graph = graph
         self.nonneg: Dict[torch.fx.Node, bool] = {}
+        self.soft: Dict[torch.fx.Node, bool] = {}  # a smooth activation's output, through pass ops
+        self.pooled_soft: Dict[torch.fx.Node, bool] = {}  # its global spatial mean, through pass ops
         for node in graph.nodes:
             self.nonneg[node] = self._is_nonneg(node)
+            self.soft[node], self.pooled_soft[node] = self._is_soft(node)
 
     def module(self, node: torch.fx.Node) -> Optional[nn.Module]:
         if node.op != "call_module":
@@ -222,6 +230,51 @@ class _Graph:
             return all(self.nonneg.get(a, False) for a in args) and all(s >= 0 for s in scalars)
         return False
 
+    def _is_soft(self, node: torch.fx.Node) -> Tuple[bool, bool]:
+        """(output of SiLU/GELU/Hardswish/Mish, global spatial mean of one), through pass ops."""
+        module = self.module(node)
+        if isinstance(module, _SOFT_MODULES) or (node.op == "call_function" and node.target in _SOFT_FUNCTIONS):
+            return True, False
+        args = self._tensor_args(node)
+        if not args or self.kind(node) != "pass":
+            return False, False
+        first = args[0]
+        soft = self.soft.get(first, False) or self.nonneg.get(first, False)
+        if soft and self._global_pool(node):
+            return False, True
+        return self.soft.get(first, False), self.pooled_soft.get(first, False)
+
+    def soft_name(self, node: torch.fx.Node) -> str:
+        """Name of the smooth activation (or rectifier) behind a pooled node, for the report."""
+        current: Optional[torch.fx.Node] = node
+        while current is not None:
+            module = self.module(current)
+            if module is not None and isinstance(module, _SOFT_MODULES + _RECTIFIER_MODULES):
+                return type(module).__name__
+            if current.op == "call_function" and current.target in _SOFT_FUNCTIONS:
+                return _callable_name(current.target)
+            args = self._tensor_args(current)
+            current = args[0] if args else None
+        return "smooth activation"
+
+    def _global_pool(self, node: torch.fx.Node) -> bool:
+        """An average over every spatial position: AdaptiveAvgPool2d(1), adaptive_avg_pool2d(x, 1) or
+        mean over the last two dimensions (timm's and torchvision's squeeze-excite)."""
+        module = self.module(node)
+        if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            size = module.output_size
+            return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+        if (node.op == "call_method" and node.target == "mean") or (
+                node.op == "call_function" and node.target is torch.mean):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+            return {2, 3} <= {d for d in dims if isinstance(d, int)} or {-1, -2} <= {
+                d for d in dims if isinstance(d, int)}
+        return False
+
     def sources(self, node: torch.fx.Node) -> List[torch.fx.Node]:
         """The rectifier nodes that make ``node`` non-negative (gates are never sources)."""
         found: List[torch.fx.Node] = []
@@ -255,23 +308,32 @@ def _trace(model: nn.Module) -> Tuple[Optional[torch.fx.Graph], str]:
         return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+REASON_GATED = "input is non-negative by construction (a gate's output, no rectifier to replace)"
+REASON_POOLED = ("input is the spatial mean of a {act} output (squeeze-excite): almost always > 0, so its "
+                 "sign would be constant")
+
+
 def apply_policy(
     model: nn.Module, activation: ActivationSpec
-) -> Tuple[List[ReplacedActivation], List[FunctionalActivation], str]:
+) -> Tuple[List[ReplacedActivation], List[FunctionalActivation], str, Dict[str, str]]:
     """Replace the rectifier modules that feed binary layers of ``model`` (in place).
 
-    Returns the replaced modules, the functional rectifiers that could not be replaced, and a note
-    (empty, or why the whole-model fallback was used). ``activation`` is a name of
+    Returns the replaced modules, the functional rectifiers that could not be replaced, a note
+    (empty, or why the whole-model fallback was used) and the binary layers to keep full precision
+    (name -> reason): those whose input is the global spatial mean of a SiLU / GELU / Hardswish /
+    Mish output (a squeeze-excite's reduce layer), whose sign is constant and which no activation
+    swap can fix without changing the float network. ``activation`` is a name of
     ``ACTIVATION_REPLACEMENTS``, a factory ``f(original_module) -> module``, or ``"keep"``/``None``
     (do nothing).
     """
     factory = _factory(activation)
     if factory is None or not any(_binary(m) for m in model.modules()):
-        return [], [], ""
+        return [], [], "", {}
     names = module_names(model)
     graph, error = _trace(model)
     targets: Dict[int, Tuple[nn.Module, str]] = {}
     functional: List[FunctionalActivation] = []
+    keep: Dict[str, str] = {}
     note = ""
     if graph is not None:
         analysis = _Graph(model, graph)
@@ -282,8 +344,13 @@ def apply_policy(
                 continue
             first = node.args[0]
             if isinstance(first, torch.fx.Node) and analysis.nonneg.get(first, False):
-                for source in analysis.sources(first):
+                sources = analysis.sources(first)
+                for source in sources:
                     feeds.setdefault(source, []).append(str(node.target))
+                if not sources:  # only gates (sigmoid, softmax) make it so: nothing to replace
+                    keep[str(node.target)] = REASON_GATED
+            elif isinstance(first, torch.fx.Node) and analysis.pooled_soft.get(first, False):
+                keep[str(node.target)] = REASON_POOLED.format(act=analysis.soft_name(first))
         for source, consumers in feeds.items():
             module = analysis.module(source)
             if module is None:
@@ -323,7 +390,7 @@ def apply_policy(
             "or use method='reactnet' (learnable threshold)",
             stacklevel=3,
         )
-    return replaced, functional, note
+    return replaced, functional, note, keep
 
 
 def original_activation(module: nn.Module) -> Optional[nn.Module]:

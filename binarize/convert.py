@@ -492,11 +492,31 @@ def convert(
             stacklevel=2,
         )
     model = _replace_modules(model, replacements)
-    report.activations, report.functional_activations, note = apply_policy(model, activation)
+    report.activations, report.functional_activations, note, keep = apply_policy(model, activation)
     if note:
         report.notes.append(note)
+    if keep:
+        model = _keep_after_policy(model, report, keep)
     model.binarize_report = report
     return (model, report) if return_report else model
+
+
+def _keep_after_policy(model: nn.Module, report: ConversionReport, keep: Dict[str, str]) -> nn.Module:
+    """Turn the binary layers the activation policy found sign-constant back into float layers,
+    moving them from ``report.replaced`` to ``report.kept`` with the policy's reason."""
+    modules = dict(model.named_modules())
+    restored: Dict[int, nn.Module] = {}
+    for name, reason in keep.items():
+        module = modules.get(name)
+        if module is None or id(module) in restored:
+            continue
+        restored[id(module)] = module.to_float()
+        restored[id(module)].train(module.training)
+        entry = next((r for r in report.replaced if name == r.name or name in r.aliases), None)
+        if entry is not None:
+            report.replaced.remove(entry)
+            report.kept.append(KeptLayer(entry.name, entry.old_type, reason, entry.aliases))
+    return _replace_modules(model, restored)
 
 
 def _binary_layers(model: nn.Module) -> Iterable[nn.Module]:

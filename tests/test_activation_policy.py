@@ -241,3 +241,79 @@ def test_matting_models_have_finite_nonzero_gradients_at_initialisation(name: st
         if hasattr(layer, "input_bits") and not layer_name.startswith(_UNUSED_BY_MATTING):
             grad = layer.weight.grad
             assert grad is not None and grad.abs().max() > 0, f"{name}: no gradient reaches {layer_name}"
+
+
+class SqueezeExciteNet(nn.Module):
+    """An EfficientNet-like block: SiLU, a squeeze-excite whose reduce layer sees the spatial mean of
+    the SiLU output (almost always > 0), and a sigmoid-gated product feeding a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.SiLU()
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_act = nn.SiLU()
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.gated = nn.Conv2d(16, 16, 1)
+        self.project = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(self.stem(x))))
+        scale = self.gate(self.se_expand(self.se_act(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.project(x * scale) + self.gated(scale.expand_as(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_squeeze_excite_reduce_and_gate_fed_layers_are_kept_with_a_reason() -> None:
+    """The mean of a SiLU map (before the policy: both signs pixel by pixel) binarizes to all +1, and
+    so does a sigmoid: those layers stay full precision, reported; the others are binarized."""
+    torch.manual_seed(0)
+    model, report = binarize.convert(SqueezeExciteNet(), "bnn", return_report=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert "spatial mean of a SiLU output" in kept["se_reduce"]
+    assert "gate's output" in kept["gated"]
+    assert type(model.se_reduce) is nn.Conv2d and type(model.gated) is nn.Conv2d
+    assert {r.name for r in report.replaced} == {"conv", "se_expand", "project"}
+    # what they would have seen: a spatial mean of SiLU maps is > 0 on (almost) every channel
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        pooled = SqueezeExciteNet().act(torch.randn(8, 16, 8, 8)).mean((2, 3))
+    assert (pooled > 0).float().mean() > 0.95
+    model.train()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(bool((args[0] < 0).any())))
+             for m in model.modules() if hasattr(m, "input_bits")]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 3 and all(seen)
+
+
+class SplitAttentionNet(nn.Module):
+    """ResNeSt's split attention: ReLU, a sum over the radix groups, then binary layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Conv2d(16, 16, 1)
+        self.out = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv(self.stem(x)))
+        groups = x.reshape(x.shape[0], 2, 16, *x.shape[2:])
+        attention = torch.softmax(self.fc(groups.sum(dim=1).mean((2, 3), keepdim=True)), dim=1)
+        x = self.out((groups * attention.unsqueeze(1)).sum(dim=1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_rectifier_reaching_binary_layers_through_sums_is_replaced() -> None:
+    model, report = binarize.convert(SplitAttentionNet(), "bnn", return_report=True)
+    assert [a.name for a in report.activations] == ["act"]
+    assert {r.name for r in report.replaced} == {"conv", "fc", "out"}
