@@ -279,6 +279,7 @@ def no_model(monkeypatch):
         (["--downsample-ratio", "nan"], "downsample_ratio must be in (0, 1]"),
         (["--seq-chunk", "0"], "seq_chunk must be a positive integer"),
         (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--preset", "turbo"], "--preset: unknown H.264 preset 'turbo'; choose one of: ultrafast"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(tmp_path, clip, capsys, no_model, args, message):

@@ -195,6 +195,27 @@ def test_video_writer_keeps_exact_rational_rate(tmp_path, rate):
     assert only_visible(tmp_path) == ["out.mp4"]
 
 
+@pytest.mark.parametrize(("preset", "settings"), [(None, b"subme=2"), ("veryfast", b"subme=2"), ("medium", b"subme=7"),
+                                                  ("ultrafast", b"subme=0")])
+def test_video_writer_uses_the_x264_preset(tmp_path, preset, settings):
+    """libx264 writes its settings into the stream (an SEI text): the preset's subme value is there;
+    the default is veryfast (the encoder shares the CPU with the model)."""
+    frames = clip_frames(3)
+    writer = VideoWriter(tmp_path / "out.mp4", 64, 48, Fraction(25), preset=preset)
+    writer.write(frames)
+    writer.commit()
+    data = (tmp_path / "out.mp4").read_bytes()
+    assert b"x264 - core" in data and settings in data
+    decoded, _, _ = read_video(tmp_path / "out.mp4")
+    assert np.abs(decoded.astype(int) - frames).mean() < 3
+
+
+def test_unknown_x264_preset_is_refused_before_any_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown H.264 preset 'turbo'; choose one of: ultrafast"):
+        VideoWriter(tmp_path / "out.mp4", 64, 48, Fraction(25), preset="turbo")
+    assert only_visible(tmp_path) == []
+
+
 def test_video_writer_pads_odd_sizes_for_h264(tmp_path):
     frames = clip_frames(3, 63, 47)
     writer = VideoWriter(tmp_path / "odd.mp4", 63, 47, Fraction(25))

@@ -60,6 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--fps", default=None,
                         help="frame rate of image inputs (default 30): 25, 29.97 (= 30000/1001) or 30000/1001")
     parser.add_argument("--mbps", type=float, default=None, help="video bit rate (default: constant quality)")
+    parser.add_argument("--preset", default=None, metavar="PRESET",
+                        help="H.264 encoder preset, ultrafast ... veryslow (default veryfast: the encoder shares "
+                        "the CPU with the model; slower presets give smaller files)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -99,6 +102,7 @@ def _run_checked(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         frame_rate=args.fps,
         output_video_mbps=args.mbps,
+        output_video_preset=getattr(args, "preset", None),
         background_frame=getattr(args, "background_frame", None),
     )
     written = ", ".join(str(path) for path in result.outputs.values())
@@ -135,6 +139,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     from binarize.matting.video import parse_frame_rate
     from binarize.models.registry import model_factory
 
+    if getattr(args, "preset", None) is not None:
+        from binarize.matting.video import check_x264_preset
+
+        try:
+            check_x264_preset(args.preset)
+        except ValueError as exc:
+            raise ValueError(f"--preset: {exc}") from None
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads}")

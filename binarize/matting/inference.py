@@ -40,6 +40,7 @@ from binarize.matting.video import (
     PathLike,
     check_output_path,
     check_source,
+    check_x264_preset,
     open_source,
     open_writer,
     parse_frame_rate,
@@ -336,6 +337,7 @@ def convert_video(
     frame_rate: Optional[Union[str, float, Fraction]] = None,
     output_video_mbps: Optional[float] = None,
     background_frame: Optional[PathLike] = None,
+    output_video_preset: Optional[str] = None,
 ) -> ConversionResult:
     """Matte ``input_source`` (video file, image folder or single image) and write the requested outputs.
 
@@ -357,6 +359,10 @@ def convert_video(
         frame_rate: frame rate of image inputs (default 30): a ``Fraction``, ``"30000/1001"`` or a
             number (29.97 is taken as 30000/1001; see ``parse_frame_rate``); videos keep their own rate.
         output_video_mbps: target bit rate of video outputs (0.01 to 10000); default constant quality.
+        output_video_preset: libx264's speed/size trade-off for H.264 outputs (``ultrafast`` ...
+            ``veryslow``); default ``veryfast`` (``DEFAULT_X264_PRESET``): on a CPU the encoder
+            shares the cores with the model, and ``medium`` costs about as much as a binary model's
+            frame (docs/performance.md). Other codecs ignore it.
         background_frame: for a background-matting model (BGMv2, ``model.takes_background``) the
             captured background: an image of the input's size, or a video read frame by frame
             (see :mod:`binarize.matting.background`); ``downsample_ratio`` is then the model's
@@ -374,12 +380,13 @@ def convert_video(
         output_foreground=output_foreground, output_type=output_type, background=background,
         downsample_ratio=downsample_ratio, seq_chunk=seq_chunk, device=device, frame_rate=frame_rate,
         output_video_mbps=output_video_mbps, background_frame=background_frame,
+        output_video_preset=output_video_preset,
     )
     source = open_source(input_source, options.frame_rate)
     try:
         return _run(
             model, source, options.outputs, options.background, downsample_ratio, int(seq_chunk),
-            options.device, dtype, progress, options.bit_rate, background_frame,
+            options.device, dtype, progress, options.bit_rate, background_frame, options.preset,
         )
     finally:
         source.close()
@@ -392,6 +399,7 @@ class _Options:
     frame_rate: Optional[Fraction]
     bit_rate: Optional[int]
     device: Optional[torch.device]
+    preset: Optional[str] = None
 
 
 def check_conversion(
@@ -408,6 +416,7 @@ def check_conversion(
     frame_rate: Optional[Union[str, float, Fraction]] = None,
     output_video_mbps: Optional[float] = None,
     background_frame: Optional[PathLike] = None,
+    output_video_preset: Optional[str] = None,
 ) -> _Options:
     """Every check of :func:`convert_video` that needs no model and no decoding: arguments, the
     device, the input (exists, opens), the background and every output path. Raises
@@ -422,6 +431,7 @@ def check_conversion(
         raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio!r}")
     rate = parse_frame_rate(frame_rate) if frame_rate is not None else None
     bit_rate = parse_mbps(output_video_mbps)
+    preset = check_x264_preset(output_video_preset) if output_video_preset is not None else None
     parsed_device = parse_device(device) if device is not None else None
     bg = parse_background(background, output_type)
     paths = {"composition": output_composition, "alpha": output_alpha, "foreground": output_foreground}
@@ -436,7 +446,7 @@ def check_conversion(
         check_background_frame(background_frame, input_source)  # size and length match the input
     single_image = Path(input_source).is_file() and Path(input_source).suffix.lower() in IMAGE_EXTENSIONS
     outputs = _plan_outputs(paths, output_type, bg, single_image, Path(input_source))
-    return _Options(bg, outputs, rate, bit_rate, parsed_device)
+    return _Options(bg, outputs, rate, bit_rate, parsed_device, preset)
 
 
 def parse_mbps(mbps: Optional[float]) -> Optional[int]:
@@ -480,6 +490,7 @@ def _run(
     model: torch.nn.Module, source: FrameSource, outputs: List[_Output], bg: Background,
     downsample_ratio: Optional[float], seq_chunk: int, device: Any, dtype: Optional[torch.dtype],
     progress: bool, bit_rate: Optional[int], background_frame: Optional[PathLike] = None,
+    preset: Optional[str] = None,
 ) -> ConversionResult:
     if not takes_background(model):
         _check_matting_model(model)
@@ -497,7 +508,7 @@ def _run(
     job.captured = captured
     was_training = model.training
     try:
-        return job.run(progress, bit_rate)
+        return job.run(progress, bit_rate, preset)
     finally:
         model.train(was_training)
         if captured is not None:
@@ -522,14 +533,14 @@ class _MattingJob:
         self.read_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
         self.write_q: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
 
-    def run(self, progress: bool, bit_rate: Optional[int]) -> ConversionResult:
+    def run(self, progress: bool, bit_rate: Optional[int], preset: Optional[str] = None) -> ConversionResult:
         """Stream every frame through the model; commit all outputs on success, delete them otherwise."""
         committed = False
         created: List[Path] = []
         bar = tqdm(total=self.source.num_frames, unit="frame", desc="matting", disable=not progress,
                    dynamic_ncols=True)
         try:
-            self._open_writers(bit_rate)
+            self._open_writers(bit_rate, preset)
             self.pipeline.spawn(self._read, "binarize-matte-reader")
             self.pipeline.spawn(self._write, "binarize-matte-writer")
             start = time.perf_counter()
@@ -574,12 +585,12 @@ class _MattingJob:
             return []
         return [f"input {str(self.source.path)!r}: " + "; ".join(notes)]
 
-    def _open_writers(self, bit_rate: Optional[int]) -> None:
+    def _open_writers(self, bit_rate: Optional[int], preset: Optional[str] = None) -> None:
         source = self.source
         for out in self.outputs:
             out.writer = open_writer(
                 out.path, out.kind, source.width, source.height, out.channels, source.frame_rate,
-                audio_path=source.audio_path, audio_offset=source.start_time, bit_rate=bit_rate,
+                audio_path=source.audio_path, audio_offset=source.start_time, bit_rate=bit_rate, preset=preset,
                 time_base=source.time_base,
             )
 
