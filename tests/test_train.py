@@ -527,3 +527,23 @@ def test_short_bimatting_run_learns_beyond_the_all_background_answer(tmp_path):
     zero_l1 = float(pha.mean())  # L1 of the all-zero alpha
     assert after < 0.5 * before, (before, after)
     assert after_l1 < 0.5 * zero_l1 < before_l1, (before_l1, after_l1, zero_l1)
+
+
+def test_a_latent_weights_checkpoint_initialises_a_binary_model_with_stateful_binarizers():
+    """Step 1 (``latent_weights``) drops the weight binarizers' own state (ReCU: ``alpha``, ``tau``);
+    step 2's binary model still loads it (those start at their initial values), and any other
+    missing key is still an error."""
+    from binarize.models import create_model
+
+    step1 = create_model("rvm_recu")
+    assert train_mod.set_precision(step1, "latent_weights") > 0
+    state = step1.state_dict()
+    step2 = create_model("rvm_recu")
+    assert any("weight_binarizer." in key for key in step2.state_dict()) and not any(
+        "weight_binarizer." in key for key in state)
+    train_mod._load_across_precisions(step2, state)
+    for name, tensor in state.items():
+        assert torch.equal(step2.state_dict()[name], tensor), name
+    del state["project_mat.conv.weight"]
+    with pytest.raises(RuntimeError, match="project_mat.conv.weight"):
+        train_mod._load_across_precisions(step2, state)

@@ -114,11 +114,25 @@ def _load_weights(model: nn.Module, path: str) -> None:
         except ValueError:
             state = None
         if state is not None:
-            model.load_state_dict(state["model"])
+            _load_across_precisions(model, state["model"])
             return
     from binarize.models.checkpoint import load_checkpoint_into
 
     load_checkpoint_into(model, p)
+
+
+def _load_across_precisions(model: nn.Module, state: Dict[str, Tensor]) -> None:
+    """``model.load_state_dict(state)``, tolerating only the binarizers' own state.
+
+    ``set_precision`` swaps a binary layer's binarizers for identities, so a checkpoint of one
+    precision lacks (or has extra) binarizer parameters and buffers of another: ReCU's weight
+    binarizer, for one, carries ``alpha`` and ``tau``, which a ``latent_weights`` step-1 checkpoint
+    does not have. Those start at their initial values, as when binarizing a float network; any
+    other missing or unexpected key is still an error."""
+    result = model.load_state_dict(state, strict=False)
+    stray = [key for key in (*result.missing_keys, *result.unexpected_keys) if "_binarizer." not in key]
+    if stray:
+        model.load_state_dict(state)  # raises the usual, complete error
 
 
 def build_matting_dataset(
