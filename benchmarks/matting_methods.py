@@ -263,6 +263,11 @@ def plot(results: Sequence[Dict[str, Any]], zero: Dict[str, Any], path: pathlib.
         ax.annotate(r["label"], (r["ops"] / 1e9, r["pha_mad"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.axhline(zero["pha_mad"], color="grey", linestyle="--", linewidth=1, label="all-zero alpha")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("OPs per frame (G, dense; FLOPs + BOPs/64)")
     ax.set_ylabel("MAD (x1e3, lower is better)")
     ax.set_title(title, fontsize=9)
