@@ -84,7 +84,7 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
 
 
 def train_one(model_name: str, method: str, seed: int, epochs: int, data: Sequence[torch.Tensor],
-              batch: int = 32, lr: float = 3e-3, activation: str = "auto") -> Dict[str, float]:
+              batch: int = 32, lr: float = 1e-2, activation: str = "auto") -> Dict[str, float]:
     """Train one (model, method, seed) and return held-out accuracy, final train loss and seconds."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
@@ -189,9 +189,9 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="timm-resnet18")
     parser.add_argument("--methods", nargs="+", default=None, help="default: float and every registered method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--activation", default="auto", help="convert's activation policy (auto, keep, ...)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the per-run results here")
