@@ -90,6 +90,19 @@ def _digits(n: int = 512):
     return x, torch.tensor(data.target[:n])
 
 
+def _binary_inputs_with_negatives(model: nn.Module, x: torch.Tensor) -> list:
+    """For each binary layer call of ``model(x)``: whether its input had a negative value."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(bool((args[0] < 0).any())))
+             for m in model.modules() if hasattr(m, "input_bits")]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_converted_relu_network_depends_on_its_input(method: str) -> None:
     torch.manual_seed(0)
@@ -99,12 +112,7 @@ def test_converted_relu_network_depends_on_its_input(method: str) -> None:
         a, b = model(x[:1]), model(x[1:])
     assert (a - b).abs().max() > 1e-3
     # and every binary layer really receives inputs of both signs
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(bool((args[0] < 0).any())))
-             for m in model.modules() if hasattr(m, "input_bits")]
-    model(x)
-    for hook in hooks:
-        hook.remove()
+    seen = _binary_inputs_with_negatives(model, x)
     assert seen and all(seen)
 
 
@@ -284,12 +292,7 @@ def test_squeeze_excite_reduce_and_gate_fed_layers_are_kept_with_a_reason() -> N
         pooled = SqueezeExciteNet().act(torch.randn(8, 16, 8, 8)).mean((2, 3))
     assert (pooled > 0).float().mean() > 0.95
     model.train()
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(bool((args[0] < 0).any())))
-             for m in model.modules() if hasattr(m, "input_bits")]
-    model(x)
-    for hook in hooks:
-        hook.remove()
+    seen = _binary_inputs_with_negatives(model, x)
     assert len(seen) == 3 and all(seen)
 
 
