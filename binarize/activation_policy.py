@@ -261,11 +261,12 @@ class _Graph:
         """An average over every spatial position: AdaptiveAvgPool2d(1), adaptive_avg_pool2d(x, 1) or
         mean over the last two dimensions (timm's and torchvision's squeeze-excite)."""
         module = self.module(node)
+        size: object = None
         if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             size = module.output_size
-            return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
-        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        if size is not None:
             return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
         if (node.op == "call_method" and node.target == "mean") or (
                 node.op == "call_function" and node.target is torch.mean):

@@ -136,16 +136,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     errors). ``args.fps`` becomes the exact ``Fraction`` it names."""
     from binarize.matting.background import check_background_use
     from binarize.matting.inference import check_conversion, parse_mbps
-    from binarize.matting.video import parse_frame_rate
+    from binarize.matting.video import check_x264_preset, parse_frame_rate
     from binarize.models.registry import model_factory
 
-    if getattr(args, "preset", None) is not None:
-        from binarize.matting.video import check_x264_preset
-
-        try:
-            check_x264_preset(args.preset)
-        except ValueError as exc:
-            raise ValueError(f"--preset: {exc}") from None
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads}")
@@ -153,7 +146,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_background_use(factory, getattr(args, "background_frame", None), args.downsample_ratio)
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint!r}")
-    for option, value, parse in (("--fps", args.fps, parse_frame_rate), ("--mbps", args.mbps, parse_mbps)):
+    for option, value, parse in (("--fps", args.fps, parse_frame_rate), ("--mbps", args.mbps, parse_mbps),
+                                 ("--preset", getattr(args, "preset", None), check_x264_preset)):
         if value is not None:
             try:
                 parse(value)
