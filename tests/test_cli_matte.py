@@ -354,6 +354,34 @@ def test_truncated_input_prints_a_one_line_warning(tmp_path, capsys):
     assert len(warnings) == 1 and re.search(r"decoded \d+ of the 40 frames the file declares", warnings[0])
 
 
+@pytest.mark.parametrize(("interrupt", "status", "word"), [("Terminated", 143, "terminated"),
+                                                         ("KeyboardInterrupt", 130, "interrupted")])
+def test_an_error_raised_while_cleaning_up_after_a_signal_reports_the_signal(monkeypatch, capsys, interrupt, status,
+                                                                             word):
+    """A signal can interrupt cleanup code half way (a lock released twice); the error that follows
+    is the signal's consequence: the run still ends as terminated/interrupted, in one line."""
+    import binarize.cli.main as main_module
+
+    def run(args):
+        try:
+            raise getattr(main_module, interrupt, None) or KeyboardInterrupt()
+        finally:
+            raise RuntimeError("release unlocked lock")
+
+    monkeypatch.setattr("binarize.cli.profile.run", run)
+    assert main(["profile", "resnet18"]) == status
+    assert capsys.readouterr().err == f"binarize profile: {word}\n"
+
+
+def test_other_errors_still_propagate(monkeypatch):
+    def run(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("binarize.cli.profile.run", run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["profile", "resnet18"])
+
+
 def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
     import binarize.cli.main as main_module
 
@@ -392,7 +420,8 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
             time.sleep(0.05)
         assert sorted(p.name.split(".")[1] for p in out.iterdir()) == ["alpha", "comp"]  # hidden temporaries
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 143
+        status = process.wait(60)
+        assert status == 143, process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()

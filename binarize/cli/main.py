@@ -112,6 +112,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"binarize {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A signal lands between any two bytecodes: cleanup code it interrupts (a lock released
+        # twice, a half-opened file) can raise an error of its own, which is then a consequence of
+        # the interrupt, not a failure of the run.
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        print(f"binarize {command}: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def _interrupt_behind(exc: BaseException) -> Optional[KeyboardInterrupt]:
+    """The Ctrl-C or SIGTERM that ``exc`` was raised while handling, if any (``__context__`` chain)."""
+    seen = set()
+    link: Optional[BaseException] = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
 
 
 if __name__ == "__main__":

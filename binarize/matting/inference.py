@@ -64,6 +64,8 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
 }
 _QUEUE_SIZE = 4
 _POLL_S = 0.1
+# how long join() waits for a thread whose start() a signal interrupted to show that it runs
+_START_WAIT_S = 5.0
 
 
 def auto_downsample_ratio(height: int, width: int) -> float:
@@ -234,8 +236,20 @@ class _Pipeline:
             raise self.error
 
     def join(self) -> None:
+        """Wait for every thread, including one whose ``start()`` a signal (Ctrl-C, SIGTERM)
+        interrupted: ``Thread.join`` refuses a thread it has not seen start, but the thread may be
+        running (the signal landed after it was launched), so wait until it shows it runs and join
+        it, or, after ``_START_WAIT_S``, take it as never launched."""
         for thread in self.threads:
-            thread.join()
+            deadline = time.monotonic() + _START_WAIT_S
+            while True:
+                try:
+                    thread.join()
+                    break
+                except RuntimeError:  # "cannot join thread before it is started"
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(_POLL_S / 10)
 
 
 _END = object()
