@@ -198,6 +198,13 @@ def score_clips(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, n
     return {name: float(np.mean(values)) for name, values in totals.items()}
 
 
+def mad_by_frame(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> List[float]:
+    """MAD (x1e3) at each frame index, averaged over the clips: how the matte holds up as the
+    recurrent state ages (a model trained on T-frame clips never saw a state older than T-1 updates)."""
+    per_clip = [np.abs(pred - true).mean(axis=(1, 2)) * 1e3 for pred, (_, true) in zip(preds, clips)]
+    return [round(float(v), 2) for v in np.mean(per_clip, axis=0)]
+
+
 def costs(model: nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
     """OPs (dense and with measured mask sparsity, one frame at ``size``) and storage (bytes, 1 bit
     per binary weight) from ``binarize.profile``."""
@@ -220,8 +227,10 @@ def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.nda
     torch.manual_seed(budget.seed)
     model, seconds = train_model(spec, budget, run_dir, resume)
     start = time.perf_counter()
-    scores = score_clips([predict(model, src) for src, _ in clips], clips)
+    preds = [predict(model, src) for src, _ in clips]
+    scores = score_clips(preds, clips)
     result = {"model": key, "label": spec.label or key, "binary": spec.binary, **scores,
+              "pha_mad_by_frame": mad_by_frame(preds, clips),
               **costs(model, budget.size), "train_s": seconds, "eval_s": time.perf_counter() - start,
               "steps": budget.steps}
     (out / f"{key}.json").write_text(json.dumps(result, indent=1))
@@ -284,6 +293,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per model, both phases together")
     parser.add_argument("--size", default="128x72", help="training and evaluation resolution WxH")
+    parser.add_argument("--frames", type=int, default=2, help="frames per training clip")
+    parser.add_argument("--clips-per-step", type=int, default=4, help="training clips per optimiser step")
     parser.add_argument("--eval-clips", type=int, default=4)
     parser.add_argument("--eval-frames", type=int, default=12)
     parser.add_argument("--eval-seed", type=int, default=1)
@@ -295,7 +306,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--plot", help="write the MAD-vs-OPs plot (PNG) to this file")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    args.budget = Budget(steps=args.steps, size=(width, height), seed=args.seed)
+    for name in ("steps", "frames", "clips_per_step"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.budget = Budget(steps=args.steps, size=(width, height), frames=args.frames,
+                         clips_per_step=args.clips_per_step, seed=args.seed)
     return args
 
 

@@ -51,17 +51,24 @@ def test_scores_and_table(bench):
     assert zero["pha_mad"] == pytest.approx(1e3 * float(true.mean()), rel=1e-4)
     table = bench.format_table([zero])
     assert table.count("\n") == 2 and "all_zero" in table
+    half = [np.concatenate([true[:1], np.zeros_like(true[1:])])]  # right on frame 0, all-zero after
+    by_frame = bench.mad_by_frame(half, clips)
+    assert by_frame[0] == 0.0 and by_frame[1:] == pytest.approx(1e3 * true[1:].mean(axis=(1, 2)), abs=0.01)
 
 
 def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
     """Two steps of BiMatting at 64x64: the result file carries the metrics and costs, and --resume
     reads it back instead of training again."""
     out = tmp_path / "out"
-    argv = ["--models", "bimatting", "--steps", "2", "--size", "64x64", "--eval-clips", "1",
+    argv = ["--models", "bimatting", "--steps", "2", "--size", "64x64", "--frames", "3", "--clips-per-step", "1",
+            "--eval-clips", "1",
             "--eval-frames", "2", "--out", str(out), "--json", str(tmp_path / "all.json")]
     assert bench.main(argv) == 0
     result = json.loads((out / "bimatting.json").read_text())
     assert set(bench.METRIC_NAMES) <= set(result) and result["ops"] > 0 and 0 < result["storage_bytes"] < 1e6
+    assert len(result["pha_mad_by_frame"]) == 2
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["frames"] == 3 and budget["clips_per_step"] == 1
     assert (out / "runs" / "bimatting" / "phase2" / "last.pt").is_file()
     (out / "bimatting.json").write_text(json.dumps({**result, "pha_mad": -1.0}))
     assert bench.main(argv + ["--resume"]) == 0
