@@ -350,8 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "torch": torch.__version__, "results": results, "all_zero": zero}
         pathlib.Path(args.json).write_text(json.dumps(payload, indent=1))
     if args.plot:
-        title = (f"{args.budget.steps} steps, {args.budget.size[0]}x{args.budget.size[1]}, "
-                 f"held-out SyntheticMatting ({args.eval_clips} clips)")
+        title = (f"{args.budget.steps} steps of {args.budget.clips_per_step} clips x {args.budget.frames} frames, "
+                 f"{args.budget.size[0]}x{args.budget.size[1]}, held-out SyntheticMatting "
+                 f"({args.eval_clips} clips x {args.eval_frames} frames)")
         plot(results, zero, pathlib.Path(args.plot), title)
     return 0
 
