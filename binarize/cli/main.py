@@ -106,26 +106,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError as exc:
         print(f"binarize {command}: error: out of memory{': ' + _one_line(exc) if str(exc) else ''}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"binarize {command}: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"binarize {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # A signal lands between any two bytecodes: cleanup code it interrupts (a lock released
-        # twice, a half-opened file) can raise an error of its own, which is then a consequence of
-        # the interrupt, not a failure of the run.
+    except (KeyboardInterrupt, Exception) as exc:
+        # Ctrl-C (130) or SIGTERM (143). A signal lands between any two bytecodes, so cleanup code it
+        # interrupts (a thread half started, a half-opened file) can raise an error of its own: that
+        # error is the signal's consequence, not a failure of the run. Any other error propagates.
         interrupt = _interrupt_behind(exc)
         if interrupt is None:
             raise
-        print(f"binarize {command}: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}",
-              file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
-
+        terminated = isinstance(interrupt, Terminated)
+        print(f"binarize {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 def _interrupt_behind(exc: BaseException) -> Optional[KeyboardInterrupt]:
-    """The Ctrl-C or SIGTERM that ``exc`` was raised while handling, if any (``__context__`` chain)."""
+    """``exc`` itself when it is Ctrl-C or SIGTERM, else the one it was raised while handling, if any
+    (the ``__cause__``/``__context__`` chain)."""
     seen = set()
     link: Optional[BaseException] = exc
     while link is not None and id(link) not in seen:
