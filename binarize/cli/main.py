@@ -117,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"binarize {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
 
+
 def _interrupt_behind(exc: BaseException) -> Optional[KeyboardInterrupt]:
     """``exc`` itself when it is Ctrl-C or SIGTERM, else the one it was raised while handling, if any
     (the ``__cause__``/``__context__`` chain)."""
