@@ -147,6 +147,57 @@ def test_matting_loss_shape_errors():
         losses.matting_loss(fgr, pha, fgr[:, :, :, :8], pha[:, :, :, :8])
 
 
+def np_transition_band(pha: np.ndarray, radius: int) -> np.ndarray:
+    """pha: [N, H, W]; 1 where a window of side 2*radius+1 holds a value > 0 and one < 1."""
+    size = (1, 2 * radius + 1, 2 * radius + 1)
+    above0 = ndimage.maximum_filter((pha > 0).astype(float), size=size, mode="constant")
+    below1 = ndimage.maximum_filter((pha < 1).astype(float), size=size, mode="constant")
+    return above0 * below1
+
+
+@settings(max_examples=20, deadline=None)
+@given(radius=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_transition_band_matches_dilation(radius, seed):
+    g = torch.Generator().manual_seed(seed)
+    pha = (torch.rand(2, 3, 1, 12, 17, generator=g) * 3 - 1).clamp(0, 1)  # many exact 0s and 1s
+    band = losses.transition_band(pha, radius)
+    assert band.shape == pha.shape
+    ref = np_transition_band(pha.reshape(-1, 12, 17).numpy(), radius)
+    np.testing.assert_array_equal(band.reshape(-1, 12, 17).numpy(), ref)
+
+
+def test_transition_band_of_a_hard_square_is_its_outline():
+    pha = torch.zeros(1, 1, 1, 9, 9)
+    pha[..., 3:6, 3:6] = 1.0
+    assert losses.transition_band(pha, 0).sum() == 0  # no partial alpha
+    band = losses.transition_band(pha, 1)[0, 0, 0]
+    ring = torch.zeros(9, 9)
+    ring[2:7, 2:7] = 1
+    ring[4, 4] = 0  # the square's centre: every neighbour is 1
+    assert torch.equal(band, ring)
+    with pytest.raises(ValueError, match="radius"):
+        losses.transition_band(pha, -1)
+
+
+def test_edge_term_is_band_mean_l1_times_weight():
+    pred_fgr, pred_pha, true_fgr, true_pha = (x.double() for x in random_clip(h=16, w=20))
+    true_pha = (true_pha * 2 - 0.5).clamp(0, 1)  # exact 0s and 1s, so the band is not everything
+    plain = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2)
+    assert "pha_edge_l1" not in plain  # edge_weight=0 is the official loss
+    terms = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, edge_weight=0.7, edge_radius=1)
+    band = np_transition_band(true_pha.numpy().reshape(-1, 16, 20), 1).reshape(true_pha.shape)
+    assert 0 < band.mean() < 1
+    err = np.abs(pred_pha.numpy() - true_pha.numpy())
+    assert float(terms["pha_edge_l1"]) == pytest.approx(0.7 * (err * band).sum() / band.sum(), rel=1e-10)
+    assert float(terms["total"]) == pytest.approx(float(plain["total"]) + float(terms["pha_edge_l1"]), rel=1e-10)
+    # a clip with no edges at all (all background) adds zero, not NaN
+    zeros = torch.zeros_like(true_pha)
+    empty = losses.matting_loss(pred_fgr, pred_pha, true_fgr, zeros, 2, edge_weight=1.0, edge_radius=2)
+    assert float(empty["pha_edge_l1"]) == 0.0
+    with pytest.raises(ValueError, match="edge_weight"):
+        losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, edge_weight=-1.0)
+
+
 def test_aux_loss_uses_downsampled_truth_and_quarter_weight():
     pred_fgr, pred_pha, true_fgr, true_pha = (x.double() for x in random_clip(h=16, w=24))
     small_fgr, small_pha = pred_fgr[..., :8, :12].clone(), pred_pha[..., :8, :12].clone()

@@ -122,6 +122,8 @@ def test_official_recipe_values():
         (lambda c: c["run"].update(bogus=1), "unknown key run.'bogus'"),
         (lambda c: c["run"].update(amp="fp8"), "run.amp must be one of"),
         (lambda c: c["schedule"].update(epoch_end=0), "epoch_end must be an integer greater"),
+        (lambda c: c.setdefault("loss", {}).update(edge_weight=-0.5), "loss.edge_weight must be a number >= 0"),
+        (lambda c: c.setdefault("loss", {}).update(edge_radius=1.5), "loss.edge_radius must be an integer >= 0"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, mutate, message):
@@ -368,6 +370,22 @@ def test_segmentation_pass_trains_the_segmentation_head(tmp_path):
     assert torch.isfinite(torch.tensor(scalars["seg_image/loss"]))
     assert not torch.equal(trainer.model.project_seg.weight, head_before)
     assert torch.equal(trainer.model.project_mat.weight, mat_before)
+
+
+def test_edge_weight_adds_the_band_term_to_the_trained_loss(tmp_path):
+    """loss.edge_weight reaches the trainer: the logged total carries losses.matting_loss's
+    ``pha_edge_l1`` term, computed on the clip's ground truth."""
+    from binarize.matting.data import SyntheticMatting
+
+    cfg = tiny_config(tmp_path)
+    cfg["loss"].update(edge_weight=2.0, edge_radius=1)
+    trainer = train_mod.Trainer(cfg)
+    batch = [torch.stack(t) for t in zip(*SyntheticMatting(clips=1, frames=2, size=(64, 64), seed=5))]
+    scalars = trainer.train_matting(batch, 1.0, "lr")
+    assert scalars["train_lr/pha_edge_l1"] > 0
+    parts = [v for k, v in scalars.items() if k.startswith("train_lr/") and k not in ("train_lr/total",
+                                                                                       "train_lr/aux_total")]
+    assert scalars["train_lr/total"] == pytest.approx(sum(parts) + scalars.get("train_lr/aux_total", 0.0), rel=1e-5)
 
 
 @pytest.mark.parametrize("ste", [False, True])

@@ -25,6 +25,7 @@ __all__ = [
     "gauss_kernel",
     "laplacian_pyramid",
     "laplacian_loss",
+    "transition_band",
     "matting_loss",
     "aux_matting_loss",
     "segmentation_loss",
@@ -116,15 +117,48 @@ def _coherence(pred: Tensor, true: Tensor) -> Tensor:
     return F.mse_loss(pred[:, 1:] - pred[:, :-1], true[:, 1:] - true[:, :-1])
 
 
+def transition_band(true_pha: Tensor, radius: int = 1) -> Tensor:
+    """The trimap's unknown region of a ground-truth alpha, as a 0/1 mask of its shape.
+
+    A pixel is in the band when some pixel within ``radius`` (a square window) is above 0 and some
+    pixel within ``radius`` is below 1: partial alpha (hair, soft edges) and the hard edges of the
+    subject, grown by ``radius`` pixels on each side. ``radius=0`` keeps only ``0 < alpha < 1``.
+    Works on any ``[..., H, W]`` tensor.
+    """
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    images = true_pha.detach().reshape(-1, 1, *true_pha.shape[-2:])
+    above0, below1 = (images > 0).to(images.dtype), (images < 1).to(images.dtype)
+    if radius:
+        k = 2 * radius + 1
+        above0 = F.max_pool2d(above0, k, stride=1, padding=radius)
+        below1 = F.max_pool2d(below1, k, stride=1, padding=radius)
+    return (above0 * below1).reshape(true_pha.shape)
+
+
 def matting_loss(
-    pred_fgr: Tensor, pred_pha: Tensor, true_fgr: Tensor, true_pha: Tensor, laplacian_levels: int = 5
+    pred_fgr: Tensor,
+    pred_pha: Tensor,
+    true_fgr: Tensor,
+    true_pha: Tensor,
+    laplacian_levels: int = 5,
+    edge_weight: float = 0.0,
+    edge_radius: int = 1,
 ) -> Dict[str, Tensor]:
     """The official RVM / BiMatting matting loss; returns its terms and their sum under ``"total"``.
 
     alpha: ``L1 + Laplacian(levels) + 5 * coherence``; foreground, only where ``true_pha > 0``
     (both foregrounds multiplied by that mask): ``L1 + 5 * coherence``. A clip with a single frame
     has zero coherence terms.
+
+    ``edge_weight > 0`` adds ``pha_edge_l1``: ``edge_weight`` times the alpha L1 *averaged over the
+    transition band only* (:func:`transition_band` of ``true_pha`` with ``edge_radius``; zero when
+    the band is empty). The plain L1 is a mean over every pixel, so a subject's edges and hair, a
+    few percent of the frame, weigh little in it; this term weighs them as if they were the whole
+    frame. It is our addition, not part of the official loss (which ``edge_weight=0`` is).
     """
+    if edge_weight < 0:
+        raise ValueError(f"edge_weight must be >= 0, got {edge_weight}")
     _check_video("pred_fgr", pred_fgr, 3)
     _check_video("true_fgr", true_fgr, 3)
     _check_video("pred_pha", pred_pha, 1)
@@ -138,6 +172,9 @@ def matting_loss(
     terms["pha_l1"] = F.l1_loss(pred_pha, true_pha)
     terms["pha_laplacian"] = laplacian_loss(pred_pha.flatten(0, 1), true_pha.flatten(0, 1), laplacian_levels)
     terms["pha_coherence"] = _coherence(pred_pha, true_pha) * COHERENCE_WEIGHT
+    if edge_weight > 0:
+        band = transition_band(true_pha, edge_radius).to(pred_pha.dtype)
+        terms["pha_edge_l1"] = (pred_pha - true_pha).abs().mul(band).sum() / band.sum().clamp_min(1) * edge_weight
     mask = (true_pha > 0).to(pred_fgr.dtype)
     masked_pred, masked_true = pred_fgr * mask, true_fgr * mask
     terms["fgr_l1"] = F.l1_loss(masked_pred, masked_true)

@@ -628,7 +628,9 @@ class Trainer:
                 out[1] = self._straight_through(out[1])
                 if self.use_aux:
                     out[3] = self._straight_through(out[3])
-            terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha)
+            terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha,
+                                        edge_weight=float(self.cfg["loss"]["edge_weight"]),
+                                        edge_radius=int(self.cfg["loss"]["edge_radius"]))
             total = terms["total"]
             if self.use_aux:
                 aux = losses.aux_matting_loss(out[2].float(), out[3].float(), true_fgr, true_pha,

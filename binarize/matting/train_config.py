@@ -83,6 +83,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "aux": True,  # BiMatting's 1/16 auxiliary loss (models that return it with return_aux=True)
         "aux_weight": 0.25,
         "alpha_ste": False,  # straight-through gradient for the final alpha clamp (training from scratch)
+        "edge_weight": 0.0,  # extra alpha L1 averaged over the transition band (0: the official loss)
+        "edge_radius": 1,  # pixels the band grows on each side of the edge (losses.transition_band)
     },
     "distill": {
         "teacher": None,  # e.g. rvm_mobilenetv3; --distill-from on the command line
@@ -241,6 +243,11 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
         _check(_is_int(run[key]) and run[key] >= 1, source, f"run.{key} must be a positive integer")
     _check(run["max_steps"] is None or _is_int(run["max_steps"]), source, "run.max_steps must be an integer")
     _check(run["amp"] in AMP_MODES, source, f"run.amp must be one of {', '.join(AMP_MODES)}")
+    loss = cfg["loss"]
+    _check(isinstance(loss["edge_weight"], (int, float)) and not isinstance(loss["edge_weight"], bool)
+           and loss["edge_weight"] >= 0, source, "loss.edge_weight must be a number >= 0")
+    _check(_is_int(loss["edge_radius"]) and loss["edge_radius"] >= 0, source,
+           "loss.edge_radius must be an integer >= 0")
     _check(optim["scheduler"] in SCHEDULERS, source, f"optim.scheduler must be one of {', '.join(SCHEDULERS)}")
     _check(_is_int(optim["warmup_steps"]) and optim["warmup_steps"] >= 0, source,
            "optim.warmup_steps must be an integer >= 0")
