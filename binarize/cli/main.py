@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 # subcommands, each a module of this package with the same name
-SUBCOMMANDS = ("demo", "profile", "matte", "evaluate", "train", "data")
+SUBCOMMANDS = ("demo", "profile", "matte", "evaluate", "train", "average", "data")
 
 
 class CLIError(Exception):
