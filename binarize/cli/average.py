@@ -51,8 +51,9 @@ def _check_arguments(args: argparse.Namespace) -> List[pathlib.Path]:
     if args.bn_batches < 0:
         raise ValueError(f"--bn-batches must be >= 0, got {args.bn_batches}")
     out = pathlib.Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a folder")
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output-dir {out}: {folder} exists and is not a folder")
     if args.config:
         from binarize.matting.train_config import resolve_config_path
 
