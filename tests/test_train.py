@@ -124,6 +124,8 @@ def test_official_recipe_values():
         (lambda c: c["schedule"].update(epoch_end=0), "epoch_end must be an integer greater"),
         (lambda c: c.setdefault("loss", {}).update(edge_weight=-0.5), "loss.edge_weight must be a number >= 0"),
         (lambda c: c.setdefault("loss", {}).update(edge_radius=1.5), "loss.edge_radius must be an integer >= 0"),
+        (lambda c: c.setdefault("distill", {}).update(teacher_precision="fp16"),
+         "distill.teacher_precision must be one of"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, mutate, message):
@@ -461,6 +463,35 @@ def test_distillation_from_a_full_precision_teacher(tmp_path, localized):
                       "localized": localized, "weight": 1.0}
     out = train_mod.train(validate_config(cfg))
     rows = [r for r in csv.DictReader(open(out / "scalars.csv")) if r["name"].endswith("/distill")]
+    assert rows and all(0 < float(r["value"]) < float("inf") for r in rows)
+
+
+def test_full_precision_teacher_of_the_students_own_architecture(tmp_path):
+    """``distill.teacher_precision: float``: a BiMatting trained with ``model.precision: float``
+    teaches the binary BiMatting; the teacher runs as the float network it was trained as."""
+    from binarize.matting.train_state import save_atomic
+    from binarize.models import create_model
+    from binarize.ops.binarizers import Identity
+
+    float_net = create_model("bimatting")
+    assert train_mod.set_precision(float_net, "float") > 0
+    with torch.no_grad():
+        for p in float_net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = save_atomic({"format": train_mod.CHECKPOINT_FORMAT, "model": float_net.state_dict()}, tmp_path / "t.pt")
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg["model"] = {**cfg["model"], "name": "bimatting"}
+    cfg["distill"] = {**cfg["distill"], "teacher": "bimatting", "teacher_checkpoint": str(path),
+                      "teacher_precision": "float"}
+    trainer = train_mod.Trainer(validate_config(cfg))
+    layers = [m for m in trainer.teacher.modules() if hasattr(m, "input_binarizer")]
+    assert layers and all(isinstance(m.input_binarizer, Identity) and isinstance(m.weight_binarizer, Identity)
+                          for m in layers)
+    src = torch.rand(1, 2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.teacher(src)[1], float_net.eval()(src)[1])
+    trainer.fit()
+    rows = [r for r in csv.DictReader(open(trainer.output_dir / "scalars.csv")) if r["name"].endswith("/distill")]
     assert rows and all(0 < float(r["value"]) < float("inf") for r in rows)
 
 

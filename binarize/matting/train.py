@@ -469,7 +469,9 @@ class Trainer:
             return
         if not dcfg["teacher_checkpoint"]:
             raise ValueError("distillation needs a trained teacher: set --teacher-checkpoint (distill.teacher_checkpoint)")
-        teacher = build_model(dcfg["teacher"], dcfg["teacher_kwargs"], dcfg["teacher_checkpoint"])
+        teacher = build_model(dcfg["teacher"], dcfg["teacher_kwargs"])
+        set_precision(teacher, dcfg["teacher_precision"])  # before loading: binarizer state may differ
+        _load_weights(teacher, dcfg["teacher_checkpoint"])
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.student_features = losses.FeatureRecorder(self.model, dcfg["student_layers"])
         self.teacher_features = losses.FeatureRecorder(self.teacher, dcfg["teacher_layers"])

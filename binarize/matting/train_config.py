@@ -90,6 +90,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "teacher": None,  # e.g. rvm_mobilenetv3; --distill-from on the command line
         "teacher_kwargs": {},
         "teacher_checkpoint": None,
+        # the teacher's level of binarization (as model.precision): float for a full-precision
+        # teacher of the student's own architecture, trained with model.precision: float
+        "teacher_precision": "binary",
         "weight": 1.0,
         "localized": True,  # restrict mimicking to binarize.ops.incoherent_mask(true alpha) (BiVM)
         "student_layers": ["decoder.decode4", "decoder.decode3", "decoder.decode2", "decoder.decode1"],
@@ -253,6 +256,9 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
            "optim.warmup_steps must be an integer >= 0")
     _check(cfg["model"]["precision"] in PRECISIONS, source,
            f"model.precision must be one of {', '.join(PRECISIONS)}, got {cfg['model']['precision']!r}")
+    _check(cfg["distill"]["teacher_precision"] in PRECISIONS, source,
+           f"distill.teacher_precision must be one of {', '.join(PRECISIONS)}, "
+           f"got {cfg['distill']['teacher_precision']!r}")
     _check(isinstance(optim["groups"], dict), source, "optim.groups must map group names to module lists")
     _check(isinstance(optim["lr"], dict), source, "optim.lr must map parameter groups to learning rates")
     missing_lr = sorted(set(optim["groups"]) - set(optim["lr"]))
