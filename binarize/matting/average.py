@@ -26,8 +26,7 @@ from binarize.matting.train import (
     _load_across_precisions,
     build_matting_dataset,
     build_model,
-    random_crop,
-    random_window,
+    crop_for_training,
     set_precision,
 )
 from binarize.matting.train_config import load_config, validate_config
@@ -102,10 +101,7 @@ def calibration_batches(config: Dict[str, Any], count: int, seed: int = 0) -> It
     for b in range(count):
         items = [dataset[order[(b * batch + i) % len(order)]] for i in range(batch)]
         fgr, pha, bgr = (torch.stack([item[k] for item in items]) for k in range(3))
-        if data["crop"]:
-            fgr, pha, bgr = random_window(data["crop"], fgr, pha, bgr)
-        elif data["random_crop"]:
-            fgr, pha, bgr = random_crop(fgr, pha, bgr)
+        fgr, pha, bgr = crop_for_training(data, fgr, pha, bgr)
         yield fgr * pha + bgr * (1 - pha)
 
 

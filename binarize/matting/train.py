@@ -233,6 +233,16 @@ def random_crop(*clips: Tensor) -> List[Tensor]:
 # ----------------------------------------------------------------------------- distributed set-up
 
 
+def crop_for_training(data_cfg: Dict[str, Any], *clips: Tensor) -> List[Tensor]:
+    """The same crop of every clip, as the training passes take it: ``data.crop`` (a window at
+    full scale), else RVM's ``random_crop`` when ``data.random_crop``, else the whole frames."""
+    if data_cfg["crop"]:
+        return random_window(data_cfg["crop"], *clips)
+    if data_cfg["random_crop"]:
+        return random_crop(*clips)
+    return list(clips)
+
+
 def _dist_env() -> Tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -610,11 +620,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _crop(self, *clips: Tensor) -> List[Tensor]:
-        if self.cfg["data"]["crop"]:
-            return random_window(self.cfg["data"]["crop"], *clips)
-        if self.cfg["data"]["random_crop"]:
-            return random_crop(*clips)
-        return list(clips)
+        return crop_for_training(self.cfg["data"], *clips)
 
     def train_matting(self, batch: Sequence[Tensor], ratio: float, tag: str) -> Dict[str, float]:
         """One matting pass (forward, losses, optimizer step); returns the scalars to log."""
