@@ -27,7 +27,6 @@ from binarize.matting.train import (
     build_matting_dataset,
     build_model,
     crop_for_training,
-    set_precision,
 )
 from binarize.matting.train_config import load_config, validate_config
 from binarize.matting.train_state import load_checkpoint_file, seed_everything
@@ -144,8 +143,7 @@ def average_checkpoints(
         cfg = config
     else:
         cfg = load_config(config)
-    model = build_model(cfg["model"]["name"], cfg["model"]["kwargs"])
-    set_precision(model, cfg["model"]["precision"])
+    model = build_model(cfg["model"]["name"], cfg["model"]["kwargs"], precision=cfg["model"]["precision"])
     _load_across_precisions(model, average_state_dicts([data["model"] for data in checkpoints]))
     if bn_batches:
         if getattr(model, "takes_background", False):

@@ -57,8 +57,10 @@ LAST_CHECKPOINT = "last.pt"
 # ----------------------------------------------------------------------------- building blocks
 
 
-def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: Optional[str] = None) -> nn.Module:
-    """A model from the registry (``create_model``) or from ``"package.module:factory"``."""
+def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: Optional[str] = None,
+                precision: Optional[str] = None) -> nn.Module:
+    """A model from the registry (``create_model``) or from ``"package.module:factory"``, at
+    ``precision`` (``set_precision``, applied before ``checkpoint`` is loaded) when given."""
     kwargs = dict(kwargs or {})
     if ":" in name:
         module_name, attr = name.split(":", 1)
@@ -68,12 +70,12 @@ def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: 
             raise ValueError(f"cannot import model factory {name!r}") from None
         model = factory(**kwargs)
         model.model_name, model.model_kwargs = name, kwargs
-        if checkpoint is not None:
-            _load_weights(model, checkpoint)
-        return model
-    from binarize.models import create_model
+    else:
+        from binarize.models import create_model
 
-    model = create_model(name, **kwargs)
+        model = create_model(name, **kwargs)
+    if precision is not None:
+        set_precision(model, precision)
     if checkpoint is not None:
         _load_weights(model, checkpoint)
     return model
@@ -479,9 +481,8 @@ class Trainer:
             return
         if not dcfg["teacher_checkpoint"]:
             raise ValueError("distillation needs a trained teacher: set --teacher-checkpoint (distill.teacher_checkpoint)")
-        teacher = build_model(dcfg["teacher"], dcfg["teacher_kwargs"])
-        set_precision(teacher, dcfg["teacher_precision"])  # before loading: binarizer state may differ
-        _load_weights(teacher, dcfg["teacher_checkpoint"])
+        teacher = build_model(dcfg["teacher"], dcfg["teacher_kwargs"], dcfg["teacher_checkpoint"],
+                              precision=dcfg["teacher_precision"])
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.student_features = losses.FeatureRecorder(self.model, dcfg["student_layers"])
         self.teacher_features = losses.FeatureRecorder(self.teacher, dcfg["teacher_layers"])
