@@ -254,11 +254,9 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
     _check(optim["scheduler"] in SCHEDULERS, source, f"optim.scheduler must be one of {', '.join(SCHEDULERS)}")
     _check(_is_int(optim["warmup_steps"]) and optim["warmup_steps"] >= 0, source,
            "optim.warmup_steps must be an integer >= 0")
-    _check(cfg["model"]["precision"] in PRECISIONS, source,
-           f"model.precision must be one of {', '.join(PRECISIONS)}, got {cfg['model']['precision']!r}")
-    _check(cfg["distill"]["teacher_precision"] in PRECISIONS, source,
-           f"distill.teacher_precision must be one of {', '.join(PRECISIONS)}, "
-           f"got {cfg['distill']['teacher_precision']!r}")
+    for section, key in (("model", "precision"), ("distill", "teacher_precision")):
+        _check(cfg[section][key] in PRECISIONS, source,
+               f"{section}.{key} must be one of {', '.join(PRECISIONS)}, got {cfg[section][key]!r}")
     _check(isinstance(optim["groups"], dict), source, "optim.groups must map group names to module lists")
     _check(isinstance(optim["lr"], dict), source, "optim.lr must map parameter groups to learning rates")
     missing_lr = sorted(set(optim["groups"]) - set(optim["lr"]))
