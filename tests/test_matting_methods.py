@@ -73,3 +73,27 @@ def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
     (out / "bimatting.json").write_text(json.dumps({**result, "pha_mad": -1.0}))
     assert bench.main(argv + ["--resume"]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["results"][0]["pha_mad"] == -1.0
+
+
+def test_a_second_held_out_set_is_scored_from_the_checkpoint_once(bench, tmp_path):
+    """--second-eval-seed scores a finished model again on other clips, from its phase-2 checkpoint,
+    stores it with the model's result and the all-zero reference with the JSON, and keeps it on
+    --resume; the same seed as --eval-seed is refused."""
+    out = tmp_path / "out"
+    argv = ["--models", "bimatting", "--steps", "2", "--size", "64x64", "--frames", "2", "--clips-per-step", "1",
+            "--eval-clips", "1", "--eval-frames", "2", "--out", str(out), "--json", str(tmp_path / "all.json")]
+    assert bench.main(argv) == 0
+    assert "second_eval" not in json.loads((out / "bimatting.json").read_text())
+    assert bench.main(argv + ["--resume", "--second-eval-seed", "3"]) == 0
+    result = json.loads((out / "bimatting.json").read_text())
+    second = result["second_eval"]
+    assert second["seed"] == 3 and len(second["pha_mad_by_frame"]) == 2 and set(bench.METRIC_NAMES) <= set(second)
+    assert second["pha_mad"] != result["pha_mad"]  # other clips, other score
+    clips = bench.eval_clips(bench.Budget(size=(64, 64)), clips=1, frames=2, seed=3)
+    zero = json.loads((tmp_path / "all.json").read_text())["second_eval"]
+    assert zero["seed"] == 3 and zero["all_zero"]["pha_mad"] == pytest.approx(1e3 * float(clips[0][1].mean()), rel=1e-4)
+    (out / "bimatting.json").write_text(json.dumps({**result, "second_eval": {**second, "pha_mad": -1.0}}))
+    assert bench.main(argv + ["--resume", "--second-eval-seed", "3"]) == 0
+    assert json.loads((out / "bimatting.json").read_text())["second_eval"]["pha_mad"] == -1.0
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--second-eval-seed", "1"])
