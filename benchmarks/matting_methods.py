@@ -270,6 +270,26 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def label_heights(results: Sequence[Dict[str, Any]], zero_mad: float, gap: float = 0.045) -> List[float]:
+    """Heights of the plot's labels: each at its point's MAD, except that the labels of points at
+    (nearly) the same OPs, as the converted RVMs all are, are pushed apart to ``gap`` of the MAD
+    range, in MAD order, so none overlaps another."""
+    mads = [r["pha_mad"] for r in results] + [zero_mad]
+    step = gap * (max(mads) - min(mads) or 1.0)
+    heights = [r["pha_mad"] for r in results]
+    columns: List[List[int]] = []
+    for i in sorted(range(len(results)), key=lambda k: results[k]["ops"]):
+        if columns and results[i]["ops"] <= 1.1 * results[columns[-1][0]]["ops"]:
+            columns[-1].append(i)
+        else:
+            columns.append([i])
+    for column in columns:
+        order = sorted(column, key=lambda k: heights[k])
+        for below, above in zip(order, order[1:]):
+            heights[above] = max(heights[above], heights[below] + step)
+    return heights
+
+
 def plot(results: Sequence[Dict[str, Any]], zero: Dict[str, Any], path: pathlib.Path, title: str) -> None:
     """MAD against OPs (log scale), one point per model, the all-zero alpha as a dashed line."""
     import matplotlib
@@ -281,7 +301,10 @@ def plot(results: Sequence[Dict[str, Any]], zero: Dict[str, Any], path: pathlib.
     for r in results:
         colour = "tab:red" if r["model"] == "bimatting" else ("tab:green" if not r["binary"] else "tab:blue")
         ax.scatter(r["ops"] / 1e9, r["pha_mad"], color=colour, zorder=3)
-        ax.annotate(r["label"], (r["ops"] / 1e9, r["pha_mad"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    for r, label_y in zip(results, label_heights(results, zero["pha_mad"])):
+        ax.annotate(r["label"], (r["ops"] / 1e9, r["pha_mad"]), xytext=(r["ops"] / 1e9 * 1.12, label_y),
+                    fontsize=8, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3})
     ax.axhline(zero["pha_mad"], color="grey", linestyle="--", linewidth=1, label="all-zero alpha")
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter

@@ -56,6 +56,16 @@ def test_scores_and_table(bench):
     assert by_frame[0] == 0.0 and by_frame[1:] == pytest.approx(1e3 * true[1:].mean(axis=(1, 2)), abs=0.01)
 
 
+def test_plot_labels_at_the_same_ops_do_not_overlap(bench):
+    """Labels of models at the same OPs are spread to at least the gap apart, in MAD order; a
+    model alone at its OPs keeps its label at its own MAD."""
+    results = [{"ops": 1.6e7, "pha_mad": mad} for mad in (50.0, 49.0, 51.0, 300.0)] + [{"ops": 3.7e7, "pha_mad": 49.5}]
+    heights = bench.label_heights(results, zero_mad=125.0, gap=0.05)
+    step = 0.05 * (300.0 - 49.0)
+    assert heights[1] == 49.0 and heights[0] == pytest.approx(49.0 + step) and heights[2] == pytest.approx(49.0 + 2 * step)
+    assert heights[3] == 300.0 and heights[4] == 49.5
+
+
 def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
     """Two steps of BiMatting at 64x64: the result file carries the metrics and costs, and --resume
     reads it back instead of training again."""
