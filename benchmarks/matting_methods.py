@@ -206,6 +206,12 @@ def mad_by_frame(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, 
     return [round(float(v), 2) for v in np.mean(per_clip, axis=0)]
 
 
+def score_model(model: nn.Module, clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
+    """The model's metrics on ``clips`` (``score_clips``) and its MAD by frame index (``mad_by_frame``)."""
+    preds = [predict(model, src) for src, _ in clips]
+    return {**score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips)}
+
+
 def costs(model: nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
     """OPs (dense and with measured mask sparsity, one frame at ``size``) and storage (bytes, 1 bit
     per binary weight) from ``binarize.profile``."""
@@ -228,10 +234,8 @@ def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.nda
     torch.manual_seed(budget.seed)
     model, seconds = train_model(spec, budget, run_dir, resume)
     start = time.perf_counter()
-    preds = [predict(model, src) for src, _ in clips]
-    scores = score_clips(preds, clips)
+    scores = score_model(model, clips)
     result = {"model": key, "label": spec.label or key, "binary": spec.binary, **scores,
-              "pha_mad_by_frame": mad_by_frame(preds, clips),
               **costs(model, budget.size), "train_s": seconds, "eval_s": time.perf_counter() - start,
               "steps": budget.steps}
     (out / f"{key}.json").write_text(json.dumps(result, indent=1))
@@ -245,8 +249,7 @@ def score_second_set(key: str, out: pathlib.Path, clips: Sequence[Tuple[np.ndarr
     clips ranks close models differently from another."""
     spec = MODELS[key]
     model = build_model(spec.name, spec.kwargs, str(out / "runs" / key / "phase2" / "last.pt")).eval()
-    preds = [predict(model, src) for src, _ in clips]
-    return {"seed": seed, **score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips)}
+    return {"seed": seed, **score_model(model, clips)}
 
 
 def zero_reference(clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
