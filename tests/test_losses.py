@@ -198,6 +198,28 @@ def test_edge_term_is_band_mean_l1_times_weight():
         losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, edge_weight=-1.0)
 
 
+def test_alpha_laplacian_and_coherence_weights_scale_their_terms_only():
+    """loss.laplacian_weight / loss.coherence_weight: the alpha's two terms scale linearly (the
+    defaults are the official 1 and 5); L1 and the foreground's terms do not move."""
+    pred_fgr, pred_pha, true_fgr, true_pha = (x.double() for x in random_clip(h=16, w=20))
+    official = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2)
+    same = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, laplacian_weight=1.0,
+                               coherence_weight=losses.COHERENCE_WEIGHT)
+    assert all(float(same[k]) == float(official[k]) for k in official)
+    terms = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, laplacian_weight=0.25, coherence_weight=1.0)
+    assert float(terms["pha_laplacian"]) == pytest.approx(0.25 * float(official["pha_laplacian"]), rel=1e-12)
+    assert float(terms["pha_coherence"]) == pytest.approx(float(official["pha_coherence"]) / 5, rel=1e-12)
+    for key in ("pha_l1", "fgr_l1", "fgr_coherence"):
+        assert float(terms[key]) == float(official[key])
+    parts = sum(float(v) for k, v in terms.items() if k != "total")
+    assert float(terms["total"]) == pytest.approx(parts, rel=1e-12)
+    zero = losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, laplacian_weight=0, coherence_weight=0)
+    assert float(zero["pha_laplacian"]) == 0 and float(zero["pha_coherence"]) == 0
+    for name in ("laplacian_weight", "coherence_weight"):
+        with pytest.raises(ValueError, match=name):
+            losses.matting_loss(pred_fgr, pred_pha, true_fgr, true_pha, 2, **{name: -0.1})
+
+
 def test_aux_loss_uses_downsampled_truth_and_quarter_weight():
     pred_fgr, pred_pha, true_fgr, true_pha = (x.double() for x in random_clip(h=16, w=24))
     small_fgr, small_pha = pred_fgr[..., :8, :12].clone(), pred_pha[..., :8, :12].clone()

@@ -124,6 +124,10 @@ def test_official_recipe_values():
         (lambda c: c["schedule"].update(epoch_end=0), "epoch_end must be an integer greater"),
         (lambda c: c.setdefault("loss", {}).update(edge_weight=-0.5), "loss.edge_weight must be a number >= 0"),
         (lambda c: c.setdefault("loss", {}).update(edge_radius=1.5), "loss.edge_radius must be an integer >= 0"),
+        (lambda c: c.setdefault("loss", {}).update(laplacian_weight=-1), "loss.laplacian_weight must be a number >= 0"),
+        (lambda c: c.setdefault("loss", {}).update(coherence_weight="5"), "loss.coherence_weight must be a number >= 0"),
+        (lambda c: c["optim"].update(freeze_batchnorm="yes"), "optim.freeze_batchnorm must be true or false"),
+        (lambda c: c["optim"].update(freeze_binary_weights=1), "optim.freeze_binary_weights must be true or false"),
         (lambda c: c.setdefault("distill", {}).update(teacher_precision="fp16"),
          "distill.teacher_precision must be one of"),
     ],
@@ -388,6 +392,76 @@ def test_edge_weight_adds_the_band_term_to_the_trained_loss(tmp_path):
     parts = [v for k, v in scalars.items() if k.startswith("train_lr/") and k not in ("train_lr/total",
                                                                                        "train_lr/aux_total")]
     assert scalars["train_lr/total"] == pytest.approx(sum(parts) + scalars.get("train_lr/aux_total", 0.0), rel=1e-5)
+
+
+class TinyBinaryMatting(TinyMatting):
+    """TinyMatting whose decoder conv is a binary layer (weights and activations 1-bit)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__(width)
+        from binarize.nn import BinaryConv2d
+
+        self.decoder["decode1"] = BinaryConv2d(width, width, 3, padding=1, method="reactnet")
+
+
+def test_loss_weights_reach_the_trained_loss(tmp_path):
+    """loss.laplacian_weight / loss.coherence_weight are what the trainer's logged terms use."""
+    from binarize.matting.data import SyntheticMatting
+
+    batch = [torch.stack(t) for t in zip(*SyntheticMatting(clips=1, frames=3, size=(64, 64), seed=5))]
+    logged = {}
+    for lap, coh in ((1.0, 5.0), (0.5, 1.0)):
+        cfg = tiny_config(tmp_path)
+        cfg["loss"].update(laplacian_weight=lap, coherence_weight=coh)
+        torch.manual_seed(0)
+        logged[lap] = train_mod.Trainer(cfg).train_matting(batch, 1.0, "lr")
+    official, light = logged[1.0], logged[0.5]
+    assert light["train_lr/pha_laplacian"] == pytest.approx(0.5 * official["train_lr/pha_laplacian"], rel=1e-5)
+    assert light["train_lr/pha_coherence"] == pytest.approx(official["train_lr/pha_coherence"] / 5, rel=1e-5)
+    assert light["train_lr/pha_l1"] == pytest.approx(official["train_lr/pha_l1"], rel=1e-6)
+
+
+def test_frozen_binary_weights_and_batchnorm_train_only_what_inference_keeps(tmp_path):
+    """optim.freeze_binary_weights keeps the binary layers' weights bit for bit while the
+    full-precision ones learn; optim.freeze_batchnorm normalises with the running statistics in
+    training (the training forward pass is the eval one) and never updates them."""
+    from binarize.matting.data import SyntheticMatting
+
+    cfg = tiny_config(tmp_path)
+    cfg["optim"].update(freeze_binary_weights=True, freeze_batchnorm=True)
+    torch.manual_seed(0)
+    model = TinyBinaryMatting()
+    trainer = train_mod.Trainer(cfg, model=model)
+    binary = model.decoder["decode1"].weight.detach().clone()
+    bn = model.backbone[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    float_before = [p.detach().clone() for p in (model.aspp.weight, model.project_mat.weight, bn.weight)]
+    assert model.training and not bn.training
+    assert not model.decoder["decode1"].weight.requires_grad
+    src = torch.rand(1, 2, 3, 64, 64)
+    with torch.no_grad():
+        in_training = model(src)[1]
+        model.eval()
+        in_eval = model(src)[1]
+        model.train()
+        train_mod.freeze_batchnorm(model)
+    torch.testing.assert_close(in_training, in_eval, rtol=0, atol=0)
+    batch = [torch.stack(t) for t in zip(*SyntheticMatting(clips=2, frames=2, size=(64, 64), seed=5))]
+    for _ in range(3):
+        trainer.train_matting(batch, 1.0, "lr")
+    assert torch.equal(model.decoder["decode1"].weight, binary)
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2] and not bn.training
+    assert all(not torch.equal(p, q) for p, q in zip((model.aspp.weight, model.project_mat.weight, bn.weight),
+                                                      float_before))
+    # without the options, both move
+    torch.manual_seed(0)
+    plain = TinyBinaryMatting()
+    trainer = train_mod.Trainer(tiny_config(tmp_path / "plain"), model=plain)
+    before = plain.decoder["decode1"].weight.detach().clone()
+    trainer.train_matting(batch, 1.0, "lr")
+    assert not torch.equal(plain.decoder["decode1"].weight, before)
+    assert plain.backbone[1].training and int(plain.backbone[1].num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("ste", [False, True])

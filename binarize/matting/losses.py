@@ -144,6 +144,8 @@ def matting_loss(
     laplacian_levels: int = 5,
     edge_weight: float = 0.0,
     edge_radius: int = 1,
+    laplacian_weight: float = 1.0,
+    coherence_weight: float = COHERENCE_WEIGHT,
 ) -> Dict[str, Tensor]:
     """The official RVM / BiMatting matting loss; returns its terms and their sum under ``"total"``.
 
@@ -151,14 +153,22 @@ def matting_loss(
     (both foregrounds multiplied by that mask): ``L1 + 5 * coherence``. A clip with a single frame
     has zero coherence terms.
 
+    ``laplacian_weight`` and ``coherence_weight`` weigh the alpha's Laplacian and coherence terms
+    (the official 1 and 5 by default; the foreground's coherence keeps 5). They trade the alpha's
+    per-pixel error (MAD) against its sharpness and flicker: on a binary network whose features
+    are noisy, the official weights favour a damped, under-confident alpha (see docs/matting.md,
+    "Calibrating the output"), and lower weights in a last fine-tuning round buy MAD with dtSSD.
+
     ``edge_weight > 0`` adds ``pha_edge_l1``: ``edge_weight`` times the alpha L1 *averaged over the
     transition band only* (:func:`transition_band` of ``true_pha`` with ``edge_radius``; zero when
     the band is empty). The plain L1 is a mean over every pixel, so a subject's edges and hair, a
     few percent of the frame, weigh little in it; this term weighs them as if they were the whole
     frame. It is our addition, not part of the official loss (which ``edge_weight=0`` is).
     """
-    if edge_weight < 0:
-        raise ValueError(f"edge_weight must be >= 0, got {edge_weight}")
+    for name, weight in (("edge_weight", edge_weight), ("laplacian_weight", laplacian_weight),
+                         ("coherence_weight", coherence_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0, got {weight}")
     _check_video("pred_fgr", pred_fgr, 3)
     _check_video("true_fgr", true_fgr, 3)
     _check_video("pred_pha", pred_pha, 1)
@@ -170,8 +180,8 @@ def matting_loss(
         )
     terms: Dict[str, Tensor] = {}
     terms["pha_l1"] = F.l1_loss(pred_pha, true_pha)
-    terms["pha_laplacian"] = laplacian_loss(pred_pha.flatten(0, 1), true_pha.flatten(0, 1), laplacian_levels)
-    terms["pha_coherence"] = _coherence(pred_pha, true_pha) * COHERENCE_WEIGHT
+    terms["pha_laplacian"] = laplacian_loss(pred_pha.flatten(0, 1), true_pha.flatten(0, 1), laplacian_levels) * laplacian_weight
+    terms["pha_coherence"] = _coherence(pred_pha, true_pha) * coherence_weight
     if edge_weight > 0:
         band = transition_band(true_pha, edge_radius).to(pred_pha.dtype)
         terms["pha_edge_l1"] = (pred_pha - true_pha).abs().mul(band).sum() / band.sum().clamp_min(1) * edge_weight

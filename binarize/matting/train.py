@@ -47,7 +47,7 @@ from binarize.ops import clip_latent_weights
 
 __all__ = [
     "Trainer", "train", "build_model", "build_matting_dataset", "param_groups", "random_crop", "random_window",
-    "set_precision",
+    "set_precision", "freeze_binary_weights", "freeze_batchnorm",
 ]
 
 CHECKPOINT_FORMAT = "binarize-train-v1"
@@ -103,6 +103,32 @@ def set_precision(model: nn.Module, precision: str) -> int:
                 module.input_binarizer = Identity()
             changed += 1
     return changed
+
+
+def freeze_binary_weights(model: nn.Module) -> int:
+    """Stop the weights of ``model``'s binary layers from training (``requires_grad=False``); the
+    full-precision parameters (BatchNorm, PReLU, learnable shifts, full-precision convolutions,
+    heads) still train. Fine-tuning a compact checkpoint, whose binary weights are signs times a
+    per-channel scale with the latent magnitudes gone, this keeps the signs it was deployed with.
+    Returns the number of layers frozen."""
+    frozen = 0
+    for module in model.modules():
+        if hasattr(module, "weight_binarizer") and hasattr(module, "input_binarizer"):
+            module.weight.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer of ``model`` in eval mode, in place: training then normalises with
+    the running statistics, as inference does, and does not update them (the affine parameters
+    still train). Call after ``model.train()``; returns the number of layers."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            frozen += 1
+    return frozen
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
@@ -332,7 +358,11 @@ class Trainer:
             config["model"]["name"], config["model"]["kwargs"], None if resume_state else config["model"]["init"]
         )
         set_precision(self.model, config["model"]["precision"])
+        if config["optim"]["freeze_binary_weights"]:
+            freeze_binary_weights(self.model)
         self.model.to(self.device).train()
+        if config["optim"]["freeze_batchnorm"]:
+            freeze_batchnorm(self.model)
         # BiMatting returns its 1/16 outputs with return_aux=True: [fgr, pha, fgr_s, pha_s, *rec]
         self.use_aux = bool(config["loss"]["aux"]) and "return_aux" in inspect.signature(self.model.forward).parameters
         self._alpha_ste = False
@@ -637,9 +667,12 @@ class Trainer:
                 out[1] = self._straight_through(out[1])
                 if self.use_aux:
                     out[3] = self._straight_through(out[3])
+            loss_cfg = self.cfg["loss"]
             terms = losses.matting_loss(out[0].float(), out[1].float(), true_fgr, true_pha,
-                                        edge_weight=float(self.cfg["loss"]["edge_weight"]),
-                                        edge_radius=int(self.cfg["loss"]["edge_radius"]))
+                                        edge_weight=float(loss_cfg["edge_weight"]),
+                                        edge_radius=int(loss_cfg["edge_radius"]),
+                                        laplacian_weight=float(loss_cfg["laplacian_weight"]),
+                                        coherence_weight=float(loss_cfg["coherence_weight"]))
             total = terms["total"]
             if self.use_aux:
                 aux = losses.aux_matting_loss(out[2].float(), out[3].float(), true_fgr, true_pha,

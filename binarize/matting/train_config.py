@@ -78,6 +78,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "scheduler": "constant",  # constant (official) | cosine (to zero at schedule.epoch_end)
         "warmup_steps": 0,  # linear learning-rate warm-up from lr / warmup_steps over the first steps
         "grad_clip": None,
+        # fine-tuning what inference runs: the binary layers' weights do not train (a compact
+        # checkpoint's signs are kept; only full-precision parameters learn) ...
+        "freeze_binary_weights": False,
+        # ... and BatchNorm layers stay in eval mode (running statistics used, not updated)
+        "freeze_batchnorm": False,
     },
     "loss": {
         "aux": True,  # BiMatting's 1/16 auxiliary loss (models that return it with return_aux=True)
@@ -85,6 +90,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "alpha_ste": False,  # straight-through gradient for the final alpha clamp (training from scratch)
         "edge_weight": 0.0,  # extra alpha L1 averaged over the transition band (0: the official loss)
         "edge_radius": 1,  # pixels the band grows on each side of the edge (losses.transition_band)
+        "laplacian_weight": 1.0,  # weight of the alpha's Laplacian term (official: 1)
+        "coherence_weight": 5.0,  # weight of the alpha's temporal coherence term (official: 5)
     },
     "distill": {
         "teacher": None,  # e.g. rvm_mobilenetv3; --distill-from on the command line
@@ -247,8 +254,11 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
     _check(run["max_steps"] is None or _is_int(run["max_steps"]), source, "run.max_steps must be an integer")
     _check(run["amp"] in AMP_MODES, source, f"run.amp must be one of {', '.join(AMP_MODES)}")
     loss = cfg["loss"]
-    _check(isinstance(loss["edge_weight"], (int, float)) and not isinstance(loss["edge_weight"], bool)
-           and loss["edge_weight"] >= 0, source, "loss.edge_weight must be a number >= 0")
+    for key in ("edge_weight", "laplacian_weight", "coherence_weight"):
+        _check(isinstance(loss[key], (int, float)) and not isinstance(loss[key], bool) and loss[key] >= 0,
+               source, f"loss.{key} must be a number >= 0")
+    for key in ("freeze_binary_weights", "freeze_batchnorm"):
+        _check(isinstance(optim[key], bool), source, f"optim.{key} must be true or false")
     _check(_is_int(loss["edge_radius"]) and loss["edge_radius"] >= 0, source,
            "loss.edge_radius must be an integer >= 0")
     _check(optim["scheduler"] in SCHEDULERS, source, f"optim.scheduler must be one of {', '.join(SCHEDULERS)}")

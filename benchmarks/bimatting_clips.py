@@ -1,0 +1,183 @@
+"""Score BiMatting checkpoints on the held-out clips of docs/matting.md, and what the loss thinks of them.
+
+The bundled weights are judged on 48-frame 256x144 clips of ``SyntheticMatting(split="demo",
+background="moving")`` (seed 2023 is ``binarize demo``'s clip; seeds 1, 7, 11, 12, 101, 102, 103 the
+others of the docs' table), matted frame by frame in ``eval()`` as ``binarize demo`` does. For each
+checkpoint this prints, per clip and on average, MAD / MSE (x1e3) and dtSSD (x1e2) next to the
+all-zero alpha's, and the alpha terms of the official matting loss on the same clip (L1, Laplacian,
+5 x coherence; ``binarize.matting.losses``).
+
+``--stretch B,C`` also scores the contrast-stretched alpha ``clamp(B * alpha + C, 0, 1)`` of every
+checkpoint (repeatable). It is a probe, not a model: how much an under-confident alpha costs, and
+whether the training loss would have preferred the stretched one (docs/matting.md, "Calibrating the
+output"). Fit a stretch on clips of ``--split train`` and judge it on the held-out ones.
+
+    python benchmarks/bimatting_clips.py                                   # the bundled weights
+    python benchmarks/bimatting_clips.py --checkpoint runs/step14/model.safetensors --checkpoint bundled
+    python benchmarks/bimatting_clips.py --stretch 1.5,-0.15 --json clips.json
+    python benchmarks/bimatting_clips.py --split train --seeds 500,501,502,503 --stretch 1.3,0
+
+One thread by default (``--threads``): a binary network's sign flips depend on the order of float
+sums, so scores are compared at one thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+DEMO_SEEDS = (2023, 1, 7, 11, 12, 101, 102, 103)
+SPLITS = ("demo", "eval", "train")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="a BiMatting checkpoint (compact .safetensors, training .pt or official .pth); "
+                             "'bundled' for the package's weights (the default); repeatable")
+    parser.add_argument("--seeds", default=",".join(map(str, DEMO_SEEDS)), help="comma-separated clip seeds")
+    parser.add_argument("--split", default="demo", choices=SPLITS, help="SyntheticMatting split of the clips")
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--size", default="256x144", help="WxH")
+    parser.add_argument("--stretch", action="append", default=[], metavar="B,C",
+                        help="also score clamp(B * alpha + C, 0, 1); repeatable")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the results here (temporary name, then renamed)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if not args.seeds:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        if w < 1 or h < 1:
+            raise ValueError
+        args.size = (w, h)
+    except ValueError:
+        parser.error(f"--size must be WxH with positive integers, got {args.size!r}")
+    if min(args.size) < 64:
+        parser.error(f"--size must be at least 64x64 (the loss's 5-level Laplacian pyramid), got {args.size[0]}x{args.size[1]}")
+    if args.frames < 2:
+        parser.error(f"--frames must be >= 2 (dtSSD needs two frames), got {args.frames}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    args.stretch = [parse_stretch(s, parser) for s in args.stretch]
+    args.checkpoint = args.checkpoint or ["bundled"]
+    for ckpt in args.checkpoint:
+        if ckpt != "bundled" and not pathlib.Path(ckpt).is_file():
+            parser.error(f"checkpoint not found: {ckpt}")
+    return args
+
+
+def parse_stretch(text: str, parser: argparse.ArgumentParser) -> Tuple[float, float]:
+    try:
+        scale, offset = (float(v) for v in text.split(","))
+    except ValueError:
+        parser.error(f"--stretch must be B,C (two numbers), got {text!r}")
+    if not scale > 0:
+        parser.error(f"--stretch scale must be > 0, got {scale}")
+    return scale, offset
+
+
+def make_clip(seed: int, split: str, frames: int, size: Tuple[int, int]) -> Dict[str, np.ndarray]:
+    """One clip as ``binarize demo`` makes it (composited, rounded to 8 bits), from any split."""
+    from binarize.matting.data import SyntheticMatting
+
+    data = SyntheticMatting(clips=1, frames=frames, size=size, seed=seed, background="moving", split=split)
+    fgr, pha, bgr = data[0]
+    src = (fgr * pha + bgr * (1 - pha)).permute(0, 2, 3, 1).numpy()
+    return {"src": np.round(np.clip(src, 0, 1) * 255).astype(np.uint8), "pha": pha[:, 0].numpy().astype(np.float32)}
+
+
+def loss_terms(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:
+    """The alpha terms of the official matting loss on one whole clip (``[T, H, W]`` arrays)."""
+    import torch
+
+    from binarize.matting import losses
+
+    p = torch.from_numpy(pred.astype(np.float32))[None, :, None]
+    t = torch.from_numpy(true.astype(np.float32))[None, :, None]
+    l1 = float(torch.nn.functional.l1_loss(p, t))
+    lap = float(losses.laplacian_loss(p.flatten(0, 1), t.flatten(0, 1)))
+    coh = float(losses._coherence(p, t)) * losses.COHERENCE_WEIGHT
+    return {"pha_l1": l1, "pha_laplacian": lap, "pha_coherence": coh, "alpha_loss": l1 + lap + coh}
+
+
+def stretched(pred: np.ndarray, scale: float, offset: float) -> np.ndarray:
+    return np.clip(scale * pred + offset, 0.0, 1.0)
+
+
+def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from binarize.cli.demo import load_model, predict_alpha, score
+
+    torch.set_num_threads(args.threads)
+    clips = {seed: make_clip(seed, args.split, args.frames, args.size) for seed in args.seeds}
+    zero = {seed: score(np.zeros_like(c["pha"]), c["pha"]) for seed, c in clips.items()}
+    variants: List[Tuple[str, float, float]] = [("", 1.0, 0.0)] + [(f" stretch {b:g},{c:g}", b, c) for b, c in args.stretch]
+    results: Dict[str, Any] = {}
+    for ckpt in args.checkpoint:
+        model, path = load_model(None if ckpt == "bundled" else ckpt)
+        rows: Dict[str, Dict[int, Dict[str, float]]] = {name: {} for name, _, _ in variants}
+        for seed in tqdm(args.seeds, desc=pathlib.Path(path).name, disable=args.no_progress, leave=False):
+            pred = predict_alpha(model, clips[seed]["src"], "cpu", 1.0)
+            for name, b, c in variants:
+                p = stretched(pred, b, c) if name else pred
+                rows[name][seed] = {**score(p, clips[seed]["pha"]), **loss_terms(p, clips[seed]["pha"])}
+        for name, _, _ in variants:
+            results[f"{ckpt}{name}"] = {"checkpoint": str(path), "per_clip": rows[name],
+                                        "mean": {k: float(np.mean([r[k] for r in rows[name].values()]))
+                                                 for k in next(iter(rows[name].values()))}}
+    return {"split": args.split, "frames": args.frames, "size": list(args.size), "threads": args.threads,
+            "seeds": args.seeds, "all_zero": zero, "results": results}
+
+
+def report(payload: Dict[str, Any]) -> str:
+    seeds = payload["seeds"]
+    head = "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean MAD | dtSSD < zero | alpha loss |"
+    lines = [f"MAD / MSE / dtSSD on {len(seeds)} clips of split {payload['split']!r}, "
+             f"{payload['frames']} frames at {payload['size'][0]}x{payload['size'][1]}", "", head,
+             "|" + " --- |" * (len(seeds) + 4)]
+
+    def cell(r: Dict[str, float]) -> str:
+        return f"{r['pha_mad']:.1f} / {r['pha_mse']:.1f} / {r['pha_dtssd']:.2f}"
+
+    for name, res in payload["results"].items():
+        clips = res["per_clip"]
+        below = sum(clips[s]["pha_dtssd"] < payload["all_zero"][s]["pha_dtssd"] for s in seeds)
+        lines.append(f"| {name} | " + " | ".join(cell(clips[s]) for s in seeds)
+                     + f" | {res['mean']['pha_mad']:.1f} | {below} of {len(seeds)} | {res['mean']['alpha_loss']:.4f} |")
+    zero = payload["all_zero"]
+    lines.append("| all-zero alpha | " + " | ".join(cell(zero[s]) for s in seeds)
+                 + f" | {np.mean([zero[s]['pha_mad'] for s in seeds]):.1f} | | |")
+    return "\n".join(lines)
+
+
+def write_json(payload: Dict[str, Any], path: str) -> None:
+    target = pathlib.Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, target)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = parse_args(list(argv))
+    payload = evaluate(args)
+    print(report(payload))
+    if args.json:
+        write_json(payload, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
