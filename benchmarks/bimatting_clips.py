@@ -38,8 +38,8 @@ SPLITS = ("demo", "eval", "train")
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", default=None,
-                        help="a BiMatting checkpoint (compact .safetensors, training .pt or official .pth); "
-                             "'bundled' for the package's weights (the default); repeatable")
+                        help="a BiMatting checkpoint (compact .safetensors, a training run's .pt or an official "
+                             ".pth); 'bundled' for the package's weights (the default); repeatable")
     parser.add_argument("--seeds", default=",".join(map(str, DEMO_SEEDS)), help="comma-separated clip seeds")
     parser.add_argument("--split", default="demo", choices=SPLITS, help="SyntheticMatting split of the clips")
     parser.add_argument("--frames", type=int, default=48)
@@ -119,7 +119,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from binarize.cli.demo import load_model, predict_alpha, score
+    from binarize.cli.demo import bundled_checkpoint, predict_alpha, score
+    from binarize.matting.train import build_model
 
     torch.set_num_threads(args.threads)
     clips = {seed: make_clip(seed, args.split, args.frames, args.size) for seed in args.seeds}
@@ -127,7 +128,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     variants: List[Tuple[str, float, float]] = [("", 1.0, 0.0)] + [(f" stretch {b:g},{c:g}", b, c) for b, c in args.stretch]
     results: Dict[str, Any] = {}
     for ckpt in args.checkpoint:
-        model, path = load_model(None if ckpt == "bundled" else ckpt)
+        path = bundled_checkpoint() if ckpt == "bundled" else pathlib.Path(ckpt)
+        model = build_model("bimatting", {}, str(path))  # the simulated network, in eval() below
         rows: Dict[str, Dict[int, Dict[str, float]]] = {name: {} for name, _, _ in variants}
         for seed in tqdm(args.seeds, desc=pathlib.Path(path).name, disable=args.no_progress, leave=False):
             pred = predict_alpha(model, clips[seed]["src"], "cpu", 1.0)
