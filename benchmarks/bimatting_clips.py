@@ -15,6 +15,7 @@ output"). Fit a stretch on clips of ``--split train`` and judge it on the held-o
     python benchmarks/bimatting_clips.py                                   # the bundled weights
     python benchmarks/bimatting_clips.py --checkpoint runs/step14/model.safetensors --checkpoint bundled
     python benchmarks/bimatting_clips.py --stretch 1.5,-0.15 --json clips.json
+    python benchmarks/bimatting_clips.py --checkpoint old.safetensors --checkpoint bundled --image alphas.png
     python benchmarks/bimatting_clips.py --split train --seeds 500,501,502,503 --stretch 1.3,0
 
 One thread by default (``--threads``): a binary network's sign flips depend on the order of float
@@ -48,6 +49,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also score clamp(B * alpha + C, 0, 1); repeatable")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here (temporary name, then renamed)")
+    parser.add_argument("--image", help="write a PNG of the first clip's middle frame: input | ground truth | "
+                                        "each checkpoint's alpha (temporary name, then renamed)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -127,12 +130,17 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     zero = {seed: score(np.zeros_like(c["pha"]), c["pha"]) for seed, c in clips.items()}
     variants: List[Tuple[str, float, float]] = [("", 1.0, 0.0)] + [(f" stretch {b:g},{c:g}", b, c) for b, c in args.stretch]
     results: Dict[str, Any] = {}
+    middle = args.frames // 2
+    first = clips[args.seeds[0]]
+    panels = [("input", first["src"][middle]), ("ground truth", first["pha"][middle])]
     for ckpt in args.checkpoint:
         path = bundled_checkpoint() if ckpt == "bundled" else pathlib.Path(ckpt)
         model = build_model("bimatting", {}, str(path))  # the simulated network, in eval() below
         rows: Dict[str, Dict[int, Dict[str, float]]] = {name: {} for name, _, _ in variants}
         for seed in tqdm(args.seeds, desc=pathlib.Path(path).name, disable=args.no_progress, leave=False):
             pred = predict_alpha(model, clips[seed]["src"], "cpu", 1.0)
+            if seed == args.seeds[0]:
+                panels.append((ckpt, pred[middle]))
             for name, b, c in variants:
                 p = stretched(pred, b, c) if name else pred
                 rows[name][seed] = {**score(p, clips[seed]["pha"]), **loss_terms(p, clips[seed]["pha"])}
@@ -140,6 +148,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             results[f"{ckpt}{name}"] = {"checkpoint": str(path), "per_clip": rows[name],
                                         "mean": {k: float(np.mean([r[k] for r in rows[name].values()]))
                                                  for k in next(iter(rows[name].values()))}}
+    if args.image:
+        write_image(panels, args.image)
     return {"split": args.split, "frames": args.frames, "size": list(args.size), "threads": args.threads,
             "seeds": args.seeds, "all_zero": zero, "results": results}
 
@@ -163,6 +173,25 @@ def report(payload: Dict[str, Any]) -> str:
     lines.append("| all-zero alpha | " + " | ".join(cell(zero[s]) for s in seeds)
                  + f" | {np.mean([zero[s]['pha_mad'] for s in seeds]):.1f} | | |")
     return "\n".join(lines)
+
+
+def write_image(panels: List[Tuple[str, np.ndarray]], path: str) -> None:
+    """Panels side by side (alphas as grey images) with their names above them, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for name, panel in panels:
+        rgb = panel if panel.ndim == 3 else np.repeat(np.round(np.clip(panel, 0, 1) * 255).astype(np.uint8)[..., None], 3, 2)
+        tile = np.zeros((rgb.shape[0] + 14, rgb.shape[1], 3), dtype=np.uint8)
+        tile[14:] = rgb
+        image = Image.fromarray(tile)
+        ImageDraw.Draw(image).text((2, 1), pathlib.Path(name).stem if name not in ("input", "ground truth") else name,
+                                   fill=(255, 255, 255))
+        tiles.append(np.asarray(image))
+    target = pathlib.Path(path)
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial.png")
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(tmp)
+    os.replace(tmp, target)
 
 
 def write_json(payload: Dict[str, Any], path: str) -> None:

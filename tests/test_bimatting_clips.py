@@ -67,7 +67,8 @@ def test_a_tiny_run_scores_the_bundled_weights_and_the_stretch(bench, tmp_path, 
     all-zero reference is there, the identity stretch reproduces the model, and the JSON is whole."""
     out = tmp_path / "clips.json"
     assert bench.main(["--seeds", "2023,1", "--frames", "3", "--size", "64x64", "--stretch", "1,0",
-                       "--stretch", "1.4,-0.1", "--json", str(out), "--no-progress"]) == 0
+                       "--stretch", "1.4,-0.1", "--json", str(out), "--no-progress",
+                       "--image", str(tmp_path / "alphas.png")]) == 0
     table = capsys.readouterr().out
     assert "| bundled |" in table and "| bundled stretch 1.4,-0.1 |" in table and "all-zero alpha" in table
     payload = json.loads(out.read_text())
@@ -80,3 +81,9 @@ def test_a_tiny_run_scores_the_bundled_weights_and_the_stretch(bench, tmp_path, 
     assert zero["pha_mad"] == pytest.approx(float(np.abs(clip["pha"]).mean() * 1e3), rel=1e-5)
     mad = [c["pha_mad"] for c in model["per_clip"].values()]
     assert model["mean"]["pha_mad"] == pytest.approx(float(np.mean(mad)))
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "alphas.png"))
+    assert image.shape == (64 + 14, 3 * 64, 3)  # input | ground truth | the bundled alpha
+    np.testing.assert_array_equal(image[14:, :64], clip["src"][1])
+    np.testing.assert_array_equal(image[14:, 64:128, 0], np.round(clip["pha"][1] * 255).astype(np.uint8))
