@@ -90,16 +90,6 @@ def parse_stretch(text: str, parser: argparse.ArgumentParser) -> Tuple[float, fl
     return scale, offset
 
 
-def make_clip(seed: int, split: str, frames: int, size: Tuple[int, int]) -> Dict[str, np.ndarray]:
-    """One clip as ``binarize demo`` makes it (composited, rounded to 8 bits), from any split."""
-    from binarize.matting.data import SyntheticMatting
-
-    data = SyntheticMatting(clips=1, frames=frames, size=size, seed=seed, background="moving", split=split)
-    fgr, pha, bgr = data[0]
-    src = (fgr * pha + bgr * (1 - pha)).permute(0, 2, 3, 1).numpy()
-    return {"src": np.round(np.clip(src, 0, 1) * 255).astype(np.uint8), "pha": pha[:, 0].numpy().astype(np.float32)}
-
-
 def loss_terms(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:
     """The alpha terms of the official matting loss on one whole clip (``[T, H, W]`` arrays)."""
     import torch
@@ -122,11 +112,11 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from binarize.cli.demo import bundled_checkpoint, predict_alpha, score
+    from binarize.cli.demo import bundled_checkpoint, make_clip, predict_alpha, score
     from binarize.matting.train import build_model
 
     torch.set_num_threads(args.threads)
-    clips = {seed: make_clip(seed, args.split, args.frames, args.size) for seed in args.seeds}
+    clips = {seed: make_clip(args.frames, args.size, seed, args.split) for seed in args.seeds}
     zero = {seed: score(np.zeros_like(c["pha"]), c["pha"]) for seed, c in clips.items()}
     variants: List[Tuple[str, float, float]] = [("", 1.0, 0.0)] + [(f" stretch {b:g},{c:g}", b, c) for b, c in args.stretch]
     results: Dict[str, Any] = {}

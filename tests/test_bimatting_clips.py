@@ -77,7 +77,9 @@ def test_a_tiny_run_scores_the_bundled_weights_and_the_stretch(bench, tmp_path, 
     assert model["per_clip"] == same["per_clip"]
     assert set(model["per_clip"]) == {"2023", "1"} and set(payload["all_zero"]) == {"2023", "1"}
     zero = payload["all_zero"]["2023"]
-    clip = bench.make_clip(2023, "demo", 3, (64, 64))
+    from binarize.cli.demo import make_clip
+
+    clip = make_clip(3, (64, 64), 2023)
     assert zero["pha_mad"] == pytest.approx(float(np.abs(clip["pha"]).mean() * 1e3), rel=1e-5)
     mad = [c["pha_mad"] for c in model["per_clip"].values()]
     assert model["mean"]["pha_mad"] == pytest.approx(float(np.mean(mad)))

@@ -76,14 +76,15 @@ def parse_size(text: str) -> Tuple[int, int]:
     return w, h
 
 
-def make_clip(frames: int, size: Tuple[int, int], seed: int) -> Dict[str, np.ndarray]:
+def make_clip(frames: int, size: Tuple[int, int], seed: int, split: str = "demo") -> Dict[str, np.ndarray]:
     """A held-out synthetic clip: ``src`` (uint8 T x H x W x 3, what is written and matted),
-    ``pha`` (float T x H x W in [0, 1], the ground truth)."""
+    ``pha`` (float T x H x W in [0, 1], the ground truth); ``split`` as ``SyntheticMatting``'s
+    (benchmarks score the training split's clips too)."""
     from binarize.matting.data import SyntheticMatting
 
     if frames < 1:
         raise ValueError(f"--frames must be >= 1, got {frames}")
-    data = SyntheticMatting(clips=1, frames=frames, size=size, seed=seed, background="moving", split="demo")
+    data = SyntheticMatting(clips=1, frames=frames, size=size, seed=seed, background="moving", split=split)
     fgr, pha, bgr = data[0]  # [T, 3, H, W], [T, 1, H, W], [T, 3, H, W] in [0, 1]
     src = (fgr * pha + bgr * (1 - pha)).permute(0, 2, 3, 1).numpy()
     pha = pha[:, 0].numpy()
