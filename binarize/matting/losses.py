@@ -157,7 +157,8 @@ def matting_loss(
     (the official 1 and 5 by default; the foreground's coherence keeps 5). They trade the alpha's
     per-pixel error (MAD) against its sharpness and flicker: on a binary network whose features
     are noisy, the official weights favour a damped, under-confident alpha (see docs/matting.md,
-    "Calibrating the output"), and lower weights in a last fine-tuning round buy MAD with dtSSD.
+    "Calibrating the output"): lower weights in a last fine-tuning round buy MAD, and below about
+    2.5 they pay for it with dtSSD.
 
     ``edge_weight > 0`` adds ``pha_edge_l1``: ``edge_weight`` times the alpha L1 *averaged over the
     transition band only* (:func:`transition_band` of ``true_pha`` with ``edge_radius``; zero when
