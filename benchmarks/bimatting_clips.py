@@ -91,17 +91,18 @@ def parse_stretch(text: str, parser: argparse.ArgumentParser) -> Tuple[float, fl
 
 
 def loss_terms(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:
-    """The alpha terms of the official matting loss on one whole clip (``[T, H, W]`` arrays)."""
+    """The alpha terms of the official matting loss (``losses.matting_loss``, official weights) on
+    one whole clip (``[T, H, W]`` arrays), and their sum."""
     import torch
 
     from binarize.matting import losses
 
     p = torch.from_numpy(pred.astype(np.float32))[None, :, None]
     t = torch.from_numpy(true.astype(np.float32))[None, :, None]
-    l1 = float(torch.nn.functional.l1_loss(p, t))
-    lap = float(losses.laplacian_loss(p.flatten(0, 1), t.flatten(0, 1)))
-    coh = float(losses._coherence(p, t)) * losses.COHERENCE_WEIGHT
-    return {"pha_l1": l1, "pha_laplacian": lap, "pha_coherence": coh, "alpha_loss": l1 + lap + coh}
+    fgr = torch.zeros(*p.shape[:2], 3, *p.shape[-2:])  # no foreground: its terms are zero
+    terms = {key: float(value) for key, value in losses.matting_loss(fgr, p, fgr, t).items()
+             if key in ("pha_l1", "pha_laplacian", "pha_coherence")}
+    return {**terms, "alpha_loss": sum(terms.values())}
 
 
 def stretched(pred: np.ndarray, scale: float, offset: float) -> np.ndarray:
@@ -130,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         for seed in tqdm(args.seeds, desc=pathlib.Path(path).name, disable=args.no_progress, leave=False):
             pred = predict_alpha(model, clips[seed]["src"], "cpu", 1.0)
             if seed == args.seeds[0]:
-                panels.append((ckpt, pred[middle]))
+                panels.append((pathlib.Path(ckpt).stem, pred[middle]))
             for name, b, c in variants:
                 p = stretched(pred, b, c) if name else pred
                 rows[name][seed] = {**score(p, clips[seed]["pha"]), **loss_terms(p, clips[seed]["pha"])}
@@ -175,8 +176,7 @@ def write_image(panels: List[Tuple[str, np.ndarray]], path: str) -> None:
         tile = np.zeros((rgb.shape[0] + 14, rgb.shape[1], 3), dtype=np.uint8)
         tile[14:] = rgb
         image = Image.fromarray(tile)
-        ImageDraw.Draw(image).text((2, 1), pathlib.Path(name).stem if name not in ("input", "ground truth") else name,
-                                   fill=(255, 255, 255))
+        ImageDraw.Draw(image).text((2, 1), name, fill=(255, 255, 255))
         tiles.append(np.asarray(image))
     target = pathlib.Path(path)
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial.png")

@@ -81,6 +81,12 @@ def build_model(name: str, kwargs: Optional[Dict[str, Any]] = None, checkpoint: 
     return model
 
 
+def _binary_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers of ``model`` that carry a weight and an input binarizer (whatever the binarizers
+    currently are: ``set_precision`` may have made them identities)."""
+    return [m for m in model.modules() if hasattr(m, "weight_binarizer") and hasattr(m, "input_binarizer")]
+
+
 def set_precision(model: nn.Module, precision: str) -> int:
     """Train the binary layers of ``model`` at a lower level of binarization (in place).
 
@@ -95,14 +101,12 @@ def set_precision(model: nn.Module, precision: str) -> int:
         return 0
     from binarize.ops.binarizers import Identity
 
-    changed = 0
-    for module in model.modules():
-        if hasattr(module, "weight_binarizer") and hasattr(module, "input_binarizer"):
-            module.weight_binarizer = Identity()
-            if precision == "float":
-                module.input_binarizer = Identity()
-            changed += 1
-    return changed
+    layers = _binary_layers(model)
+    for module in layers:
+        module.weight_binarizer = Identity()
+        if precision == "float":
+            module.input_binarizer = Identity()
+    return len(layers)
 
 
 def freeze_binary_weights(model: nn.Module) -> int:
@@ -111,12 +115,10 @@ def freeze_binary_weights(model: nn.Module) -> int:
     heads) still train. Fine-tuning a compact checkpoint, whose binary weights are signs times a
     per-channel scale with the latent magnitudes gone, this keeps the signs it was deployed with.
     Returns the number of layers frozen."""
-    frozen = 0
-    for module in model.modules():
-        if hasattr(module, "weight_binarizer") and hasattr(module, "input_binarizer"):
-            module.weight.requires_grad_(False)
-            frozen += 1
-    return frozen
+    layers = _binary_layers(model)
+    for module in layers:
+        module.weight.requires_grad_(False)
+    return len(layers)
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
