@@ -127,7 +127,12 @@ def test_official_recipe_values():
         (lambda c: c.setdefault("loss", {}).update(laplacian_weight=-1), "loss.laplacian_weight must be a number >= 0"),
         (lambda c: c.setdefault("loss", {}).update(coherence_weight="5"), "loss.coherence_weight must be a number >= 0"),
         (lambda c: c["optim"].update(freeze_batchnorm="yes"), "optim.freeze_batchnorm must be true or false"),
-        (lambda c: c["optim"].update(freeze_binary_weights=1), "optim.freeze_binary_weights must be true or false"),
+        (lambda c: c["optim"].update(freeze_binary_weights=1),
+         "optim.freeze_binary_weights must be true, false or a list of top-level module names"),
+        (lambda c: c["optim"].update(freeze_binary_weights=[]),
+         "optim.freeze_binary_weights must be true, false or a list of top-level module names"),
+        (lambda c: c["optim"].update(binary_lr_scale=0), "optim.binary_lr_scale must be a number > 0"),
+        (lambda c: c["optim"].update(binary_lr_scale=True), "optim.binary_lr_scale must be a number > 0"),
         (lambda c: c.setdefault("distill", {}).update(teacher_precision="fp16"),
          "distill.teacher_precision must be one of"),
     ],
@@ -462,6 +467,38 @@ def test_frozen_binary_weights_and_batchnorm_train_only_what_inference_keeps(tmp
     trainer.train_matting(batch, 1.0, "lr")
     assert not torch.equal(plain.decoder["decode1"].weight, before)
     assert plain.backbone[1].training and int(plain.backbone[1].num_batches_tracked) == 1
+
+
+def test_binary_weights_frozen_by_module_and_learning_at_a_scaled_rate(tmp_path):
+    """optim.freeze_binary_weights: [aspp] keeps only the aspp's binary weights; binary_lr_scale
+    gives the other binary weights a group of their own at the scaled rate, and they move by
+    about that rate a step (Adam's first step is lr * sign(grad))."""
+    from binarize.matting.data import SyntheticMatting
+    from binarize.nn import BinaryConv2d
+
+    cfg = tiny_config(tmp_path)
+    cfg["optim"].update(freeze_binary_weights=["aspp"], binary_lr_scale=10.0, freeze_batchnorm=True)
+    torch.manual_seed(0)
+    model = TinyBinaryMatting()
+    model.aspp = BinaryConv2d(4, 4, 1, method="reactnet")
+    trainer = train_mod.Trainer(cfg, model=model)
+    by_name = {g["name"]: g for g in trainer.optimizer.param_groups}
+    lr = cfg["optim"]["lr"]["decoder"]
+    assert by_name["decoder/binary"]["lr"] == pytest.approx(10 * lr)
+    assert by_name["decoder"]["lr"] == pytest.approx(lr)
+    assert [id(p) for p in by_name["decoder/binary"]["params"]] == [id(model.decoder["decode1"].weight)]
+    assert not model.aspp.weight.requires_grad and "aspp/binary" not in by_name
+    aspp, binary = model.aspp.weight.detach().clone(), model.decoder["decode1"].weight.detach().clone()
+    batch = [torch.stack(t) for t in zip(*SyntheticMatting(clips=2, frames=2, size=(64, 64), seed=5))]
+    trainer.train_matting(batch, 1.0, "lr")
+    assert torch.equal(model.aspp.weight, aspp)
+    step = (model.decoder["decode1"].weight - binary).abs()
+    assert step.max() <= 10 * lr * 1.001 and step.max() > 5 * lr
+    with pytest.raises(ValueError, match="has no top-level module 'neck'"):
+        train_mod.freeze_binary_weights(TinyBinaryMatting(), ["neck"])
+    # the default scale keeps one group per name (resumable optimizer state of older runs)
+    names = [g["name"] for g in train_mod.param_groups(TinyBinaryMatting(), cfg["optim"]["lr"], cfg["optim"]["groups"])]
+    assert len(names) == len(set(names)) and not any(n.endswith("/binary") for n in names)
 
 
 @pytest.mark.parametrize("ste", [False, True])

@@ -109,16 +109,30 @@ def set_precision(model: nn.Module, precision: str) -> int:
     return len(layers)
 
 
-def freeze_binary_weights(model: nn.Module) -> int:
-    """Stop the weights of ``model``'s binary layers from training (``requires_grad=False``); the
-    full-precision parameters (BatchNorm, PReLU, learnable shifts, full-precision convolutions,
-    heads) still train. Fine-tuning a compact checkpoint, whose binary weights are signs times a
-    per-channel scale with the latent magnitudes gone, this keeps the signs it was deployed with.
-    Returns the number of layers frozen."""
-    layers = _binary_layers(model)
-    for module in layers:
-        module.weight.requires_grad_(False)
-    return len(layers)
+def _binary_weights(model: nn.Module, modules: Optional[Sequence[str]] = None) -> List[nn.Parameter]:
+    """The weights of ``model``'s binary layers, all of them or (``modules``) only those inside the
+    named top-level submodules; an unknown name is a ``ValueError``."""
+    if modules is None:
+        return [m.weight for m in _binary_layers(model)]
+    children = dict(model.named_children())
+    unknown = sorted(set(modules) - set(children))
+    if unknown:
+        raise ValueError(f"optim.freeze_binary_weights: {type(model).__name__} has no top-level module "
+                         f"{unknown[0]!r} (it has {', '.join(children)})")
+    return [m.weight for name in modules for m in _binary_layers(children[name])]
+
+
+def freeze_binary_weights(model: nn.Module, modules: Optional[Sequence[str]] = None) -> int:
+    """Stop the weights of ``model``'s binary layers from training (``requires_grad=False``), all of
+    them or only those inside the top-level submodules named in ``modules`` (e.g. ``["backbone",
+    "aspp"]``); the full-precision parameters (BatchNorm, PReLU, learnable shifts, full-precision
+    convolutions, heads) still train. Fine-tuning a compact checkpoint, whose binary weights are
+    signs times a per-channel scale with the latent magnitudes gone, this keeps the signs it was
+    deployed with. Returns the number of layers frozen."""
+    weights = _binary_weights(model, modules)
+    for weight in weights:
+        weight.requires_grad_(False)
+    return len(weights)
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -206,10 +220,17 @@ def _size_pair(size: Any) -> Tuple[int, int]:
     raise ValueError(f"size must be WxH, [W, H] or an integer, got {size!r}")
 
 
-def param_groups(model: nn.Module, lrs: Dict[str, float], groups: Dict[str, Sequence[str]]) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, lrs: Dict[str, float], groups: Dict[str, Sequence[str]],
+                 binary_lr_scale: float = 1.0) -> List[Dict[str, Any]]:
     """Adam parameter groups: each group's learning rate over the parameters of its top-level
     submodules (``groups``: group -> module names). Every trainable parameter must belong to
-    exactly one group, otherwise a ``ValueError`` names it."""
+    exactly one group, otherwise a ``ValueError`` names it.
+
+    ``binary_lr_scale != 1`` puts the binary layers' weights of each group in a group of their own,
+    ``"<group>/binary"``, at the group's rate times the scale. Adam moves a weight by about its
+    learning rate a step, so a latent weight ``w`` needs about ``|w| / lr`` steps of one gradient
+    sign to flip its sign; a compact checkpoint's latent weights all sit at their layer's scale
+    (0.03-0.05 in BiMatting's decoder), which at lr 1e-4 is hundreds of steps."""
     owner: Dict[str, str] = {}
     for group, prefixes in groups.items():
         for prefix in prefixes:
@@ -229,7 +250,16 @@ def param_groups(model: nn.Module, lrs: Dict[str, float], groups: Dict[str, Sequ
             f"parameter {unassigned[0]!r} is in no optimizer group (optim.groups maps top-level modules: "
             f"{', '.join(sorted(owner))})"
         )
-    return [{"params": params, "lr": float(lrs[group]), "name": group} for group, params in buckets.items() if params]
+    out = []
+    binary = {id(w) for w in _binary_weights(model)} if binary_lr_scale != 1.0 else set()
+    for group, params in buckets.items():
+        full = [p for p in params if id(p) not in binary]
+        if full:
+            out.append({"params": full, "lr": float(lrs[group]), "name": group})
+        signs = [p for p in params if id(p) in binary]
+        if signs:
+            out.append({"params": signs, "lr": float(lrs[group]) * binary_lr_scale, "name": f"{group}/binary"})
+    return out
 
 
 def random_window(size: Sequence[int], *clips: Tensor) -> List[Tensor]:
@@ -360,8 +390,9 @@ class Trainer:
             config["model"]["name"], config["model"]["kwargs"], None if resume_state else config["model"]["init"]
         )
         set_precision(self.model, config["model"]["precision"])
-        if config["optim"]["freeze_binary_weights"]:
-            freeze_binary_weights(self.model)
+        frozen = config["optim"]["freeze_binary_weights"]
+        if frozen:
+            freeze_binary_weights(self.model, None if frozen is True else frozen)
         self.model.to(self.device).train()
         if config["optim"]["freeze_batchnorm"]:
             freeze_batchnorm(self.model)
@@ -373,7 +404,8 @@ class Trainer:
         self._init_data()
         self._init_teacher()
         self.optimizer = torch.optim.Adam(
-            param_groups(self.model, config["optim"]["lr"], config["optim"]["groups"])
+            param_groups(self.model, config["optim"]["lr"], config["optim"]["groups"],
+                         float(config["optim"]["binary_lr_scale"]))
         )
         sched = config["schedule"]
         self.steps_per_epoch = int(sched["steps_per_epoch"] or len(self.loader_lr))

@@ -79,8 +79,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "warmup_steps": 0,  # linear learning-rate warm-up from lr / warmup_steps over the first steps
         "grad_clip": None,
         # fine-tuning what inference runs: the binary layers' weights do not train (a compact
-        # checkpoint's signs are kept; only full-precision parameters learn) ...
+        # checkpoint's signs are kept; only full-precision parameters learn); true for all, or a
+        # list of top-level modules (e.g. [backbone, aspp]) whose binary weights stay ...
         "freeze_binary_weights": False,
+        # the binary layers' weights learn at their group's lr times this (signs flip sooner)
+        "binary_lr_scale": 1.0,
         # ... and BatchNorm layers stay in eval mode (running statistics used, not updated)
         "freeze_batchnorm": False,
     },
@@ -257,8 +260,13 @@ def validate_config(config: Dict[str, Any], source: str = "config") -> Dict[str,
     for key in ("edge_weight", "laplacian_weight", "coherence_weight"):
         _check(isinstance(loss[key], (int, float)) and not isinstance(loss[key], bool) and loss[key] >= 0,
                source, f"loss.{key} must be a number >= 0")
-    for key in ("freeze_binary_weights", "freeze_batchnorm"):
-        _check(isinstance(optim[key], bool), source, f"optim.{key} must be true or false")
+    _check(isinstance(optim["freeze_batchnorm"], bool), source, "optim.freeze_batchnorm must be true or false")
+    frozen = optim["freeze_binary_weights"]
+    _check(isinstance(frozen, bool) or (isinstance(frozen, list) and frozen and all(isinstance(n, str) for n in frozen)),
+           source, "optim.freeze_binary_weights must be true, false or a list of top-level module names")
+    scale = optim["binary_lr_scale"]
+    _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, source,
+           "optim.binary_lr_scale must be a number > 0")
     _check(_is_int(loss["edge_radius"]) and loss["edge_radius"] >= 0, source,
            "loss.edge_radius must be an integer >= 0")
     _check(optim["scheduler"] in SCHEDULERS, source, f"optim.scheduler must be one of {', '.join(SCHEDULERS)}")
