@@ -111,14 +111,10 @@ def set_precision(model: nn.Module, precision: str) -> int:
 
 def _binary_weights(model: nn.Module, modules: Optional[Sequence[str]] = None) -> List[nn.Parameter]:
     """The weights of ``model``'s binary layers, all of them or (``modules``) only those inside the
-    named top-level submodules; an unknown name is a ``ValueError``."""
+    named top-level submodules (names the caller has checked)."""
     if modules is None:
         return [m.weight for m in _binary_layers(model)]
     children = dict(model.named_children())
-    unknown = sorted(set(modules) - set(children))
-    if unknown:
-        raise ValueError(f"optim.freeze_binary_weights: {type(model).__name__} has no top-level module "
-                         f"{unknown[0]!r} (it has {', '.join(children)})")
     return [m.weight for name in modules for m in _binary_layers(children[name])]
 
 
@@ -129,6 +125,11 @@ def freeze_binary_weights(model: nn.Module, modules: Optional[Sequence[str]] = N
     convolutions, heads) still train. Fine-tuning a compact checkpoint, whose binary weights are
     signs times a per-channel scale with the latent magnitudes gone, this keeps the signs it was
     deployed with. Returns the number of layers frozen."""
+    children = [name for name, _ in model.named_children()]
+    unknown = sorted(set(modules or ()) - set(children))
+    if unknown:
+        raise ValueError(f"optim.freeze_binary_weights: {type(model).__name__} has no top-level module "
+                         f"{unknown[0]!r} (it has {', '.join(children)})")
     weights = _binary_weights(model, modules)
     for weight in weights:
         weight.requires_grad_(False)
