@@ -97,6 +97,15 @@ class Budget:
     clips_per_step: int = 4
     lr: float = 1e-3
     seed: int = 0
+    keep_depthwise: bool = False
+
+    def model_kwargs(self, spec: ModelSpec) -> Dict[str, Any]:
+        """``spec``'s model kwargs under this budget: the converted RVMs keep their depthwise convs
+        in full precision when ``keep_depthwise`` (``binarize.models.baselines``; the paper
+        binarizes them, the default)."""
+        if self.keep_depthwise and spec.binary and spec.name != "bimatting":
+            return {**spec.kwargs, "keep_depthwise": True}
+        return dict(spec.kwargs)
 
     @property
     def phase_steps(self) -> Tuple[int, int]:
@@ -115,7 +124,7 @@ def phase_config(spec: ModelSpec, budget: Budget, phase: int, output_dir: pathli
     precision = "latent_weights" if (phase == 1 and spec.binary) else "binary"
     overrides = [
         f"model.name={spec.name}",
-        f"model.kwargs={json.dumps(spec.kwargs)}",
+        f"model.kwargs={json.dumps(budget.model_kwargs(spec))}",
         f"model.precision={precision}",
         f"model.init={json.dumps(str(init)) if init is not None else 'null'}",
         "data.synthetic={" + f"clips: {steps * budget.clips_per_step}, frames: {budget.frames}, "
@@ -158,7 +167,7 @@ def train_model(spec: ModelSpec, budget: Budget, run_dir: pathlib.Path, resume: 
             seconds += elapsed
             done.write_text(f"{elapsed:.1f}")
         init = out / "last.pt"
-    model = build_model(spec.name, spec.kwargs, str(init))
+    model = build_model(spec.name, budget.model_kwargs(spec), str(init))
     return model.eval(), seconds
 
 
@@ -243,12 +252,12 @@ def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.nda
 
 
 def score_second_set(key: str, out: pathlib.Path, clips: Sequence[Tuple[np.ndarray, np.ndarray]],
-                     seed: int) -> Dict[str, Any]:
+                     seed: int, budget: Budget) -> Dict[str, Any]:
     """A finished model's scores on a second held-out set (``--second-eval-seed``), read back from its
     phase-2 checkpoint, so the set can be added to results trained earlier: one held-out set of four
     clips ranks close models differently from another."""
     spec = MODELS[key]
-    model = build_model(spec.name, spec.kwargs, str(out / "runs" / key / "phase2" / "last.pt")).eval()
+    model = build_model(spec.name, budget.model_kwargs(spec), str(out / "runs" / key / "phase2" / "last.pt")).eval()
     return {"seed": seed, **score_model(model, clips)}
 
 
@@ -339,6 +348,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--second-eval-seed", type=int,
                         help="also score every model on a second held-out set of this seed (same clips and frames)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of phase 1 (phase 2: +1) and run seed")
+    parser.add_argument("--keep-depthwise", action="store_true",
+                        help="keep the converted RVMs' depthwise convs in full precision (the paper binarizes them; "
+                             "the tables measured before that default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="matting_methods_runs", help="folder of per-model results and checkpoints")
     parser.add_argument("--resume", action="store_true", help="keep finished models, continue interrupted training")
@@ -352,7 +364,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.second_eval_seed is not None and args.second_eval_seed == args.eval_seed:
         parser.error("--second-eval-seed must differ from --eval-seed (it would score the same clips again)")
     args.budget = Budget(steps=args.steps, size=(width, height), frames=args.frames,
-                         clips_per_step=args.clips_per_step, seed=args.seed)
+                         clips_per_step=args.clips_per_step, seed=args.seed, keep_depthwise=args.keep_depthwise)
     return args
 
 
@@ -364,8 +376,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget_file = out / "budget.json"
     budget = {"steps": args.budget.steps, "size": list(args.budget.size), "frames": args.budget.frames,
               "clips_per_step": args.budget.clips_per_step, "lr": args.budget.lr, "seed": args.budget.seed,
-              "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed}}
-    if args.resume and budget_file.is_file() and json.loads(budget_file.read_text()) != budget:
+              "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed},
+              "keep_depthwise": args.budget.keep_depthwise}
+    # A budget written before the option existed trained the converted RVMs with full-precision
+    # depthwise convs (the default then).
+    if args.resume and budget_file.is_file() and {"keep_depthwise": True, **json.loads(budget_file.read_text())} != budget:
         sys.exit(f"--resume: {budget_file} holds another budget ({budget_file.read_text().strip()}); "
                  "use the same options or another --out")
     budget_file.write_text(json.dumps(budget))
@@ -388,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         clips2 = eval_clips(args.budget, args.eval_clips, args.eval_frames, args.second_eval_seed)
         for result in tqdm(results, unit="model", desc=f"held-out seed {args.second_eval_seed}", dynamic_ncols=True):
             if result.get("second_eval", {}).get("seed") != args.second_eval_seed:
-                result["second_eval"] = score_second_set(result["model"], out, clips2, args.second_eval_seed)
+                result["second_eval"] = score_second_set(result["model"], out, clips2, args.second_eval_seed,
+                                                          args.budget)
                 (out / f"{result['model']}.json").write_text(json.dumps(result, indent=1))
         second = {"seed": args.second_eval_seed, "all_zero": zero_reference(clips2)}
     print(f"{args.budget.steps} steps of {args.budget.clips_per_step} clips x {args.budget.frames} frames at "

@@ -38,6 +38,35 @@ def test_every_model_gets_the_same_two_phases(bench, tmp_path):
     assert configs["rvm_fda"][0]["model"]["kwargs"] == {"method": "fda"}
 
 
+def test_keep_depthwise_reaches_the_converted_rvms_only(bench, tmp_path):
+    """--keep-depthwise (the baselines' definition of the older tables) sets ``keep_depthwise`` in
+    the converted RVMs' model kwargs and nowhere else; by default the paper's binary depthwise convs."""
+    kept = bench.Budget(steps=10, size=(64, 64), keep_depthwise=True)
+    kwargs = {key: bench.phase_config(bench.MODELS[key], kept, 1, tmp_path / key, None)["model"]["kwargs"]
+              for key in ("rvm_mobilenetv3", "bimatting", "rvm_bnn", "rvm_fda")}
+    assert kwargs == {"rvm_mobilenetv3": {}, "bimatting": {}, "rvm_bnn": {"keep_depthwise": True},
+                      "rvm_fda": {"method": "fda", "keep_depthwise": True}}
+    default = bench.Budget(steps=10, size=(64, 64))
+    assert bench.phase_config(bench.MODELS["rvm_bnn"], default, 1, tmp_path / "d", None)["model"]["kwargs"] == {}
+    assert bench.parse_args(["--keep-depthwise"]).budget.keep_depthwise
+    assert not bench.parse_args([]).budget.keep_depthwise
+
+
+def test_resume_reads_an_older_budget_as_full_precision_depthwise(bench, tmp_path):
+    """A budget.json written before --keep-depthwise existed trained the baselines with 32-bit
+    depthwise convs: --resume continues it only with --keep-depthwise."""
+    out = tmp_path / "out"
+    argv = ["--models", "bimatting", "--steps", "2", "--size", "64x64", "--frames", "2", "--clips-per-step", "1",
+            "--eval-clips", "1", "--eval-frames", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    old = json.loads((out / "budget.json").read_text())
+    assert old.pop("keep_depthwise") is False
+    (out / "budget.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="another budget"):
+        bench.main(argv + ["--resume"])
+    assert bench.main(argv + ["--resume", "--keep-depthwise"]) == 0
+
+
 def test_scores_and_table(bench):
     """A perfect alpha scores 0 everywhere; the all-zero alpha scores its MAD = 1e3 * mean alpha;
     the table has a row per result."""

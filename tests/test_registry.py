@@ -82,11 +82,33 @@ def test_baselines_keep_the_documented_layers_full_precision():
     model = create_model("rvm_xnor")
     binary = {name for name, m in model.named_modules() if isinstance(m, BinaryConv2d)}
     for kept in ("backbone.body.conv_stem", "project_mat.conv", "project_seg.conv", "refiner.box_filter",
-                 "refiner.conv.6", "backbone.body.blocks.5.0.conv_dw"):
+                 "refiner.conv.6"):
         assert kept not in binary
+    # the paper binarizes the depthwise convs too (its RVM-BNN storage, 0.57 MB, needs them binary)
     for converted in ("decoder.decode4.gru.ih.0", "aspp.aspp1.0", "backbone.body.blocks.6.0.conv",
-                      "refiner.conv.0"):
+                      "refiner.conv.0", "backbone.body.blocks.5.0.conv_dw"):
         assert converted in binary
+    # keep_depthwise=True keeps every depthwise conv 32-bit and nothing else
+    kept_dw = create_model("rvm_xnor", keep_depthwise=True)
+    binary_kept = {name for name, m in kept_dw.named_modules() if isinstance(m, BinaryConv2d)}
+    depthwise = {name for name, m in model.named_modules()  # but the refiner's fixed box filter
+                 if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 and name != "refiner.box_filter"}
+    assert "backbone.body.blocks.5.0.conv_dw" in depthwise and depthwise <= binary
+    assert binary - binary_kept == depthwise
+    assert kept_dw.model_kwargs == {"keep_depthwise": True}
+
+
+def test_baseline_storage_matches_the_paper_with_binary_depthwise_convs():
+    """BiMatting's Figure 1 gives RVM-BNN 0.57 MB; binarizing the depthwise convs too comes near it
+    (1 bit per binary weight, 4 bytes per float parameter), keeping them 32-bit does not."""
+    from binarize import profile
+
+    x = torch.rand(1, 3, 72, 128)
+    binary_dw = profile(create_model("rvm_bnn"), (x,))
+    kept_dw = profile(create_model("rvm_bnn", keep_depthwise=True), (x,))
+    assert binary_dw.storage_bytes == binary_dw.binary_params / 8 + 4 * binary_dw.fp_params
+    assert 0.55e6 < binary_dw.storage_bytes < 0.62e6
+    assert kept_dw.storage_bytes > 0.9e6
 
 
 BASELINES = [n for n in ZOO if n.startswith("rvm_") and n != "rvm_mobilenetv3"]

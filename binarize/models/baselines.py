@@ -9,8 +9,13 @@ the layers that stay full precision under the usual policy (see ``FULL_PRECISION
 - the refiner's last 1x1 conv ``refiner.conv.6`` (the last layer, ``keep_last``: it emits the
   guided filter's coefficients A) and its fixed 3x3 box filter ``refiner.box_filter``
   (an averaging filter of constant 1/9 weights, not a learned feature extractor);
-- MobileNetV3's depthwise convolutions (``keep_depthwise``: one input channel per filter
-  keeps too little information after binarization).
+
+MobileNetV3's depthwise convolutions are binarized too, as in the paper: its Figure 1 gives
+RVM-BNN 0.57 MB of storage, which only a conversion that binarizes them reaches (0.59 MB here,
+``binarize.profile``; 0.94 MB with them in full precision). ``keep_depthwise=True`` keeps them
+32-bit (one input channel per filter keeps little information after binarization), a stronger
+baseline with 1.6-2.1x the storage; the comparisons in docs/matting.md measured before this
+default changed used it.
 
 ``bgmv2_<method>`` do the same for Background Matting V2 (MobileNetV2 by default, ``backbone=`` for
 ResNet-50/101): the stem, the base's output conv ``decoder.conv4`` (alpha, foreground, the error
@@ -33,55 +38,56 @@ FULL_PRECISION = ("project_mat.conv", "project_seg.conv", "refiner.box_filter")
 METHODS = ("bnn", "xnor", "dorefa", "bireal", "reactnet", "irnet", "recu")
 
 
-def binarized_rvm(method: str, **kwargs: Any) -> nn.Module:
-    """RVM-MobileNetV3 converted with ``method`` (stem, heads, refiner output/box filter and
-    depthwise convs stay full precision)."""
+def binarized_rvm(method: str, keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
+    """RVM-MobileNetV3 (``rvm_mobilenetv3(**kwargs)``) converted with ``method``: the stem, heads and
+    the refiner's output conv and box filter stay full precision, the depthwise convs too only when
+    ``keep_depthwise`` (the paper binarizes them; see the module docstring)."""
     from binarize.convert import convert
 
     return convert(rvm_mobilenetv3(**kwargs), method=method, keep_first=True, keep_last=True,
-                   keep_depthwise=True, skip=list(FULL_PRECISION), inplace=True)
+                   keep_depthwise=keep_depthwise, skip=list(FULL_PRECISION), inplace=True)
 
 
 @register_model
-def rvm_bnn(**kwargs: Any) -> nn.Module:
+def rvm_bnn(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with BNN (Courbariaux et al. 2016): sign activations and weights."""
-    return binarized_rvm("bnn", **kwargs)
+    return binarized_rvm("bnn", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_xnor(**kwargs: Any) -> nn.Module:
+def rvm_xnor(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with XNOR-Net (Rastegari et al. 2016): scaled sign weights and activations."""
-    return binarized_rvm("xnor", **kwargs)
+    return binarized_rvm("xnor", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_dorefa(**kwargs: Any) -> nn.Module:
+def rvm_dorefa(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with 1-bit DoReFa-Net (Zhou et al. 2016)."""
-    return binarized_rvm("dorefa", **kwargs)
+    return binarized_rvm("dorefa", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_bireal(**kwargs: Any) -> nn.Module:
+def rvm_bireal(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with Bi-Real Net (Liu et al. 2018): ApproxSign, magnitude-aware weights."""
-    return binarized_rvm("bireal", **kwargs)
+    return binarized_rvm("bireal", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_reactnet(**kwargs: Any) -> nn.Module:
+def rvm_reactnet(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with ReActNet (Liu et al. 2020): RSign, RPReLU."""
-    return binarized_rvm("reactnet", **kwargs)
+    return binarized_rvm("reactnet", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_irnet(**kwargs: Any) -> nn.Module:
+def rvm_irnet(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with IR-Net (Qin et al. 2020): Libra-PB weights, EDE."""
-    return binarized_rvm("irnet", **kwargs)
+    return binarized_rvm("irnet", keep_depthwise, **kwargs)
 
 
 @register_model
-def rvm_recu(**kwargs: Any) -> nn.Module:
+def rvm_recu(keep_depthwise: bool = False, **kwargs: Any) -> nn.Module:
     """RVM binarized with ReCU (Xu et al. 2021): rectified clamp of the weights."""
-    return binarized_rvm("recu", **kwargs)
+    return binarized_rvm("recu", keep_depthwise, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
