@@ -16,6 +16,10 @@ weights too and continues from phase 1's weights on the clips of seed 1 at half 
 with a warm-up. The full-precision model runs the very same two phases (its precision has nothing
 to change), so every model sees the same data for the same number of steps.
 
+The converted RVMs (``rvm_<method>``, ``binarize.models.baselines``) binarize their depthwise
+convs as the paper does; ``--keep-depthwise`` keeps them 32-bit (a stronger baseline, the
+definition every table in docs/matting.md measured before 2026-12-07 used).
+
 Each model's result is written to ``OUT/<model>.json`` as soon as it is known, and its training
 checkpoints to ``OUT/runs/<model>/``, so a budget can span several runs: ``--resume`` skips the
 models already scored and continues an interrupted training exactly (the trainer's ``--resume``).
