@@ -61,13 +61,15 @@ from binarize.matting.train_config import load_config  # noqa: E402
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of the comparison: the trainer's ``model.name`` / ``model.kwargs`` and whether it
-    has binary layers (and so trains phase 1 at ``latent_weights``)."""
+    """A model of the comparison: the trainer's ``model.name`` / ``model.kwargs``, whether it
+    has binary layers (and so trains phase 1 at ``latent_weights``) and whether it is RVM converted
+    by ``binarize.models.baselines.binarized_rvm`` (and so takes ``keep_depthwise``)."""
 
     name: str
     kwargs: Dict[str, Any] = field(default_factory=dict)
     binary: bool = True
     label: str = ""
+    converted_rvm: bool = False
 
 
 #: The paper's models (Table 1), in its order; ``rvm_fda`` is RVM converted with FDA (Xu et al.,
@@ -75,14 +77,15 @@ class ModelSpec:
 MODELS: Dict[str, ModelSpec] = {
     "rvm_mobilenetv3": ModelSpec("rvm_mobilenetv3", binary=False, label="RVM (32-bit)"),
     "bimatting": ModelSpec("bimatting", label="BiMatting"),
-    "rvm_bnn": ModelSpec("rvm_bnn", label="BNN"),
-    "rvm_xnor": ModelSpec("rvm_xnor", label="XNOR-Net"),
-    "rvm_dorefa": ModelSpec("rvm_dorefa", label="DoReFa"),
-    "rvm_bireal": ModelSpec("rvm_bireal", label="Bi-Real"),
-    "rvm_reactnet": ModelSpec("rvm_reactnet", label="ReActNet"),
-    "rvm_irnet": ModelSpec("rvm_irnet", label="IR-Net"),
-    "rvm_recu": ModelSpec("rvm_recu", label="ReCU"),
-    "rvm_fda": ModelSpec("binarize.models.baselines:binarized_rvm", {"method": "fda"}, label="FDA"),
+    "rvm_bnn": ModelSpec("rvm_bnn", label="BNN", converted_rvm=True),
+    "rvm_xnor": ModelSpec("rvm_xnor", label="XNOR-Net", converted_rvm=True),
+    "rvm_dorefa": ModelSpec("rvm_dorefa", label="DoReFa", converted_rvm=True),
+    "rvm_bireal": ModelSpec("rvm_bireal", label="Bi-Real", converted_rvm=True),
+    "rvm_reactnet": ModelSpec("rvm_reactnet", label="ReActNet", converted_rvm=True),
+    "rvm_irnet": ModelSpec("rvm_irnet", label="IR-Net", converted_rvm=True),
+    "rvm_recu": ModelSpec("rvm_recu", label="ReCU", converted_rvm=True),
+    "rvm_fda": ModelSpec("binarize.models.baselines:binarized_rvm", {"method": "fda"}, label="FDA",
+                          converted_rvm=True),
 }
 
 #: The metrics of the table, with the official units (see ``binarize.matting.metrics``).
@@ -107,7 +110,7 @@ class Budget:
         """``spec``'s model kwargs under this budget: the converted RVMs keep their depthwise convs
         in full precision when ``keep_depthwise`` (``binarize.models.baselines``; the paper
         binarizes them, the default)."""
-        if self.keep_depthwise and spec.binary and spec.name != "bimatting":
+        if self.keep_depthwise and spec.converted_rvm:
             return {**spec.kwargs, "keep_depthwise": True}
         return dict(spec.kwargs)
 

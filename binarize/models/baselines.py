@@ -14,7 +14,7 @@ MobileNetV3's depthwise convolutions are binarized too, as in the paper: its Fig
 RVM-BNN 0.57 MB of storage, which only a conversion that binarizes them reaches (0.59 MB here,
 ``binarize.profile``; 0.94 MB with them in full precision). ``keep_depthwise=True`` keeps them
 32-bit (one input channel per filter keeps little information after binarization), a stronger
-baseline with 1.6-2.1x the storage; the comparisons in docs/matting.md measured before this
+baseline with 1.3-1.6x the storage; the comparisons in docs/matting.md measured before this
 default changed used it.
 
 ``bgmv2_<method>`` do the same for Background Matting V2 (MobileNetV2 by default, ``backbone=`` for
