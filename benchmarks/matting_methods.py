@@ -222,10 +222,39 @@ def mad_by_frame(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, 
     return [round(float(v), 2) for v in np.mean(per_clip, axis=0)]
 
 
+#: Frame-to-frame changes of the true alpha below one 8-bit level count as "static".
+STATIC_CHANGE = 1 / 255
+
+
+def dtssd_parts(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, float]:
+    """Where the temporal error comes from: the squared error of the predicted frame-to-frame change
+    against the true one (what dtSSD measures), summed over the pixels of each region and divided
+    by all pixels of every frame pair (x1e4), so the three parts add up to the mean square.
+
+    ``static_background`` (true alpha 0 and unchanged) and ``static_subject`` (true alpha > 0 and
+    unchanged) are flicker, error where nothing moves; ``moving`` is where the true alpha changes,
+    the subject's motion. The all-zero alpha has no flicker and all of the motion as error, which
+    is how it can score a lower dtSSD than a model that finds the subject but flickers."""
+    sums = {"static_background": 0.0, "static_subject": 0.0, "moving": 0.0}
+    count = 0
+    for pred, (_, true) in zip(preds, clips):
+        true_change = true[1:] - true[:-1]
+        error = ((pred[1:] - pred[:-1]) - true_change) ** 2
+        moving = np.abs(true_change) >= STATIC_CHANGE
+        subject = true[1:] > 0
+        sums["moving"] += float(error[moving].sum())
+        sums["static_subject"] += float(error[~moving & subject].sum())
+        sums["static_background"] += float(error[~moving & ~subject].sum())
+        count += error.size
+    return {name: total / max(count, 1) * 1e4 for name, total in sums.items()}
+
+
 def score_model(model: nn.Module, clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
-    """The model's metrics on ``clips`` (``score_clips``) and its MAD by frame index (``mad_by_frame``)."""
+    """The model's metrics on ``clips`` (``score_clips``), its MAD by frame index (``mad_by_frame``)
+    and where its temporal error comes from (``dtssd_parts``)."""
     preds = [predict(model, src) for src, _ in clips]
-    return {**score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips)}
+    return {**score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips),
+            "pha_dtssd_parts": dtssd_parts(preds, clips)}
 
 
 def costs(model: nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
@@ -254,25 +283,32 @@ def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.nda
     result = {"model": key, "label": spec.label or key, "binary": spec.binary, **scores,
               **costs(model, budget.size), "train_s": seconds, "eval_s": time.perf_counter() - start,
               "steps": budget.steps}
-    (out / f"{key}.json").write_text(json.dumps(result, indent=1))
+    write_json(out / f"{key}.json", result)
     return result
+
+
+def rescore(key: str, out: pathlib.Path, clips: Sequence[Tuple[np.ndarray, np.ndarray]],
+            budget: Budget) -> Dict[str, Any]:
+    """A finished model's scores (``score_model``) on ``clips``, read back from its phase-2
+    checkpoint, so a held-out set or a score can be added to results trained earlier."""
+    spec = MODELS[key]
+    model = build_model(spec.name, budget.model_kwargs(spec), str(out / "runs" / key / "phase2" / "last.pt")).eval()
+    return score_model(model, clips)
 
 
 def score_second_set(key: str, out: pathlib.Path, clips: Sequence[Tuple[np.ndarray, np.ndarray]],
                      seed: int, budget: Budget) -> Dict[str, Any]:
-    """A finished model's scores on a second held-out set (``--second-eval-seed``), read back from its
-    phase-2 checkpoint, so the set can be added to results trained earlier: one held-out set of four
-    clips ranks close models differently from another."""
-    spec = MODELS[key]
-    model = build_model(spec.name, budget.model_kwargs(spec), str(out / "runs" / key / "phase2" / "last.pt")).eval()
-    return {"seed": seed, **score_model(model, clips)}
+    """A finished model's scores on a second held-out set (``--second-eval-seed``): one held-out set
+    of four clips ranks close models differently from another."""
+    return {"seed": seed, **rescore(key, out, clips, budget)}
 
 
 def zero_reference(clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
     """The all-zero (all-background) alpha's scores: the number a model must beat to have learned
     anything beyond 'nothing is foreground'."""
-    scores = score_clips([np.zeros_like(true) for _, true in clips], clips)
-    return {"model": "all_zero", "label": "all-zero alpha", **scores}
+    zeros = [np.zeros_like(true) for _, true in clips]
+    return {"model": "all_zero", "label": "all-zero alpha", **score_clips(zeros, clips),
+            "pha_dtssd_parts": dtssd_parts(zeros, clips)}
 
 
 def format_table(results: Sequence[Dict[str, Any]]) -> str:
@@ -287,6 +323,35 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
         rows.append("| {} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.2f} ".format(
             r["model"], r["pha_mad"], r["pha_mse"], r["pha_grad"], r["pha_conn"], r["pha_dtssd"]) + cost)
     return "\n".join(rows)
+
+
+def format_dtssd_parts(results: Sequence[Dict[str, Any]]) -> str:
+    """A Markdown table of ``dtssd_parts`` (x1e4): flicker where nothing moves, error where the
+    subject moves, and their sum."""
+    rows = ["| model | static background | static subject | moving | all |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        parts = r["pha_dtssd_parts"]
+        rows.append("| {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} |".format(
+            r["model"], parts["static_background"], parts["static_subject"], parts["moving"], sum(parts.values())))
+    return "\n".join(rows)
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+    """``payload`` as indented JSON at ``path``, written atomically (``write_atomically``)."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+
+
+def write_atomically(path: pathlib.Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a unique temporary name beside ``path`` and rename it to ``path`` only
+    when it returned, so an interrupted run never leaves a half-written result under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def label_heights(results: Sequence[Dict[str, Any]], zero_mad: float, gap: float = 0.045) -> List[float]:
@@ -337,7 +402,6 @@ def plot(results: Sequence[Dict[str, Any]], zero: Dict[str, Any], path: pathlib.
     ax.legend(loc="best", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -405,33 +469,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tqdm.write(f"{key}: MAD {results[-1]['pha_mad']:.1f} dtSSD {results[-1]['pha_dtssd']:.2f} "
                    f"({results[-1]['train_s'] / 60:.1f} min)")
     bar.close()
+    for result in results:  # results scored before dtssd_parts existed
+        if "pha_dtssd_parts" not in result:
+            result["pha_dtssd_parts"] = rescore(result["model"], out, clips, args.budget)["pha_dtssd_parts"]
+            write_json(out / f"{result['model']}.json", result)
     second: Optional[Dict[str, Any]] = None
     if args.second_eval_seed is not None:
         clips2 = eval_clips(args.budget, args.eval_clips, args.eval_frames, args.second_eval_seed)
         for result in tqdm(results, unit="model", desc=f"held-out seed {args.second_eval_seed}", dynamic_ncols=True):
-            if result.get("second_eval", {}).get("seed") != args.second_eval_seed:
+            earlier = result.get("second_eval", {})
+            if earlier.get("seed") != args.second_eval_seed or "pha_dtssd_parts" not in earlier:
                 result["second_eval"] = score_second_set(result["model"], out, clips2, args.second_eval_seed,
                                                           args.budget)
-                (out / f"{result['model']}.json").write_text(json.dumps(result, indent=1))
+                write_json(out / f"{result['model']}.json", result)
         second = {"seed": args.second_eval_seed, "all_zero": zero_reference(clips2)}
     print(f"{args.budget.steps} steps of {args.budget.clips_per_step} clips x {args.budget.frames} frames at "
           f"{args.budget.size[0]}x{args.budget.size[1]}; held out: {args.eval_clips} clips x {args.eval_frames} "
           f"frames (split 'eval', seed {args.eval_seed}); {args.threads} thread(s), {platform.processor() or platform.machine()}")
     print(format_table(results + [zero]))
+    print("where the temporal error comes from (dtssd_parts, mean squared x1e4):")
+    print(format_dtssd_parts(results + [zero]))
     if second is not None:
         print(f"second held-out set (seed {second['seed']}):")
         print(format_table([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
+        print(format_dtssd_parts([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
     if args.json:
         payload = {"budget": budget, "threads": args.threads, "machine": platform.platform(),
                    "torch": torch.__version__, "results": results, "all_zero": zero}
         if second is not None:
             payload["second_eval"] = second
-        pathlib.Path(args.json).write_text(json.dumps(payload, indent=1))
+        write_json(pathlib.Path(args.json), payload)
     if args.plot:
         title = (f"{args.budget.steps} steps of {args.budget.clips_per_step} clips x {args.budget.frames} frames, "
                  f"{args.budget.size[0]}x{args.budget.size[1]}, held-out SyntheticMatting "
                  f"({args.eval_clips} clips x {args.eval_frames} frames)")
-        plot(results, zero, pathlib.Path(args.plot), title)
+        write_atomically(pathlib.Path(args.plot), lambda tmp: plot(results, zero, tmp, title))
     return 0
 
 

@@ -85,6 +85,40 @@ def test_scores_and_table(bench):
     assert by_frame[0] == 0.0 and by_frame[1:] == pytest.approx(1e3 * true[1:].mean(axis=(1, 2)), abs=0.01)
 
 
+def test_dtssd_parts_split_the_temporal_error_by_region(bench):
+    """A hand-worked pair of 2x2 frames: flicker on a static background pixel and a static subject
+    pixel, an undershoot where the true alpha moves; the parts add up to the mean square (x1e4)."""
+    true = np.array([[[0.0, 0.0], [1.0, 0.5]], [[0.0, 1.0], [1.0, 0.5]]], dtype=np.float32)
+    pred = np.array([[[0.1, 0.0], [1.0, 0.5]], [[0.0, 0.8], [0.9, 0.5]]], dtype=np.float32)
+    clips = [(None, true)]
+    parts = bench.dtssd_parts([pred], clips)
+    assert parts == pytest.approx({"static_background": 0.01 / 4 * 1e4, "static_subject": 0.01 / 4 * 1e4,
+                                   "moving": 0.04 / 4 * 1e4}, rel=1e-5)
+    assert sum(parts.values()) == pytest.approx((((pred[1] - pred[0]) - (true[1] - true[0])) ** 2).mean() * 1e4)
+    assert bench.dtssd_parts([true], clips) == {"static_background": 0.0, "static_subject": 0.0, "moving": 0.0}
+    zero = bench.dtssd_parts([np.zeros_like(true)], clips)  # no flicker, all the motion missed
+    assert zero == pytest.approx({"static_background": 0.0, "static_subject": 0.0, "moving": 1.0 / 4 * 1e4})
+    table = bench.format_dtssd_parts([{"model": "m", "pha_dtssd_parts": parts}])
+    assert table.splitlines()[-1] == "| m | 25.00 | 25.00 | 100.00 | 150.00 |"
+
+
+def test_write_atomically_leaves_nothing_behind_a_failed_write(bench, tmp_path):
+    """A write that raises leaves the earlier file as it was and no temporary file; one that
+    returns replaces it."""
+    path = tmp_path / "all.json"
+    path.write_text("earlier")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bench.write_atomically(path, fail)
+    assert path.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["all.json"]
+    bench.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["all.json"]
+
+
 def test_plot_labels_at_the_same_ops_do_not_overlap(bench):
     """Labels of models at the same OPs are spread to at least the gap apart, in MAD order; a
     model alone at its OPs keeps its label at its own MAD."""
@@ -106,12 +140,17 @@ def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
     result = json.loads((out / "bimatting.json").read_text())
     assert set(bench.METRIC_NAMES) <= set(result) and result["ops"] > 0 and 0 < result["storage_bytes"] < 1e6
     assert len(result["pha_mad_by_frame"]) == 2
+    assert set(result["pha_dtssd_parts"]) == {"static_background", "static_subject", "moving"}
     budget = json.loads((out / "budget.json").read_text())
     assert budget["frames"] == 3 and budget["clips_per_step"] == 1
     assert (out / "runs" / "bimatting" / "phase2" / "last.pt").is_file()
-    (out / "bimatting.json").write_text(json.dumps({**result, "pha_mad": -1.0}))
+    older = {key: value for key, value in result.items() if key != "pha_dtssd_parts"}
+    (out / "bimatting.json").write_text(json.dumps({**older, "pha_mad": -1.0}))
     assert bench.main(argv + ["--resume"]) == 0
-    assert json.loads((tmp_path / "all.json").read_text())["results"][0]["pha_mad"] == -1.0
+    resumed = json.loads((tmp_path / "all.json").read_text())["results"][0]
+    assert resumed["pha_mad"] == -1.0  # read back, not trained or scored again ...
+    assert resumed["pha_dtssd_parts"] == pytest.approx(result["pha_dtssd_parts"])  # ... but the missing parts added
+    assert json.loads((out / "bimatting.json").read_text())["pha_dtssd_parts"] == resumed["pha_dtssd_parts"]
 
 
 def test_a_second_held_out_set_is_scored_from_the_checkpoint_once(bench, tmp_path):
