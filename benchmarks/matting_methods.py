@@ -189,15 +189,18 @@ def eval_clips(budget: Budget, clips: int, frames: int, seed: int) -> List[Tuple
     return out
 
 
-def predict(model: nn.Module, src: np.ndarray) -> np.ndarray:
+def predict(model: nn.Module, src: np.ndarray, recurrent: bool = True) -> np.ndarray:
     """The model's alpha of one clip, frame by frame with its recurrent state (``downsample_ratio=1``,
-    as ``binarize demo``), in ``eval()``."""
+    as ``binarize demo``), in ``eval()``; ``recurrent=False`` starts every frame from an empty state
+    (each frame matted alone, to tell what the state adds)."""
     rec: List[Any] = [None] * 4
     frames = []
     with torch.no_grad():
         for frame in src:
             x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
-            _, pha, *rec = model(x, *rec, downsample_ratio=1.0)
+            _, pha, *state = model(x, *rec, downsample_ratio=1.0)
+            if recurrent:
+                rec = state
             frames.append(pha[0, 0].float().numpy())
     return np.stack(frames)
 
@@ -249,12 +252,21 @@ def dtssd_parts(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, n
     return {name: total / max(count, 1) * 1e4 for name, total in sums.items()}
 
 
+#: What ``score_model`` adds to the metrics; a result without one of them (scored before it existed)
+#: gets it from its checkpoint on ``--resume``.
+DIAGNOSTICS = ("pha_dtssd_parts", "stateless")
+
+
 def score_model(model: nn.Module, clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Any]:
-    """The model's metrics on ``clips`` (``score_clips``), its MAD by frame index (``mad_by_frame``)
-    and where its temporal error comes from (``dtssd_parts``)."""
+    """The model's metrics on ``clips`` (``score_clips``), its MAD by frame index (``mad_by_frame``),
+    where its temporal error comes from (``dtssd_parts``), and the metrics and parts again with every
+    frame matted alone (``stateless``): whether the recurrent state helps the matte or hurts it (a
+    state older than the training clips were long can drift)."""
     preds = [predict(model, src) for src, _ in clips]
+    alone = [predict(model, src, recurrent=False) for src, _ in clips]
     return {**score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips),
-            "pha_dtssd_parts": dtssd_parts(preds, clips)}
+            "pha_dtssd_parts": dtssd_parts(preds, clips),
+            "stateless": {**score_clips(alone, clips), "pha_dtssd_parts": dtssd_parts(alone, clips)}}
 
 
 def costs(model: nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
@@ -334,6 +346,18 @@ def format_dtssd_parts(results: Sequence[Dict[str, Any]]) -> str:
         parts = r["pha_dtssd_parts"]
         rows.append("| {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} |".format(
             r["model"], parts["static_background"], parts["static_subject"], parts["moving"], sum(parts.values())))
+    return "\n".join(rows)
+
+
+def format_stateless(results: Sequence[Dict[str, Any]]) -> str:
+    """A Markdown table of MAD and dtSSD with the recurrent state against every frame matted alone."""
+    rows = ["| model | MAD | MAD alone | dtSSD | dtSSD alone | static subject | static subject alone |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        alone = r["stateless"]
+        rows.append("| {} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.2f} | {:.2f} |".format(
+            r["model"], r["pha_mad"], alone["pha_mad"], r["pha_dtssd"], alone["pha_dtssd"],
+            r["pha_dtssd_parts"]["static_subject"], alone["pha_dtssd_parts"]["static_subject"]))
     return "\n".join(rows)
 
 
@@ -469,16 +493,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tqdm.write(f"{key}: MAD {results[-1]['pha_mad']:.1f} dtSSD {results[-1]['pha_dtssd']:.2f} "
                    f"({results[-1]['train_s'] / 60:.1f} min)")
     bar.close()
-    for result in results:  # results scored before dtssd_parts existed
-        if "pha_dtssd_parts" not in result:
-            result["pha_dtssd_parts"] = rescore(result["model"], out, clips, args.budget)["pha_dtssd_parts"]
+    for result in results:  # results scored before a diagnostic existed
+        missing = [name for name in DIAGNOSTICS if name not in result]
+        if missing:
+            scores = rescore(result["model"], out, clips, args.budget)
+            result.update({name: scores[name] for name in missing})
             write_json(out / f"{result['model']}.json", result)
     second: Optional[Dict[str, Any]] = None
     if args.second_eval_seed is not None:
         clips2 = eval_clips(args.budget, args.eval_clips, args.eval_frames, args.second_eval_seed)
         for result in tqdm(results, unit="model", desc=f"held-out seed {args.second_eval_seed}", dynamic_ncols=True):
             earlier = result.get("second_eval", {})
-            if earlier.get("seed") != args.second_eval_seed or "pha_dtssd_parts" not in earlier:
+            if earlier.get("seed") != args.second_eval_seed or not set(DIAGNOSTICS) <= set(earlier):
                 result["second_eval"] = score_second_set(result["model"], out, clips2, args.second_eval_seed,
                                                           args.budget)
                 write_json(out / f"{result['model']}.json", result)
@@ -489,10 +515,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results + [zero]))
     print("where the temporal error comes from (dtssd_parts, mean squared x1e4):")
     print(format_dtssd_parts(results + [zero]))
+    print("every frame matted alone (no recurrent state):")
+    print(format_stateless(results))
     if second is not None:
         print(f"second held-out set (seed {second['seed']}):")
         print(format_table([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
         print(format_dtssd_parts([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
+        print(format_stateless([{**r, **r["second_eval"]} for r in results]))
     if args.json:
         payload = {"budget": budget, "threads": args.threads, "machine": platform.platform(),
                    "torch": torch.__version__, "results": results, "all_zero": zero}

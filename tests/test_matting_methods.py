@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,6 +120,28 @@ def test_write_atomically_leaves_nothing_behind_a_failed_write(bench, tmp_path):
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["all.json"]
 
 
+class _Recurrent(torch.nn.Module):
+    """A toy matting model whose alpha is the frame's mean plus 0.1 per frame of state it carries."""
+
+    def forward(self, x, r1, r2, r3, r4, downsample_ratio=1.0):
+        age = torch.zeros(()) if r1 is None else r1 + 1
+        pha = (x.mean() + 0.1 * age).expand(1, 1, *x.shape[-2:])
+        return x, pha, age, r2, r3, r4
+
+
+def test_predict_carries_the_state_or_mattes_every_frame_alone(bench):
+    """With the state the toy model's alpha grows 0.1 a frame; alone every frame is its first."""
+    src = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    with_state = bench.predict(_Recurrent(), src)
+    alone = bench.predict(_Recurrent(), src, recurrent=False)
+    assert with_state[:, 0, 0] == pytest.approx([0.0, 0.1, 0.2]) and alone[:, 0, 0] == pytest.approx([0.0, 0.0, 0.0])
+    table = bench.format_stateless([{"model": "m", "pha_mad": 1.0, "pha_dtssd": 2.0,
+                                     "pha_dtssd_parts": {"static_subject": 3.0},
+                                     "stateless": {"pha_mad": 4.0, "pha_dtssd": 5.0,
+                                                   "pha_dtssd_parts": {"static_subject": 6.0}}}])
+    assert table.splitlines()[-1] == "| m | 1.0 | 4.0 | 2.00 | 5.00 | 3.00 | 6.00 |"
+
+
 def test_plot_labels_at_the_same_ops_do_not_overlap(bench):
     """Labels of models at the same OPs are spread to at least the gap apart, in MAD order; a
     model alone at its OPs keeps its label at its own MAD."""
@@ -141,15 +164,17 @@ def test_a_tiny_budget_trains_scores_profiles_and_resumes(bench, tmp_path):
     assert set(bench.METRIC_NAMES) <= set(result) and result["ops"] > 0 and 0 < result["storage_bytes"] < 1e6
     assert len(result["pha_mad_by_frame"]) == 2
     assert set(result["pha_dtssd_parts"]) == {"static_background", "static_subject", "moving"}
+    assert set(bench.METRIC_NAMES) <= set(result["stateless"]) and "pha_dtssd_parts" in result["stateless"]
     budget = json.loads((out / "budget.json").read_text())
     assert budget["frames"] == 3 and budget["clips_per_step"] == 1
     assert (out / "runs" / "bimatting" / "phase2" / "last.pt").is_file()
-    older = {key: value for key, value in result.items() if key != "pha_dtssd_parts"}
+    older = {key: value for key, value in result.items() if key not in bench.DIAGNOSTICS}
     (out / "bimatting.json").write_text(json.dumps({**older, "pha_mad": -1.0}))
     assert bench.main(argv + ["--resume"]) == 0
     resumed = json.loads((tmp_path / "all.json").read_text())["results"][0]
     assert resumed["pha_mad"] == -1.0  # read back, not trained or scored again ...
     assert resumed["pha_dtssd_parts"] == pytest.approx(result["pha_dtssd_parts"])  # ... but the missing parts added
+    assert resumed["stateless"]["pha_mad"] == pytest.approx(result["stateless"]["pha_mad"])
     assert json.loads((out / "bimatting.json").read_text())["pha_dtssd_parts"] == resumed["pha_dtssd_parts"]
 
 
