@@ -20,6 +20,13 @@ The converted RVMs (``rvm_<method>``, ``binarize.models.baselines``) binarize th
 convs as the paper does; ``--keep-depthwise`` keeps them 32-bit (a stronger baseline, the
 definition every table in docs/matting.md measured before 2026-12-07 used).
 
+Besides the metrics, each result carries two diagnostics of the temporal behaviour:
+``pha_dtssd_parts`` splits dtSSD's squared error into flicker where nothing moves (static
+background, static subject) and error where the subject moves (the all-zero alpha has no
+flicker, so a model that finds the subject but flickers can score a worse dtSSD than it), and
+``stateless`` scores the model again with every frame matted alone (no recurrent state), which
+tells a state that steadies the matte from one that drifts on clips longer than it was trained on.
+
 Each model's result is written to ``OUT/<model>.json`` as soon as it is known, and its training
 checkpoints to ``OUT/runs/<model>/``, so a budget can span several runs: ``--resume`` skips the
 models already scored and continues an interrupted training exactly (the trainer's ``--resume``).
