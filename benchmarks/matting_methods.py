@@ -525,10 +525,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("every frame matted alone (no recurrent state):")
     print(format_stateless(results))
     if second is not None:
+        on_second = [{**r, **r["second_eval"]} for r in results]  # each result with its second set's scores
         print(f"second held-out set (seed {second['seed']}):")
-        print(format_table([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
-        print(format_dtssd_parts([{**r, **r["second_eval"]} for r in results] + [second["all_zero"]]))
-        print(format_stateless([{**r, **r["second_eval"]} for r in results]))
+        print(format_table(on_second + [second["all_zero"]]))
+        print(format_dtssd_parts(on_second + [second["all_zero"]]))
+        print(format_stateless(on_second))
     if args.json:
         payload = {"budget": budget, "threads": args.threads, "machine": platform.platform(),
                    "torch": torch.__version__, "results": results, "all_zero": zero}
