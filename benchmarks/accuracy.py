@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import binarize  # noqa: E402
+from binarize._atomic import write_text_atomic  # noqa: E402
 from binarize.ops import list_methods, step_binarizers  # noqa: E402
 
 TRAIN_SIZE = 1400
@@ -232,10 +233,7 @@ def main(argv: Sequence[str] = None) -> None:
         tqdm.write(f"{method:>12} seed {seed}: {100 * result['accuracy']:.1f}% "
                    f"(train loss {result['train_loss']:.3f}, {result['seconds']:.0f} s)")
         if args.json:
-            partial = args.json + ".partial"
-            with open(partial, "w") as handle:
-                json.dump({**config, "threads": args.threads, "results": results}, handle, indent=1)
-            os.replace(partial, args.json)
+            write_text_atomic(args.json, json.dumps({**config, "threads": args.threads, "results": results}, indent=1))
     print(f"\n{args.model} on digits ({TRAIN_SIZE} train / 397 held out), {args.epochs} epochs, "
           f"batch {args.batch}, Adam one-cycle lr {args.lr}, {args.threads} threads, activation={args.activation}")
     results = {m: results[m] for m in methods if m in results}

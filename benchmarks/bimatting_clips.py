@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from binarize._atomic import atomic_output, write_text_atomic
 
 DEMO_SEEDS = (2023, 1, 7, 11, 12, 101, 102, 103)
 SPLITS = ("demo", "eval", "train")
@@ -178,17 +179,12 @@ def write_image(panels: List[Tuple[str, np.ndarray]], path: str) -> None:
         image = Image.fromarray(tile)
         ImageDraw.Draw(image).text((2, 1), name, fill=(255, 255, 255))
         tiles.append(np.asarray(image))
-    target = pathlib.Path(path)
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial.png")
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(tmp)
-    os.replace(tmp, target)
+    with atomic_output(path) as tmp:
+        Image.fromarray(np.concatenate(tiles, axis=1)).save(tmp)
 
 
 def write_json(payload: Dict[str, Any], path: str) -> None:
-    target = pathlib.Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def main(argv: Sequence[str] = ()) -> int:

@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from binarize._atomic import atomic_output  # noqa: E402
 from binarize.engine import PackedConv2d, deploy, kernel_info  # noqa: E402
 from binarize.engine.functional import binary_conv2d, pack_activations  # noqa: E402
 from binarize.models import create_model  # noqa: E402
@@ -324,9 +325,8 @@ def plot(layer_rows: List[dict], frame_rows: List[dict], path: pathlib.Path, thr
     right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     print(f"\nplot written to {path}")
 
 

@@ -60,6 +60,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from binarize._atomic import atomic_output  # noqa: E402
 from binarize.matting import metrics  # noqa: E402
 from binarize.matting.data import SyntheticMatting  # noqa: E402
 from binarize.matting.train import Trainer, build_model  # noqa: E402
@@ -376,13 +377,8 @@ def write_json(path: pathlib.Path, payload: Any) -> None:
 def write_atomically(path: pathlib.Path, write: Any) -> None:
     """Call ``write(tmp)`` on a unique temporary name beside ``path`` and rename it to ``path`` only
     when it returned, so an interrupted run never leaves a half-written result under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    with atomic_output(path, parents=True) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def label_heights(results: Sequence[Dict[str, Any]], zero_mad: float, gap: float = 0.045) -> List[float]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -138,6 +139,18 @@ def test_errors(tmp_path):
     (true / "d" / "0000").rename(true / "d" / "0001")
     with pytest.raises(FileNotFoundError, match="no ground-truth clip folder"):
         evaluate(pred, true, write=False, progress=False)
+
+
+def test_reports_are_readable_by_others(official_cases, tmp_path):
+    # written through a private temporary file (mkstemp, 0600) and renamed: they used to stay 0600
+    old = os.umask(0o022)
+    try:
+        evaluate(official_cases / "pred", official_cases / "true", metrics=["pha_mad"], output_dir=tmp_path,
+                 progress=False)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "pred_summary.csv": 0o644, "pred_clips.csv": 0o644, "pred_frames.csv": 0o644, "pred.md": 0o644}
 
 
 def test_cli(official_cases, tmp_path, capsys):

@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from binarize._atomic import atomic_output, write_text_atomic
+
 DEFAULT_OUTPUT = "binarize-demo"
 DEFAULT_FRAMES = 48
 DEFAULT_SIZE = "256x144"
@@ -146,9 +148,8 @@ def side_by_side(src: np.ndarray, pha: np.ndarray, path: pathlib.Path) -> pathli
     green = np.array(GREEN, dtype=np.float32)
     comp = src.astype(np.float32) * pha[..., None] + green * (1 - pha[..., None])
     row = np.concatenate([src, alpha, np.round(comp).astype(np.uint8)], axis=1)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    Image.fromarray(row).save(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(row).save(tmp)
     return path
 
 
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         summary["compare_fps"] = interleaved_fps(models, clip["src"], device, ratio)
     if not args.no_profile:
         summary.update(profile_savings(model, clip["src"][middle]))
-    _write_json(summary, out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     print(f"  clip: {len(pred)} synthetic frames {size[0]}x{size[1]} (held out, seed {args.seed}) -> {out}/")
     print("  wrote: composite.mp4, alpha.mp4, side_by_side.png (input | alpha | composite), input/, summary.json")
@@ -311,7 +312,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(data: Dict[str, Any], path: pathlib.Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -22,7 +22,6 @@ import csv
 import io
 import os
 import pathlib
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from binarize._atomic import write_text_atomic
 from binarize.matting.data.imageio import list_images, list_subdirs, read_gray, read_rgb
 from binarize.matting.metrics import FOREGROUND_METRICS, METRICS, frame_metrics
 
@@ -128,18 +128,6 @@ def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     return buffer.getvalue()
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def find_clips(root: PathLike) -> List[Tuple[str, str]]:
@@ -281,8 +269,8 @@ def evaluate(pred_dir: PathLike, true_dir: PathLike, metrics: Optional[Sequence[
         out = pathlib.Path(output_dir) if output_dir is not None else pred_root
         out.mkdir(parents=True, exist_ok=True)
         name = pred_root.resolve().name
-        _write_atomic(out / f"{name}_summary.csv", result.summary_csv())
-        _write_atomic(out / f"{name}_clips.csv", result.clips_csv())
-        _write_atomic(out / f"{name}_frames.csv", result.frames_csv())
-        _write_atomic(out / f"{name}.md", result.markdown())
+        write_text_atomic(out / f"{name}_summary.csv", result.summary_csv())
+        write_text_atomic(out / f"{name}_clips.csv", result.clips_csv())
+        write_text_atomic(out / f"{name}_frames.csv", result.frames_csv())
+        write_text_atomic(out / f"{name}.md", result.markdown())
     return result

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from binarize._atomic import atomic_output
 from binarize.matting import losses
 from binarize.matting.train_config import config_to_yaml, section_list
 from binarize.matting.train_state import (
@@ -345,10 +346,8 @@ class _CsvLog:
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step] if rows else []
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(self.path) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, self.path)
 
     def log(self, step: int, epoch: int, scalars: Dict[str, float]) -> None:
         for name, value in scalars.items():

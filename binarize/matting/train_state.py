@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import pathlib
 import random
-import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from binarize._atomic import atomic_output
 
 __all__ = [
     "get_rng_state",
@@ -164,18 +165,11 @@ class ResumableLoader:
 
 
 def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> pathlib.Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``
+    (``binarize._atomic.atomic_output``); creates missing folders."""
     target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_output(target, parents=True) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return target
 
 

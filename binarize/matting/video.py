@@ -25,6 +25,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from binarize._atomic import make_temp
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -406,34 +408,6 @@ def _ffmpeg_message(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- writers
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_temp(path: Path, folder: bool = False) -> Path:
-    """A new, unique temporary file (or folder) next to ``path``: ``.name.XXXXXXXX.partial.ext``.
-
-    Unique per call, so two runs writing the same output never share a temporary name; created
-    with the permissions ``open``/``mkdir`` would give (``0o666``/``0o777`` less the umask).
-    """
-    prefix = f".{path.stem if not folder else path.name}."
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=path.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
-        return tmp
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
-
-
-def partial_path(path: Path) -> Path:
-    """A unique temporary name for ``path`` in its directory (created empty; see :func:`make_temp`)."""
-    return make_temp(Path(path))
-
-
 def check_output_path(path: PathLike, folder: bool = False) -> None:
     """Refuse an output that cannot be written, before any work: an existing folder where a file
     goes (or a file or non-empty folder where a PNG folder goes), an ancestor that is a file, or

@@ -51,6 +51,8 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from binarize._atomic import atomic_output, file_mode, write_text_atomic
+
 __all__ = [
     "save",
     "load",
@@ -413,16 +415,6 @@ def _model_config(model: nn.Module, name: Optional[str], kwargs: Optional[Dict[s
     return {"model": name, "kwargs": kwargs}
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_target(path: pathlib.Path) -> pathlib.Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save(
     model: nn.Module, path: PathLike, *, name: Optional[str] = None, kwargs: Optional[Dict[str, Any]] = None
 ) -> pathlib.Path:
@@ -450,14 +442,9 @@ def save(
         "full_precision_fallback": json.dumps(fallback),
     }
     blobs, metadata["index"] = _pack_blobs(tensors)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_output(path) as tmp:
         save_file(blobs, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; give what open() would
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.chmod(tmp, file_mode())  # safetensors re-creates the file private (0600)
     return path
 
 
@@ -627,10 +614,8 @@ def save_pretrained(model: nn.Module, directory: PathLike) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = _model_config(model, None, None)
     save(model, directory / WEIGHTS_NAME)
-    target = directory / CONFIG_NAME
-    tmp = _atomic_target(target)
-    tmp.write_text(json.dumps({**config, "format": FORMAT, "weights": WEIGHTS_NAME}, indent=2, sort_keys=True))
-    os.replace(tmp, target)
+    write_text_atomic(directory / CONFIG_NAME,
+                      json.dumps({**config, "format": FORMAT, "weights": WEIGHTS_NAME}, indent=2, sort_keys=True))
     return directory
 
 
