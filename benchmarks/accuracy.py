@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import binarize  # noqa: E402
-from binarize._atomic import write_text_atomic  # noqa: E402
+from binarize._atomic import atomic_output, write_text_atomic  # noqa: E402
 from binarize.ops import list_methods, step_binarizers  # noqa: E402
 
 TRAIN_SIZE = 1400
@@ -154,7 +154,8 @@ def plot(results: Dict[str, List[Dict[str, float]]], path: str, title: str) -> N
     ax.legend(loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -177,8 +178,7 @@ def merge(args: argparse.Namespace) -> None:
           f"activation={settings['activation']} (merged from {len(args.merge)} files)")
     print(summarise(merged, epochs))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({**settings, "results": merged}, handle, indent=1)
+        write_text_atomic(args.json, json.dumps({**settings, "results": merged}, indent=1))
     if args.plot:
         seeds = max(len(runs) for runs in merged.values())
         plot(merged, args.plot, f"{settings['model']} on digits, {epochs} epochs, {seeds} seeds")

@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from binarize._atomic import atomic_output  # noqa: E402
+from binarize._atomic import atomic_output, write_text_atomic  # noqa: E402
 from binarize.engine import PackedConv2d, deploy, kernel_info  # noqa: E402
 from binarize.engine.functional import binary_conv2d, pack_activations  # noqa: E402
 from binarize.models import create_model  # noqa: E402
@@ -372,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{memory['frames_short']} frames, {memory['peak_long_mb']:.0f} MB over {memory['frames_long']} "
                   f"(growth {memory['growth_mb']:+.1f} MB)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(results, indent=2))
     if args.plot and "layers" in results and "frames" in results:
         plot(results["layers"], results["frames"], args.plot, args.threads)
     return 0

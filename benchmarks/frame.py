@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from engine import interleaved, randomized_bimatting, rvm_model  # noqa: E402
 
+from binarize._atomic import write_text_atomic  # noqa: E402
 from binarize.engine import _lib, deploy, kernel_info  # noqa: E402
 
 SIZES = {"512x288": (512, 288, 1.0), "1920x1080": (1920, 1080, 0.25)}
@@ -448,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for result in results["breakdown"]:
             print_breakdown(result)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(results, indent=2))
     return 0
 
 
