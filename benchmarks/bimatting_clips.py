@@ -114,7 +114,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from binarize.cli.demo import bundled_checkpoint, make_clip, predict_alpha, score
+    from binarize.cli.demo import bundled_checkpoint, make_clip, score
+    from binarize.matting.inference import matte_clip
     from binarize.matting.train import build_model
 
     torch.set_num_threads(args.threads)
@@ -130,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         model = build_model("bimatting", {}, str(path))  # the simulated network, in eval() below
         rows: Dict[str, Dict[int, Dict[str, float]]] = {name: {} for name, _, _ in variants}
         for seed in tqdm(args.seeds, desc=pathlib.Path(path).name, disable=args.no_progress, leave=False):
-            pred = predict_alpha(model, clips[seed]["src"], "cpu", 1.0)
+            pred = matte_clip(model, clips[seed]["src"])
             if seed == args.seeds[0]:
                 panels.append((pathlib.Path(ckpt).stem, pred[middle]))
             for name, b, c in variants:

@@ -63,6 +63,7 @@ from tqdm import tqdm  # noqa: E402
 from binarize._atomic import atomic_output  # noqa: E402
 from binarize.matting import metrics  # noqa: E402
 from binarize.matting.data import SyntheticMatting  # noqa: E402
+from binarize.matting.inference import matte_clip  # noqa: E402
 from binarize.matting.train import Trainer, build_model  # noqa: E402
 from binarize.matting.train_config import load_config  # noqa: E402
 
@@ -197,22 +198,6 @@ def eval_clips(budget: Budget, clips: int, frames: int, seed: int) -> List[Tuple
     return out
 
 
-def predict(model: nn.Module, src: np.ndarray, recurrent: bool = True) -> np.ndarray:
-    """The model's alpha of one clip, frame by frame with its recurrent state (``downsample_ratio=1``,
-    as ``binarize demo``), in ``eval()``; ``recurrent=False`` starts every frame from an empty state
-    (each frame matted alone, to tell what the state adds)."""
-    rec: List[Any] = [None] * 4
-    frames = []
-    with torch.no_grad():
-        for frame in src:
-            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
-            _, pha, *state = model(x, *rec, downsample_ratio=1.0)
-            if recurrent:
-                rec = state
-            frames.append(pha[0, 0].float().numpy())
-    return np.stack(frames)
-
-
 def score_clips(preds: Sequence[np.ndarray], clips: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, float]:
     """The official metrics (MAD/MSE x1e3, Grad/Conn /1e3, dtSSD x1e2), averaged over every frame of
     every clip like the official evaluator (dtSSD 0 on a clip's first frame)."""
@@ -270,8 +255,8 @@ def score_model(model: nn.Module, clips: Sequence[Tuple[np.ndarray, np.ndarray]]
     where its temporal error comes from (``dtssd_parts``), and the metrics and parts again with every
     frame matted alone (``stateless``): whether the recurrent state helps the matte or hurts it (a
     state older than the training clips were long can drift)."""
-    preds = [predict(model, src) for src, _ in clips]
-    alone = [predict(model, src, recurrent=False) for src, _ in clips]
+    preds = [matte_clip(model, src) for src, _ in clips]
+    alone = [matte_clip(model, src, recurrent=False) for src, _ in clips]
     return {**score_clips(preds, clips), "pha_mad_by_frame": mad_by_frame(preds, clips),
             "pha_dtssd_parts": dtssd_parts(preds, clips),
             "stateless": {**score_clips(alone, clips), "pha_dtssd_parts": dtssd_parts(alone, clips)}}

@@ -13,6 +13,7 @@ from binarize.cli import demo
 from binarize.cli.main import main
 from binarize.cli.matte import select_engine
 from binarize.engine import _lib, available, deploy
+from binarize.matting.inference import matte_clip
 
 
 def count_frames(path) -> int:
@@ -54,7 +55,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     if expected == "packed":
         model = deploy(model)
     clip = demo.make_clip(3, (64, 48), demo.DEMO_SEED)
-    pred = demo.predict_alpha(model, clip["src"], "cpu", 1.0)
+    pred = matte_clip(model, clip["src"])
     assert summary["pha_mad"] == pytest.approx(demo.score(pred, clip["pha"])["pha_mad"], rel=1e-6)
     assert summary["pha_mad"] == pytest.approx(np.abs(pred - clip["pha"]).mean() * 1e3, rel=1e-4)
     # next to it, the all-background answer's score on the same clip: MAD of zeros = mean alpha
@@ -82,8 +83,8 @@ def test_bundled_weights_matte_beyond_the_all_background_answer():
     torch.manual_seed(0)
     untrained = create_model("bimatting")
     clip = demo.make_clip(8, (256, 144), seed=777)  # a clip the training never saw
-    ours = demo.score(demo.predict_alpha(model, clip["src"], "cpu", 1.0), clip["pha"])["pha_mad"]
-    fresh = demo.score(demo.predict_alpha(untrained, clip["src"], "cpu", 1.0), clip["pha"])["pha_mad"]
+    ours = demo.score(matte_clip(model, clip["src"]), clip["pha"])["pha_mad"]
+    fresh = demo.score(matte_clip(untrained, clip["src"]), clip["pha"])["pha_mad"]
     zero = demo.score(np.zeros_like(clip["pha"]), clip["pha"])["pha_mad"]
     assert ours < fresh
     assert ours < 0.75 * zero, (ours, zero)

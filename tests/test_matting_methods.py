@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from binarize.matting.inference import matte_clip
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -129,11 +131,11 @@ class _Recurrent(torch.nn.Module):
         return x, pha, age, r2, r3, r4
 
 
-def test_predict_carries_the_state_or_mattes_every_frame_alone(bench):
+def test_matte_clip_carries_the_state_or_mattes_every_frame_alone(bench):
     """With the state the toy model's alpha grows 0.1 a frame; alone every frame is its first."""
     src = np.zeros((3, 4, 4, 3), dtype=np.uint8)
-    with_state = bench.predict(_Recurrent(), src)
-    alone = bench.predict(_Recurrent(), src, recurrent=False)
+    with_state = matte_clip(_Recurrent(), src)
+    alone = matte_clip(_Recurrent(), src, recurrent=False)
     assert with_state[:, 0, 0] == pytest.approx([0.0, 0.1, 0.2]) and alone[:, 0, 0] == pytest.approx([0.0, 0.0, 0.0])
     table = bench.format_stateless([{"model": "m", "pha_mad": 1.0, "pha_dtssd": 2.0,
                                      "pha_dtssd_parts": {"static_subject": 3.0},

@@ -113,22 +113,6 @@ def _replace_dir(tmp: pathlib.Path, target: pathlib.Path) -> None:
     os.replace(tmp, target)
 
 
-def predict_alpha(model: Any, src: np.ndarray, device: Any, downsample_ratio: float) -> np.ndarray:
-    """Run the recurrent model frame by frame (as ``convert_video`` with ``seq_chunk=1``) and return
-    the alpha as float T x H x W."""
-    import torch
-
-    rec = [None] * 4
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for frame in src:
-            x = torch.from_numpy(frame).to(device).permute(2, 0, 1)[None].float() / 255
-            _, pha, *rec = model(x, *rec, downsample_ratio=downsample_ratio)
-            out.append(pha[0, 0].float().cpu().numpy())
-    return np.stack(out)
-
-
 def score(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:
     """MAD and MSE (x1e3) and dtSSD (x1e2), averaged over frames as the official evaluator does."""
     from binarize.matting import metrics
@@ -250,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from binarize.cli.matte import deploy_packed, select_engine
-    from binarize.matting.inference import convert_video
+    from binarize.matting.inference import convert_video, matte_clip
 
     size = parse_size(args.size)
     if args.frames < 1:
@@ -273,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         background="green", downsample_ratio=ratio, device=device, progress=not args.no_progress,
     )
     start = time.perf_counter()
-    pred = predict_alpha(runner, clip["src"], device, ratio)
+    pred = matte_clip(runner, clip["src"], device=device, downsample_ratio=ratio)
     eval_fps = len(pred) / max(time.perf_counter() - start, 1e-9)
     scores = score(pred, clip["pha"])
     zero_scores = score(np.zeros_like(clip["pha"]), clip["pha"])  # the all-background answer, for reference

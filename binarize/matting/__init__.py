@@ -8,6 +8,7 @@ from binarize._lazy import lazy_exports
 
 _LAZY = {
     "convert_video": "binarize.matting.inference:convert_video",
+    "matte_clip": "binarize.matting.inference:matte_clip",
     "SyntheticMatting": "binarize.matting.data:SyntheticMatting",
 }
 

@@ -50,7 +50,7 @@ from binarize.matting.video import (
 )
 
 __all__ = ["convert_video", "ConversionResult", "parse_background", "Background", "auto_downsample_ratio",
-           "check_conversion", "parse_device", "parse_mbps"]
+           "check_conversion", "matte_clip", "parse_device", "parse_mbps"]
 
 OUTPUT_TYPES = ("video", "png_sequence")
 # named background colours; green is RVM's composition colour
@@ -71,6 +71,29 @@ _START_WAIT_S = 5.0
 def auto_downsample_ratio(height: int, width: int) -> float:
     """RVM's automatic ratio: shrink so that the longer side is at most 512 pixels."""
     return min(512 / max(height, width), 1.0)
+
+
+def matte_clip(model: torch.nn.Module, src: np.ndarray, *, device: Union[str, torch.device] = "cpu",
+               downsample_ratio: float = 1.0, recurrent: bool = True) -> np.ndarray:
+    """The alpha of a clip held in memory: ``src`` is T x H x W x 3 uint8 RGB, the result float
+    T x H x W in [0, 1]. Frame by frame with the recurrent state carried over, as ``convert_video``
+    with ``seq_chunk=1``; the model is put in ``eval()`` and run without gradients.
+
+    ``recurrent=False`` mattes every frame from an empty state (each frame alone), which tells what
+    the recurrent state adds: a state that steadies the matte, or one that drifts on clips longer
+    than the model was trained on.
+    """
+    rec: List[Any] = [None] * 4
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for frame in src:
+            x = torch.from_numpy(frame).to(device).permute(2, 0, 1)[None].float() / 255
+            _, pha, *state = model(x, *rec, downsample_ratio=downsample_ratio)
+            if recurrent:
+                rec = state
+            out.append(pha[0, 0].float().cpu().numpy())
+    return np.stack(out)
 
 
 @dataclass(frozen=True)
