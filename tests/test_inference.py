@@ -514,3 +514,16 @@ def test_pipeline_joins_a_thread_whose_start_a_signal_interrupted(monkeypatch):
     pipeline.join()  # no RuntimeError; waits for the late thread, gives up on the one never launched
     assert finished.is_set()
     assert not never.is_alive()
+
+
+@pytest.mark.parametrize("frames", [
+    np.zeros((2, 8, 8, 3), np.float32),  # floats in [0, 1] would be divided by 255 again
+    np.zeros((8, 8, 3), np.uint8),       # one frame without its time axis
+    np.zeros((2, 8, 8, 4), np.uint8),    # RGBA
+    np.zeros((0, 8, 8, 3), np.uint8),    # no frames
+])
+def test_matte_clip_refuses_frames_it_would_misread(frames):
+    from binarize.matting.inference import matte_clip
+
+    with pytest.raises(ValueError, match="T x H x W x 3 uint8"):
+        matte_clip(torch.nn.Identity(), frames)

@@ -83,6 +83,10 @@ def matte_clip(model: torch.nn.Module, src: np.ndarray, *, device: Union[str, to
     the recurrent state adds: a state that steadies the matte, or one that drifts on clips longer
     than the model was trained on.
     """
+    src = np.asarray(src)
+    if src.dtype != np.uint8 or src.ndim != 4 or src.shape[-1] != 3 or 0 in src.shape:
+        raise ValueError(f"matte_clip: frames must be a non-empty T x H x W x 3 uint8 RGB array, got "
+                         f"{src.dtype} of shape {tuple(src.shape)}")
     rec: List[Any] = [None] * 4
     out = []
     model.eval()
