@@ -96,12 +96,23 @@ def test_bundled_weights_matte_beyond_the_all_background_answer():
         (["--size", "big"], "--size must look like WIDTHxHEIGHT"),
         (["--frames", "0"], "--frames must be >= 1"),
         (["--checkpoint", "nope.safetensors"], "checkpoint not found"),
+        (["--size", "100000x100000"], "the demo builds its clip in memory and takes at most 99,532,800"),
+        (["--frames", "49", "--size", "1920x1080"], "101,606,400 pixels"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--device", "gpu0"], "bad device 'gpu0'"),
+        (["--device", "meta"], "device 'meta' holds no data"),
     ],
 )
-def test_demo_errors_are_one_line(tmp_path, capsys, argv, message):
+def test_demo_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    def no_model(checkpoint):  # every argument is checked before the model loads
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    if "--checkpoint" not in argv:
+        monkeypatch.setattr(demo, "load_model", no_model)
     assert main(["demo", "--output", str(tmp_path / "o"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_no_compare_and_explicit_engine(tmp_path, capsys):

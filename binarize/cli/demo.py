@@ -32,6 +32,7 @@ DEMO_SEED = 2023
 BASELINE = "rvm_mobilenetv3"
 COMPARE_FRAMES = 16  # timed frames per model in the side-by-side comparison (after one warm-up frame)
 GREEN = (120, 255, 155)  # RVM's composition colour
+MAX_CLIP_PIXELS = 48 * 1920 * 1080  # frames x width x height of the clip built in memory (4 GB of float tensors)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -234,14 +235,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from binarize.cli.matte import deploy_packed, select_engine
-    from binarize.matting.inference import convert_video, matte_clip
+    from binarize.matting.inference import convert_video, matte_clip, parse_device
 
+    # everything the user typed is checked before the model loads
     size = parse_size(args.size)
     if args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if args.frames * size[0] * size[1] > MAX_CLIP_PIXELS:
+        raise ValueError(f"--frames {args.frames} at --size {size[0]}x{size[1]} is {args.frames * size[0] * size[1]:,} "
+                         f"pixels; the demo builds its clip in memory and takes at most {MAX_CLIP_PIXELS:,} "
+                         f"(48 frames of 1920x1080)")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = pathlib.Path(args.output)
     model, ckpt = load_model(args.checkpoint)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     engine, reason = select_engine(getattr(args, "engine", "auto"), device, model)
     out.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
