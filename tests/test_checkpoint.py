@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from official_weights import make_state_dict
 from torch import nn
 
 import binarize
+from binarize.matting.train_state import load_checkpoint_file
 from binarize.models import create_model, read_config, save_pretrained
 from binarize.models import registry as registry_module
 from binarize.models.checkpoint import reconstruct_latent_weight
@@ -44,12 +46,27 @@ def test_missing_checkpoint_names_the_file(tmp_path):
         create_model("rvm_mobilenetv3", checkpoint=tmp_path / "nothing.pth")
 
 
-def test_corrupt_checkpoint_names_the_file(tmp_path):
+def _cut_off(path):
+    torch.save({"w": torch.ones(64)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda p: p.write_bytes(b"this is not a pickle"), "not a PyTorch checkpoint (neither a zip archive nor a pickle"),
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32)), "it starts with b'\\x89PNG\\r\\n"),
+    (lambda p: p.write_bytes(b""), "empty file, not a checkpoint"),
+    (_cut_off, "a damaged or cut-off PyTorch checkpoint"),
+    # a whole pickled model: refused, and the message never advises weights_only=False
+    (lambda p: torch.save(nn.Linear(2, 2), p), "pickled Python object (torch.nn.modules.linear.Linear)"),
+])
+def test_corrupt_checkpoint_names_the_file_and_what_it_is(tmp_path, write, message):
     path = tmp_path / "broken.pth"
-    path.write_bytes(b"this is not a pickle")
-    with pytest.raises(ValueError, match=r"broken\.pth: not a readable PyTorch checkpoint") as info:
+    write(path)
+    with pytest.raises(ValueError, match=r"broken\.pth: .*" + re.escape(message)) as info:
         create_model("rvm_mobilenetv3", checkpoint=path)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+    with pytest.raises(ValueError, match=r"broken\.pth: .*" + re.escape(message)):  # training checkpoints alike
+        load_checkpoint_file(path)
 
 
 def test_checkpoint_of_another_model_lists_the_offending_keys(tmp_path, fixtures_dir):

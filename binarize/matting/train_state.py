@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from binarize._atomic import atomic_output
+from binarize.models.checkpoint import torch_load
 
 __all__ = [
     "get_rng_state",
@@ -176,12 +177,7 @@ def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> pathlib.Path:
 def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Dict[str, Any]:
     """Load a training checkpoint with ``weights_only=True``; clear errors for missing or foreign files."""
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{p}: not a readable training checkpoint ({type(exc).__name__})") from None
+    data = torch_load(p, map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != "binarize-train-v1":
         raise ValueError(f"{p}: not a binarize training checkpoint (no 'format: binarize-train-v1')")
     return data

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import warnings
 import zlib
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
@@ -54,6 +55,7 @@ from torch import Tensor, nn
 from binarize._atomic import atomic_output, file_mode, write_text_atomic
 
 __all__ = [
+    "torch_load",
     "save",
     "load",
     "save_pretrained",
@@ -87,16 +89,44 @@ _MAX_LISTED = 5
 # ----------------------------------------------------------------------------------------------
 # official state dicts
 # ----------------------------------------------------------------------------------------------
-def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
-    """Read a PyTorch state dict with ``torch.load(weights_only=True)``; unwraps ``{"state_dict": ...}``
-    / ``{"model": ...}`` and a DataParallel ``module.`` prefix. Errors name the file."""
+def torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with a one-line ``ValueError`` that names the file and
+    says what it is instead: not a checkpoint at all (an image, an empty or cut-off file), or one
+    holding pickled Python objects that ``weights_only`` refuses to run.
+    PyTorch's own message for the latter advises ``weights_only=False``, which would execute
+    whatever the file holds; this one never does. Missing file: ``FileNotFoundError``."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling and archive errors come in many types
+        raise ValueError(f"{path}: {_load_failure(path, exc)}") from None
+
+
+def _load_failure(path: pathlib.Path, exc: BaseException) -> str:
+    text = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"holds a pickled Python object ({refused.group(1)}) that loading with weights_only=True "
+                f"refuses to run; save the model's state_dict() instead of the model")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        return "empty file, not a checkpoint"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        return f"not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with {head[:8]!r})"
+    if "zip archive" in text:
+        return "a damaged or cut-off PyTorch checkpoint (its zip archive cannot be read)"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return f"not a readable PyTorch checkpoint ({detail.group(1).strip() if detail else _one_line(exc)})"
+
+
+def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
+    """Read a PyTorch state dict with ``torch.load(weights_only=True)``; unwraps ``{"state_dict": ...}``
+    / ``{"model": ...}`` and a DataParallel ``module.`` prefix. Errors name the file."""
+    path = pathlib.Path(path)
+    obj = torch_load(path)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
