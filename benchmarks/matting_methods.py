@@ -60,7 +60,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from binarize._atomic import atomic_output  # noqa: E402
+from binarize._atomic import atomic_output, write_text_atomic  # noqa: E402
 from binarize.matting import metrics  # noqa: E402
 from binarize.matting.data import SyntheticMatting  # noqa: E402
 from binarize.matting.inference import matte_clip  # noqa: E402
@@ -355,8 +355,8 @@ def format_stateless(results: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_json(path: pathlib.Path, payload: Any) -> None:
-    """``payload`` as indented JSON at ``path``, written atomically (``write_atomically``)."""
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    """``payload`` as indented JSON at ``path``, written atomically (missing folders created)."""
+    write_text_atomic(path, json.dumps(payload, indent=1), parents=True)
 
 
 def write_atomically(path: pathlib.Path, write: Any) -> None:

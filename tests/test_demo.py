@@ -220,3 +220,13 @@ def test_matte_first_line_names_the_engine(tmp_path, capsys):
     expected = "packed" if available() else "simulated"
     assert lines[0].startswith(f"binarize matte: bimatting on the {expected} engine (auto: ")
     assert lines[-1].startswith("matted 2 frames") and f"[{expected}]" in lines[-1]
+
+
+def test_write_frames_leaves_nothing_behind_when_a_frame_fails(tmp_path):
+    frames = np.zeros((3, 4, 4, 3), np.uint8).astype(object)  # PIL cannot build an image from objects
+    with pytest.raises(TypeError):
+        demo.write_frames(frames, tmp_path / "input")
+    assert list(tmp_path.iterdir()) == []
+    written = demo.write_frames(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "input")
+    assert sorted(p.name for p in written.iterdir()) == ["0000.png", "0001.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["input"]

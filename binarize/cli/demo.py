@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from binarize._atomic import atomic_output, write_text_atomic
+from binarize._atomic import atomic_output, make_temp, write_text_atomic
 
 DEFAULT_OUTPUT = "binarize-demo"
 DEFAULT_FRAMES = 48
@@ -98,11 +97,16 @@ def write_frames(src: np.ndarray, folder: pathlib.Path) -> pathlib.Path:
     """The clip as lossless PNG frames ``0000.png ...`` (written to a temporary folder, then renamed)."""
     from PIL import Image
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    for i, frame in enumerate(src):
-        Image.fromarray(frame).save(tmp / f"{i:04d}.png")
-    _replace_dir(tmp, folder)
+    tmp = make_temp(folder, folder=True)  # unique, with the permissions mkdir would give
+    try:
+        for i, frame in enumerate(src):
+            Image.fromarray(frame).save(tmp / f"{i:04d}.png")
+        _replace_dir(tmp, folder)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
     return folder
 
 
