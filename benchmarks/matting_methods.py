@@ -14,7 +14,9 @@ BiMatting: phase 1 trains binary activations with float weights (``model.precisi
 latent_weights``) on the clips of seed 0 at lr 1e-3 with a cosine decay; phase 2 binarizes the
 weights too and continues from phase 1's weights on the clips of seed 1 at half the learning rate,
 with a warm-up. The full-precision model runs the very same two phases (its precision has nothing
-to change), so every model sees the same data for the same number of steps.
+to change), so every model sees the same data for the same number of steps; ``--float-one-phase``
+gives it one cosine decay over all the steps instead (its own recipe: nothing to stage), on as many
+clips of the same generator.
 
 The converted RVMs (``rvm_<method>``, ``binarize.models.baselines``) binarize their depthwise
 convs as the paper does; ``--keep-depthwise`` keeps them 32-bit (a stronger baseline, the
@@ -105,7 +107,8 @@ BASE_CONFIG = "synthetic/bimatting.yaml"
 @dataclass(frozen=True)
 class Budget:
     """What every model gets: ``steps`` optimiser steps in all (``steps // 2`` per phase) of
-    ``clips_per_step`` clips x ``frames`` frames at ``size`` (W, H)."""
+    ``clips_per_step`` clips x ``frames`` frames at ``size`` (W, H). ``float_one_phase`` trains the
+    full-precision models in one phase of all the steps instead (``phases``)."""
 
     steps: int = 300
     size: Tuple[int, int] = (128, 72)
@@ -114,6 +117,7 @@ class Budget:
     lr: float = 1e-3
     seed: int = 0
     keep_depthwise: bool = False
+    float_one_phase: bool = False
 
     def model_kwargs(self, spec: ModelSpec) -> Dict[str, Any]:
         """``spec``'s model kwargs under this budget: the converted RVMs keep their depthwise convs
@@ -129,29 +133,54 @@ class Budget:
         return first, self.steps - first
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a model: its steps, learning rate (peak of the cosine decay), the seed
+    of its training clips, its linear warm-up and the precision the model trains at."""
+
+    steps: int
+    lr: float
+    data_seed: int
+    warmup_steps: int
+    precision: str
+
+
+def phases(spec: ModelSpec, budget: Budget) -> List[Phase]:
+    """The phases ``spec`` trains in under ``budget``: ReActNet's two steps for every model (phase 1
+    at ``budget.lr`` on the clips of ``budget.seed``, binary activations with float weights for the
+    binary models; phase 2 fully binary at half the rate with a 10% warm-up on the clips of
+    ``budget.seed + 1``), or, for the full-precision models when ``budget.float_one_phase``, one
+    cosine decay over all the steps at ``budget.lr`` on as many clips of ``budget.seed``: the two
+    steps stage binarization, which a 32-bit model does not have, and their restart costs it the
+    end of the first decay. Same steps, clips per step, frames and resolution either way."""
+    if budget.float_one_phase and not spec.binary:
+        return [Phase(budget.steps, budget.lr, budget.seed, 0, "binary")]
+    first, second = budget.phase_steps
+    return [Phase(first, budget.lr, budget.seed, 0, "latent_weights" if spec.binary else "binary"),
+            Phase(second, budget.lr / 2, budget.seed + 1, max(second // 10, 1), "binary")]
+
+
 def phase_config(spec: ModelSpec, budget: Budget, phase: int, output_dir: pathlib.Path,
                  init: Optional[pathlib.Path]) -> Dict[str, Any]:
-    """The trainer config of one phase (1 or 2) of ``spec`` under ``budget``: the synthetic BiMatting
-    recipe (``synthetic/bimatting.yaml``: losses, ``loss.alpha_ste``, cosine decay) with the model,
-    precision, data seed, steps and learning rate of the phase."""
-    steps = budget.phase_steps[phase - 1]
-    lr = budget.lr if phase == 1 else budget.lr / 2
+    """The trainer config of phase ``phase`` (1-based, ``phases``) of ``spec`` under ``budget``: the
+    synthetic BiMatting recipe (``synthetic/bimatting.yaml``: losses, ``loss.alpha_ste``, cosine
+    decay) with the model, precision, data seed, steps and learning rate of the phase."""
+    plan = phases(spec, budget)[phase - 1]
     width, height = budget.size
-    precision = "latent_weights" if (phase == 1 and spec.binary) else "binary"
     overrides = [
         f"model.name={spec.name}",
         f"model.kwargs={json.dumps(budget.model_kwargs(spec))}",
-        f"model.precision={precision}",
+        f"model.precision={plan.precision}",
         f"model.init={json.dumps(str(init)) if init is not None else 'null'}",
-        "data.synthetic={" + f"clips: {steps * budget.clips_per_step}, frames: {budget.frames}, "
-        f"size: [{width}, {height}], seed: {budget.seed + phase - 1}" + "}",
+        "data.synthetic={" + f"clips: {plan.steps * budget.clips_per_step}, frames: {budget.frames}, "
+        f"size: [{width}, {height}], seed: {plan.data_seed}" + "}",
         f"data.batch_size_per_gpu={budget.clips_per_step}",
-        f"optim.lr={{backbone: {lr}, aspp: {lr}, decoder: {lr}, refiner: 0.0}}",
-        f"optim.warmup_steps={0 if phase == 1 else max(steps // 10, 1)}",
+        f"optim.lr={{backbone: {plan.lr}, aspp: {plan.lr}, decoder: {plan.lr}, refiner: 0.0}}",
+        f"optim.warmup_steps={plan.warmup_steps}",
         f"run.output_dir={json.dumps(str(output_dir))}",
         f"run.seed={budget.seed}",
         "run.log_interval=10",
-        f"run.checkpoint_interval={max(min(steps, 50), 1)}",
+        f"run.checkpoint_interval={max(min(plan.steps, 50), 1)}",
         "run.progress=true",
         "run.device=cpu",
     ]
@@ -159,13 +188,13 @@ def phase_config(spec: ModelSpec, budget: Budget, phase: int, output_dir: pathli
 
 
 def train_model(spec: ModelSpec, budget: Budget, run_dir: pathlib.Path, resume: bool) -> Tuple[nn.Module, float]:
-    """Both phases of ``spec`` (continuing an interrupted phase exactly when ``resume``); returns the
-    trained model (in its final, binary precision) and the training wall time in seconds (this
-    run's part only when resumed)."""
+    """The phases of ``spec`` (``phases``; continuing an interrupted phase exactly when ``resume``);
+    returns the trained model (in its final, binary precision) and the training wall time in seconds
+    (this run's part only when resumed)."""
     seconds = 0.0
     init: Optional[pathlib.Path] = None
     trainer: Optional[Trainer] = None
-    for phase in (1, 2):
+    for phase in range(1, len(phases(spec, budget)) + 1):
         out = run_dir / f"phase{phase}"
         done = out / "done"
         if resume and done.is_file():
@@ -292,12 +321,17 @@ def run_model(key: str, budget: Budget, clips: Sequence[Tuple[np.ndarray, np.nda
     return result
 
 
+def final_checkpoint(key: str, out: pathlib.Path, budget: Budget) -> pathlib.Path:
+    """Where ``key``'s trained weights are under ``out``: the last checkpoint of its last phase."""
+    return out / "runs" / key / f"phase{len(phases(MODELS[key], budget))}" / "last.pt"
+
+
 def rescore(key: str, out: pathlib.Path, clips: Sequence[Tuple[np.ndarray, np.ndarray]],
             budget: Budget) -> Dict[str, Any]:
-    """A finished model's scores (``score_model``) on ``clips``, read back from its phase-2
-    checkpoint, so a held-out set or a score can be added to results trained earlier."""
+    """A finished model's scores (``score_model``) on ``clips``, read back from the checkpoint of its
+    last phase, so a held-out set or a score can be added to results trained earlier."""
     spec = MODELS[key]
-    model = build_model(spec.name, budget.model_kwargs(spec), str(out / "runs" / key / "phase2" / "last.pt")).eval()
+    model = build_model(spec.name, budget.model_kwargs(spec), str(final_checkpoint(key, out, budget))).eval()
     return score_model(model, clips)
 
 
@@ -434,6 +468,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--keep-depthwise", action="store_true",
                         help="keep the converted RVMs' depthwise convs in full precision (the paper binarizes them; "
                              "the tables measured before that default)")
+    parser.add_argument("--lr", type=float, default=Budget.lr,
+                        help="peak learning rate of phase 1 (phase 2: half of it)")
+    parser.add_argument("--float-one-phase", action="store_true",
+                        help="train the full-precision models in one cosine decay over all the steps instead of "
+                             "the binary models' two phases (same steps, clips and frames)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="matting_methods_runs", help="folder of per-model results and checkpoints")
     parser.add_argument("--resume", action="store_true", help="keep finished models, continue interrupted training")
@@ -444,10 +483,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("steps", "frames", "clips_per_step"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        parser.error("--lr must be > 0")
     if args.second_eval_seed is not None and args.second_eval_seed == args.eval_seed:
         parser.error("--second-eval-seed must differ from --eval-seed (it would score the same clips again)")
     args.budget = Budget(steps=args.steps, size=(width, height), frames=args.frames,
-                         clips_per_step=args.clips_per_step, seed=args.seed, keep_depthwise=args.keep_depthwise)
+                         clips_per_step=args.clips_per_step, lr=args.lr, seed=args.seed,
+                         keep_depthwise=args.keep_depthwise, float_one_phase=args.float_one_phase)
     return args
 
 
@@ -460,13 +502,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = {"steps": args.budget.steps, "size": list(args.budget.size), "frames": args.budget.frames,
               "clips_per_step": args.budget.clips_per_step, "lr": args.budget.lr, "seed": args.budget.seed,
               "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed},
-              "keep_depthwise": args.budget.keep_depthwise}
-    # A budget written before the option existed trained the converted RVMs with full-precision
-    # depthwise convs (the default then).
-    if args.resume and budget_file.is_file() and {"keep_depthwise": True, **json.loads(budget_file.read_text())} != budget:
+              "keep_depthwise": args.budget.keep_depthwise, "float_one_phase": args.budget.float_one_phase}
+    # A budget written before an option existed ran as without it, except that the converted RVMs
+    # kept their depthwise convs in full precision (the default before --keep-depthwise).
+    older = {"keep_depthwise": True, "float_one_phase": False}
+    if args.resume and budget_file.is_file() and {**older, **json.loads(budget_file.read_text())} != budget:
         sys.exit(f"--resume: {budget_file} holds another budget ({budget_file.read_text().strip()}); "
                  "use the same options or another --out")
-    budget_file.write_text(json.dumps(budget))
+    write_json(budget_file, budget)
     clips = eval_clips(args.budget, args.eval_clips, args.eval_frames, args.eval_seed)
     zero = zero_reference(clips)
     results: List[Dict[str, Any]] = []

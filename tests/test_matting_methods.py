@@ -41,6 +41,29 @@ def test_every_model_gets_the_same_two_phases(bench, tmp_path):
     assert configs["rvm_fda"][0]["model"]["kwargs"] == {"method": "fda"}
 
 
+def test_float_one_phase_gives_the_32bit_model_one_decay_over_the_same_steps(bench, tmp_path):
+    """--float-one-phase: the full-precision model trains in one phase of all the steps (as many
+    clips, the same clips per step, frames, size and peak rate, no warm-up); the binary models keep
+    their two phases; --lr sets the peak rate of every model."""
+    budget = bench.parse_args(["--steps", "10", "--size", "64x64", "--lr", "2e-3", "--float-one-phase"]).budget
+    assert budget.lr == 2e-3 and budget.float_one_phase
+    rvm = bench.MODELS["rvm_mobilenetv3"]
+    assert bench.phases(rvm, budget) == [bench.Phase(10, 2e-3, 0, 0, "binary")]
+    (only,) = [bench.phase_config(rvm, budget, 1, tmp_path / "rvm", None)]
+    assert only["data"]["synthetic"] == {"clips": 40, "frames": 2, "size": [64, 64], "seed": 0}
+    assert only["optim"]["lr"]["decoder"] == 2e-3 and only["optim"]["warmup_steps"] == 0
+    assert only["optim"]["scheduler"] == "cosine"
+    binary = bench.phases(bench.MODELS["bimatting"], budget)
+    assert [(p.steps, p.lr, p.data_seed, p.precision) for p in binary] == [
+        (5, 2e-3, 0, "latent_weights"), (5, 1e-3, 1, "binary")]
+    two = bench.Budget(steps=10, size=(64, 64))
+    assert len(bench.phases(rvm, two)) == 2
+    assert bench.final_checkpoint("rvm_mobilenetv3", tmp_path, budget) == tmp_path / "runs" / "rvm_mobilenetv3" / "phase1" / "last.pt"
+    assert bench.final_checkpoint("rvm_mobilenetv3", tmp_path, two).parent.name == "phase2"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--lr", "0"])
+
+
 def test_keep_depthwise_reaches_the_converted_rvms_only(bench, tmp_path):
     """--keep-depthwise (the baselines' definition of the older tables) sets ``keep_depthwise`` in
     the converted RVMs' model kwargs and nowhere else; by default the paper's binary depthwise convs."""
@@ -63,7 +86,7 @@ def test_resume_reads_an_older_budget_as_full_precision_depthwise(bench, tmp_pat
             "--eval-clips", "1", "--eval-frames", "2", "--out", str(out)]
     assert bench.main(argv) == 0
     old = json.loads((out / "budget.json").read_text())
-    assert old.pop("keep_depthwise") is False
+    assert old.pop("keep_depthwise") is False and old.pop("float_one_phase") is False
     (out / "budget.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="another budget"):
         bench.main(argv + ["--resume"])
@@ -202,3 +225,19 @@ def test_a_second_held_out_set_is_scored_from_the_checkpoint_once(bench, tmp_pat
     assert json.loads((out / "bimatting.json").read_text())["second_eval"]["pha_mad"] == -1.0
     with pytest.raises(SystemExit):
         bench.main(argv + ["--second-eval-seed", "1"])
+
+
+def test_a_one_phase_32bit_run_is_scored_from_its_only_phase(bench, tmp_path):
+    """With --float-one-phase the 32-bit model trains one phase, and the second held-out set is
+    scored from that phase's checkpoint; --resume refuses to mix it with a two-phase budget."""
+    out = tmp_path / "out"
+    argv = ["--models", "rvm_mobilenetv3", "--steps", "2", "--size", "64x64", "--frames", "2", "--clips-per-step", "1",
+            "--eval-clips", "1", "--eval-frames", "2", "--out", str(out), "--float-one-phase"]
+    assert bench.main(argv + ["--second-eval-seed", "3"]) == 0
+    runs = out / "runs" / "rvm_mobilenetv3"
+    assert sorted(p.name for p in runs.iterdir()) == ["phase1"] and (runs / "phase1" / "last.pt").is_file()
+    result = json.loads((out / "rvm_mobilenetv3.json").read_text())
+    assert result["second_eval"]["seed"] == 3 and result["steps"] == 2
+    assert json.loads((out / "budget.json").read_text())["float_one_phase"] is True
+    with pytest.raises(SystemExit, match="another budget"):
+        bench.main([a for a in argv if a != "--float-one-phase"] + ["--resume"])
