@@ -43,6 +43,7 @@ One thread by default (``--threads``): the timings in the table are those of one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -499,10 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budget_file = out / "budget.json"
-    budget = {"steps": args.budget.steps, "size": list(args.budget.size), "frames": args.budget.frames,
-              "clips_per_step": args.budget.clips_per_step, "lr": args.budget.lr, "seed": args.budget.seed,
-              "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed},
-              "keep_depthwise": args.budget.keep_depthwise, "float_one_phase": args.budget.float_one_phase}
+    budget = {**dataclasses.asdict(args.budget), "size": list(args.budget.size),
+              "eval": {"clips": args.eval_clips, "frames": args.eval_frames, "seed": args.eval_seed}}
     # A budget written before an option existed ran as without it, except that the converted RVMs
     # kept their depthwise convs in full precision (the default before --keep-depthwise).
     older = {"keep_depthwise": True, "float_one_phase": False}

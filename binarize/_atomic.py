@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_output", "file_mode", "make_temp", "write_text_atomic"]
+__all__ = ["atomic_folder", "atomic_output", "file_mode", "make_temp", "write_text_atomic"]
 
 
 def _umask() -> int:
@@ -70,6 +71,27 @@ def atomic_output(path: PathLike, *, parents: bool = False) -> Iterator[pathlib.
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[pathlib.Path]:
+    """``atomic_output`` for a folder: yield a new temporary folder beside ``path`` to fill; when the
+    block finishes, move the old ``path`` (if any) aside, rename the new one to ``path`` and remove
+    the old one; when it raises, remove the new one (``path`` is then untouched). ``path``'s parent
+    must exist."""
+    target = pathlib.Path(path)
+    tmp = make_temp(target, folder=True)
+    try:
+        yield tmp
+        if target.exists():
+            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: PathLike, text: str, *, parents: bool = False) -> pathlib.Path:

@@ -62,3 +62,22 @@ def test_outputs_get_the_permissions_open_would_give(tmp_path, umask):
     assert checkpoint.stat().st_mode & 0o777 == expected
     assert torch.equal(torch.load(checkpoint, weights_only=True)["w"], torch.ones(2))
 
+
+
+def test_atomic_folder_replaces_the_old_folder_only_when_the_block_finishes(tmp_path):
+    from binarize._atomic import atomic_folder
+
+    target = tmp_path / "frames"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("a frame failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"] and [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_folder(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"] and [p.name for p in target.iterdir()] == ["new.txt"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask  # as mkdir makes it, not mkdtemp's 0700

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from binarize._atomic import atomic_output, make_temp, write_text_atomic
+from binarize._atomic import atomic_folder, atomic_output, write_text_atomic
 
 DEFAULT_OUTPUT = "binarize-demo"
 DEFAULT_FRAMES = 48
@@ -97,25 +96,10 @@ def write_frames(src: np.ndarray, folder: pathlib.Path) -> pathlib.Path:
     """The clip as lossless PNG frames ``0000.png ...`` (written to a temporary folder, then renamed)."""
     from PIL import Image
 
-    tmp = make_temp(folder, folder=True)  # unique, with the permissions mkdir would give
-    try:
+    with atomic_folder(folder) as tmp:
         for i, frame in enumerate(src):
             Image.fromarray(frame).save(tmp / f"{i:04d}.png")
-        _replace_dir(tmp, folder)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
     return folder
-
-
-def _replace_dir(tmp: pathlib.Path, target: pathlib.Path) -> None:
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def score(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:

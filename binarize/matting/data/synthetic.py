@@ -517,9 +517,10 @@ def write_synthetic(out: Union[str, os.PathLike], clips: int = 8, frames: int = 
     """
     import json
     import shutil
-    import tempfile
 
     from tqdm import tqdm
+
+    from binarize._atomic import atomic_folder
 
     out = pathlib.Path(out)
     if image_format not in ("png", "jpg"):
@@ -536,8 +537,7 @@ def write_synthetic(out: Union[str, os.PathLike], clips: int = 8, frames: int = 
     bench = f"videomatte_{width}x{height}"
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         total = frames * (clips + eval_clips + motion_clips)
         with tqdm(total=total, desc="synthetic frames", unit="frame", disable=not progress) as bar:
             for i in range(clips):
@@ -559,12 +559,4 @@ def write_synthetic(out: Union[str, os.PathLike], clips: int = 8, frames: int = 
                 "image_format": image_format, "splits": {"train": "train", "videomatte_static": "eval",
                                                          "videomatte_motion": "eval-motion"}}
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / out.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
